@@ -1,0 +1,116 @@
+"""Assignment queue: which comparison an annotator judges next.
+
+Contract (enforced by :meth:`labeling.store.LabelStore.next_assignment`, which runs these
+functions on the store's single writer thread, so two annotators never race for a slot):
+
+* **No repeats.** An annotator is never assigned the same comparison twice
+  (``UNIQUE (annotator_id, comparison_id)`` in the ``assignments`` table).
+* **k-way overlap.** An ordinary comparison is handed out until ``overlap`` annotators hold it.
+  A holder counts while they have judged it or their assignment is younger than ``ttl_s``;
+  abandoned assignments expire and free the slot for someone else.  Among open comparisons the
+  one closest to complete overlap is served first (then the oldest), so items reach ``k``
+  judgments — and become usable for agreement — as early as possible.
+* **Gold mixed in.** With probability ``gold_rate`` the next item is a gold comparison (known
+  answer, e.g. a no-op edit against a correct one) the annotator has not seen; gold items look
+  exactly like ordinary ones to the annotator and are never counted against the overlap.
+* **Randomised display order.** Which session is shown on the left is drawn at random and
+  recorded with the assignment; :meth:`LabelStore.record_judgment` rejects a vote whose
+  ``left`` disagrees with the annotator's assignment.
+* **Resume.** An annotator who asks again before judging their open assignment gets the same
+  one back (a page refresh does not burn items).
+
+An assignment counts as judged as soon as any judgment by that annotator on that comparison
+is recorded, so a client submits all of a comparison's votes before asking for the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import random
+
+
+@dataclasses.dataclass(frozen=True)
+class AssignmentPolicy:
+    """Queue settings: ``overlap`` annotators per comparison, gold fraction, expiry, RNG seed."""
+
+    overlap: int = 3
+    gold_rate: float = 0.1
+    ttl_s: float = 3600.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.overlap < 1:
+            raise ValueError(f"overlap must be >= 1, got {self.overlap}")
+        if not 0.0 <= self.gold_rate <= 1.0:
+            raise ValueError(f"gold_rate must be in [0, 1], got {self.gold_rate}")
+        if self.ttl_s <= 0:
+            raise ValueError(f"ttl_s must be > 0, got {self.ttl_s}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    """One comparison handed to one annotator; ``left`` is the session ('A' or 'B') shown left."""
+
+    assignment_id: int
+    annotator: str
+    comparison_id: int
+    left: str
+    assigned_at: dt.datetime
+
+
+_JUDGED = (
+    "EXISTS (SELECT 1 FROM judgments j "
+    "WHERE j.annotator_id = a.annotator_id AND j.comparison_id = a.comparison_id)"
+)
+
+
+def open_assignment(cur, annotator_id: int, expired_before: dt.datetime):
+    """The annotator's oldest unjudged, unexpired assignment as a row, or None."""
+    rows = cur.execute(
+        f"""SELECT assignment_id, comparison_id, left_side, assigned_at FROM assignments a
+            WHERE a.annotator_id = ? AND a.assigned_at > ? AND NOT {_JUDGED}
+            ORDER BY a.assigned_at, a.assignment_id LIMIT 1""",
+        [annotator_id, expired_before],
+    ).fetchall()
+    return rows[0] if rows else None
+
+
+def pick_comparison(
+    cur,
+    annotator_id: int,
+    policy: AssignmentPolicy,
+    rng: random.Random,
+    expired_before: dt.datetime,
+) -> int | None:
+    """Choose the next comparison id for ``annotator_id`` under ``policy`` (None: nothing left).
+
+    Gold is drawn with probability ``policy.gold_rate`` when an unseen gold item exists;
+    otherwise the open ordinary comparison nearest to full overlap. When no ordinary work is
+    left the queue is empty: gold alone is never served.
+    """
+    unseen = (
+        "c.comparison_id NOT IN (SELECT comparison_id FROM assignments WHERE annotator_id = ?)"
+    )
+    ordinary = cur.execute(
+        f"""WITH holders AS (
+                SELECT a.comparison_id, count(*) AS n FROM assignments a
+                WHERE a.assigned_at > ? OR {_JUDGED}
+                GROUP BY a.comparison_id)
+            SELECT c.comparison_id FROM comparisons c
+            LEFT JOIN holders h USING (comparison_id)
+            WHERE NOT c.is_gold AND coalesce(h.n, 0) < ? AND {unseen}
+            ORDER BY coalesce(h.n, 0) DESC, c.comparison_id LIMIT 1""",
+        [expired_before, policy.overlap, annotator_id],
+    ).fetchall()
+    if not ordinary:
+        return None
+    if rng.random() < policy.gold_rate:
+        gold = cur.execute(
+            f"""SELECT c.comparison_id FROM comparisons c WHERE c.is_gold AND {unseen}
+                ORDER BY c.comparison_id""",
+            [annotator_id],
+        ).fetchall()
+        if gold:
+            return rng.choice(gold)[0]
+    return ordinary[0][0]
