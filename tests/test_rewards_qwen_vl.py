@@ -10,9 +10,8 @@ from PIL import Image
 from mteditlab.rewards.base import EditSample, RewardOutput, combine_overall
 from mteditlab.rewards.parsing import ScoreParseError, parse_score
 from mteditlab.rewards.qwen_vl import JUDGE_ID_ENV, QwenVLJudge
-from tests.tiny_qwen_vl import build_model, build_processor, build_tokenizer
+from tests.tiny_qwen_vl import ARCHS, build_model, build_processor, build_tokenizer
 
-ARCHS = ("qwen2_vl", "qwen2_5_vl")
 
 
 # ---- protocol -----------------------------------------------------------------------------------
@@ -73,7 +72,7 @@ def tokenizer():
     return build_tokenizer()
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=sorted(ARCHS))
 def parts(request, tokenizer):
     processor = build_processor(request.param, tokenizer)
     return build_model(request.param, tokenizer), processor
@@ -187,11 +186,11 @@ def test_thinking_end_to_end_generation_is_seeded(parts, samples):
     judge = QwenVLJudge(model, processor, mode="thinking", votes=2, max_new_tokens=6, sub_scores=("if", "ga"))
     inputs = judge.prepare([(samples[0], "if")])
     assert not processor.tokenizer.decode(inputs["input_ids"][0]).endswith("Score: ")  # no prefill
-    first, again, other = (judge.score(samples, seed=s) for s in (0, 0, 1))
+    first, again, other = (judge.score(samples[:2], seed=s) for s in (0, 0, 1))
     assert first.details["replies"] == again.details["replies"]
     assert first.details["replies"] != other.details["replies"]
     assert all(len(r) == 2 for r in first.details["replies"]["if"])
-    for i in range(len(samples)):  # random weights: each item is a number or a counted, reported failure
+    for i in range(2):  # random weights: each item is a number or a counted, reported failure
         assert (first.failures[i] is None) == np.isfinite(first.overall[i])
         assert 0 <= first.details["failed_votes"]["if"][i] <= 2
         if first.details["failed_votes"]["if"][i] == 2:

@@ -1,12 +1,12 @@
-"""Tiny random-weight Qwen2-VL / Qwen2.5-VL judges built in memory (nothing downloaded).
+"""Tiny random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL judges built in memory (nothing downloaded).
 
 * tokenizer: ``Qwen2Tokenizer`` (Qwen's byte-level BPE and pre-tokenizer, so every digit is its own
   token) over a small BPE vocabulary trained here on the judge's prompt texts, plus the chat
   template's special tokens;
 * processor: the image-only variant of the real processor class (no torchvision needed) with the
-  PIL image processor, images resized to ``pixels`` (56×56 → 4 patches of 28 → 4 image tokens);
-* model: the real ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``
-  from a config dict (2 text layers, width 32; 2 vision blocks).
+  PIL image processor; every image is resized to 4×4 patches (4 image tokens after the 2×2 merge);
+* model: the real ``*ForConditionalGeneration`` class of the architecture, from a config dict
+  (text: 2 layers, width 32; vision: 2 blocks, width 32).
 """
 
 from __future__ import annotations
@@ -36,24 +36,28 @@ CHAT_TEMPLATE = (
 TEXT_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=2048,
                    rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
-VISION_CONFIGS = {
-    "qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=2, patch_size=14,
-                     spatial_merge_size=2, temporal_patch_size=2),
-    "qwen2_5_vl": dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=32, num_heads=2,
-                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                       fullatt_block_indexes=[1]),
+# arch -> transformers class names (config, model, processor), image patch size, vision config, text overrides
+ARCHS = {
+    "qwen2_vl": (("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"), 14,
+                 dict(depth=2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=2), {}),
+    "qwen2_5_vl": (("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"), 14,
+                   dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=32, num_heads=2,
+                        window_size=56, fullatt_block_indexes=[1]), {}),
+    "qwen3_vl": (("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"), 16,
+                 dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=32, num_heads=2,
+                      num_position_embeddings=16, deepstack_visual_indexes=[0]),
+                 dict(head_dim=8, rope_parameters={**TEXT_CONFIG["rope_parameters"], "mrope_interleaved": True})),
 }
 
 
 def _corpus() -> list[str]:
-    texts = [prompts.SYSTEM, prompts.DIRECT_FORMAT, prompts.THINKING_FORMAT, prompts.SOURCE_LABEL,
-             prompts.EDITED_LABEL, *prompts.RUBRICS.values(),
-             "Earlier instructions of this session, oldest first: Current instruction: What the user means, "
-             "made explicit: add a red circle, make the blue square green, move it to the left. Score: 7"]
-    return texts
+    return [prompts.SYSTEM, prompts.DIRECT_FORMAT, prompts.THINKING_FORMAT, prompts.SOURCE_LABEL,
+            prompts.EDITED_LABEL, *prompts.RUBRICS.values(),
+            "Earlier instructions of this session, oldest first: Current instruction: What the user means, "
+            "made explicit: add a red circle, make the blue square green, move it to the left. Score: 7"]
 
 
-def build_tokenizer(vocab_size: int = 600):
+def build_tokenizer(vocab_size: int = 1000):
     """A ``Qwen2Tokenizer`` over a byte-level BPE vocabulary trained on the prompt texts."""
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -66,44 +70,37 @@ def build_tokenizer(vocab_size: int = 600):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(_corpus(), trainer)
-    model = json.loads(bpe.to_str())["model"]
-    return Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split())
-                                                        for m in model["merges"]],
+    bpe_model = json.loads(bpe.to_str())["model"]
+    return Qwen2Tokenizer(vocab=bpe_model["vocab"], merges=[tuple(m) for m in bpe_model["merges"]],
                           unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                           additional_special_tokens=SPECIAL_TOKENS[1:])
 
 
-def build_processor(arch: str = "qwen2_5_vl", tokenizer=None, *, pixels: int = 56 * 56):
-    """Image-only processor of ``arch``'s processor class; every image is resized to about ``pixels``."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+def build_processor(arch: str = "qwen2_5_vl", tokenizer=None):
+    """Image-only processor of ``arch``'s processor class; every image becomes 4×4 patches
+    (4 image tokens after the 2×2 merge)."""
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    base = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor}[arch]
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels)
-    return image_only_processor_class(base)(image_processor, tokenizer or build_tokenizer(),
-                                            chat_template=CHAT_TEMPLATE)
+    (_, _, processor_name), patch, _, _ = ARCHS[arch]
+    pixels = (4 * patch) ** 2
+    image_processor = Qwen2VLImageProcessorPil(patch_size=patch, min_pixels=pixels, max_pixels=pixels)
+    return image_only_processor_class(getattr(transformers, processor_name))(
+        image_processor, tokenizer or build_tokenizer(), chat_template=CHAT_TEMPLATE)
 
 
 def build_model(arch: str, tokenizer, *, config: dict | None = None, seed: int = 0):
     """Random-weight model of ``arch`` from ``config`` (default: the tiny dicts above), its special
     token ids taken from ``tokenizer``."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration)
+    import transformers
 
-    config_cls, model_cls = {"qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-                             "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}[arch]
+    (config_name, model_name, _), patch, vision, text = ARCHS[arch]
     ids = tokenizer.convert_tokens_to_ids
     config = config or dict(
-        text_config=dict(TEXT_CONFIG, vocab_size=len(tokenizer), bos_token_id=None,
+        text_config=dict(TEXT_CONFIG, **text, vocab_size=len(tokenizer), bos_token_id=None,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=VISION_CONFIGS[arch],
+        vision_config=dict(vision, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
     torch.manual_seed(seed)
-    return model_cls(config_cls(**config)).eval()
-
-
-def build_judge_parts(arch: str = "qwen2_5_vl", *, seed: int = 0):
-    """(model, processor) of a tiny random judge."""
-    processor = build_processor(arch)
-    return build_model(arch, processor.tokenizer, seed=seed), processor
+    return getattr(transformers, model_name)(getattr(transformers, config_name)(**config)).eval()

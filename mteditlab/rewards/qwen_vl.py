@@ -105,7 +105,9 @@ class QwenVLJudge(RewardModel):
     @torch.no_grad()
     def score(self, samples: Sequence[EditSample], *, seed: int = 0) -> RewardOutput:
         """Judge every applicable (sample, sub-score) pair; see the module docstring for the formulas.
-        Deterministic for given samples, ``seed`` and ``batch_size``; the global RNG is left as is."""
+        Deterministic for given samples, ``seed`` and ``batch_size``; the global RNG is left as is.
+        ``details``: ``score_mass`` (direct: probability on the score tokens), or ``replies`` and
+        ``failed_votes`` (thinking), each keyed by sub-score, per item."""
         n = len(samples)
         jobs = [(i, crit) for i, sample in enumerate(samples) for crit in self.sub_scores
                 if crit != GA or sample.history]
@@ -141,7 +143,7 @@ class QwenVLJudge(RewardModel):
         for finite, m, v in zip(torch.isfinite(logits).all(-1).tolist(), mass.tolist(), values.tolist()):
             if not finite:
                 results.append((np.nan, "non-finite logits", m))
-            elif m < self.min_score_mass:
+            elif not m > 0 or m < self.min_score_mass:
                 results.append((np.nan, f"score tokens hold {m:.3f} < {self.min_score_mass} of the probability", m))
             else:
                 results.append((v, None, m))
@@ -159,13 +161,12 @@ class QwenVLJudge(RewardModel):
         replies = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         results = []
         for start in range(0, len(replies), self.votes):  # generate repeats each chat `votes` times in a row
-            votes, reasons = [], []
-            for reply in replies[start:start + self.votes]:
+            chat_replies, votes, reasons = replies[start:start + self.votes], [], []
+            for reply in chat_replies:
                 try:
                     votes.append(parse_score(reply, self.scale))
                 except ScoreParseError as err:
                     reasons.append(str(err))
-            chat_replies = replies[start:start + self.votes]
             if votes:
                 results.append((float(np.mean(votes)), None, (chat_replies, len(reasons))))
             else:
