@@ -43,10 +43,10 @@ def category_counts(frame: pd.DataFrame, unit_cols: Sequence[str] = UNIT,
     """The units × categories count matrix of a long frame (one row per rating)."""
     if frame.empty:
         return np.zeros((0, len(categories)))
+    if not frame[value_col].isin(list(categories)).all():
+        raise ValueError(f"values outside {list(categories)} in column {value_col!r}")
     unit = frame.groupby(list(unit_cols), dropna=False, sort=False).ngroup().to_numpy()
     code = pd.Categorical(frame[value_col], categories=list(categories)).codes
-    if (code < 0).any():
-        raise ValueError(f"values outside {list(categories)} in column {value_col!r}")
     counts = np.zeros((unit.max() + 1, len(categories)))
     np.add.at(counts, (unit, code), 1)
     return counts

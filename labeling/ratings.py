@@ -103,11 +103,12 @@ def pair_counts(frame: pd.DataFrame) -> PairCounts:
     return PairCounts(models, pairs // m, pairs % m, table[pairs].astype(float), bad[pairs])
 
 
-def fit_bt(w: np.ndarray, l2: float = L2, max_iter: int = 100, tol: float = 1e-10,
+def fit_bt(w: np.ndarray, l2: float = L2, max_iter: int = 100, tol: float = 1e-9,
            max_step: float = 2.0) -> np.ndarray:
     """Maximise the penalised BT log-likelihood for win matrices ``w`` (…, M, M); returns θ.
 
-    Newton's method; each step is scaled so that no θ moves by more than ``max_step``.
+    Newton's method; each step is scaled so that no θ moves by more than ``max_step`` and
+    kept centred (centring never lowers the objective, and its optimum has Σθ = 0).
     """
     w = np.asarray(w, dtype=float)
     m = w.shape[-1]
@@ -121,6 +122,7 @@ def fit_bt(w: np.ndarray, l2: float = L2, max_iter: int = 100, tol: float = 1e-1
         curv = n * p * (1.0 - p)
         neg_hessian = eye * (curv.sum(-1)[..., None] + l2) - curv
         step = np.linalg.solve(neg_hessian, grad[..., None])[..., 0]
+        step -= step.mean(-1, keepdims=True)  # the optimum is centred: drop rounding drift
         biggest = np.abs(step).max(-1, keepdims=True)
         theta = theta + step * np.minimum(1.0, max_step / np.maximum(biggest, 1e-300))
         if biggest.max() < tol:

@@ -1,0 +1,95 @@
+"""Assignment queue: k-way overlap, no repeats, gold mixed in, left/right randomised, expiry."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+
+from labeling.queue import AssignmentPolicy
+from tests.test_labeling_store import build_store
+
+THREE_MODELS = (("mini", None), ("mini", "lora:a"), ("mini", "lora:b"))
+
+
+def drain(store, annotators):
+    """Annotators take turns asking for work and judging it until the queue is empty."""
+    served = []
+    active = list(annotators)
+    while active:
+        for name in list(active):
+            job = store.next_assignment(name)
+            if job is None:
+                active.remove(name)
+                continue
+            assert store.next_assignment(name) == job  # asking again resumes, burns nothing
+            store.record_judgment(job.comparison_id, name, None, "overall", "A", job.left)
+            served.append(job)
+    return served
+
+
+def test_overlap_no_repeats_gold_rate_and_recorded_sides(tmp_path):
+    policy = AssignmentPolicy(overlap=2, gold_rate=0.25, seed=3)
+    store, comparisons, golds = build_store(tmp_path / "l.duckdb", models=THREE_MODELS,
+                                            n_sources=4, gold=3, policy=policy)
+    with store:
+        names = [f"a{k}" for k in range(6)]
+        for name in names:
+            store.add_annotator(name)
+        served = drain(store, names)
+        per_comparison = Counter(job.comparison_id for job in served)
+        assert all(per_comparison[c] == 2 for c in comparisons)  # exactly k each
+        pairs = [(job.annotator, job.comparison_id) for job in served]
+        assert len(pairs) == len(set(pairs))  # never the same comparison twice
+        gold_served = [job for job in served if job.comparison_id in golds]
+        assert 0.1 < len(gold_served) / len(served) < 0.45
+        assert Counter(job.left for job in served).keys() == {"A", "B"}
+        frame = store.judgments_frame()
+        recorded = dict(zip(zip(frame.annotator, frame.comparison_id), frame["left"]))
+        assert all(recorded[(j.annotator, j.comparison_id)] == j.left for j in served)
+        table = store.table("assignments")
+        assert len(table) == len(served)
+        # a vote that contradicts the recorded display order is refused
+        job = served[0]
+        wrong = "B" if job.left == "A" else "A"
+        with pytest.raises(ValueError, match="left"):
+            store.record_judgment(job.comparison_id, job.annotator, 0, "quality", "A", wrong)
+
+
+def test_gold_is_never_served_alone(tmp_path):
+    policy = AssignmentPolicy(overlap=1, gold_rate=1.0)
+    store, comparisons, golds = build_store(tmp_path / "l.duckdb", n_sources=1, gold=2,
+                                            policy=policy)
+    with store:
+        store.add_annotator("a")
+        served = drain(store, ["a"])
+        ids = [job.comparison_id for job in served]
+        assert sorted(ids[:2]) == golds and ids[2:] == comparisons  # gold first at rate 1
+        store.add_annotator("b")
+        # the only ordinary comparison is full (overlap 1): nothing for b, gold or not
+        assert store.next_assignment("b") is None
+
+
+def test_abandoned_assignments_expire_and_free_their_slot(tmp_path):
+    policy = AssignmentPolicy(overlap=1, gold_rate=0.0, ttl_s=0.3)
+    store, comparisons, _ = build_store(tmp_path / "l.duckdb", n_sources=2, policy=policy)
+    with store:
+        for name in "xyz":
+            store.add_annotator(name)
+        first = store.next_assignment("x")  # x walks away without judging
+        second = store.next_assignment("y")
+        assert second.comparison_id != first.comparison_id
+        assert store.next_assignment("z") is None  # both held
+        time.sleep(0.4)
+        again = store.next_assignment("z")
+        assert again is not None and again.comparison_id in {first.comparison_id,
+                                                             second.comparison_id}
+        later = store.next_assignment("x")  # x's own assignment expired, and no repeats
+        assert later is None or later.comparison_id != first.comparison_id
+
+
+def test_policy_validation():
+    for bad in (dict(overlap=0), dict(gold_rate=1.5), dict(ttl_s=0)):
+        with pytest.raises(ValueError):
+            AssignmentPolicy(**bad)
