@@ -78,7 +78,8 @@ def parse_image(image: Image.Image | np.ndarray, resolution: int = DEFAULT_RESOL
 
 @dataclass(frozen=True)
 class TurnScore:
-    """Verdict on one turn. ``if_``: the requested change happened; ``cc``: nothing else changed
+    """Verdict on one turn. ``if_``: the requested change happened (the edited cells show what the
+    edit asks for, and they changed: an edit made moot by an earlier failure cannot pass); ``cc``: nothing else changed
     versus the turn's input; ``ga``: every cell set by an earlier turn (and not re-edited since)
     still holds its session value."""
 
@@ -108,9 +109,11 @@ def score_turn(session: Session, k: int, before: Image.Image | Scene, after: Ima
     turn = session.turns[k]
     edit, touched = turn.edit, set(turn.edit.cells())
     expected = expected_after(edit, parsed_before, turn.before)
-    if_ = all(parsed.cells[c] == expected.cells[c] for c in touched)
     if edit.op == "background":
-        if_ = parsed.background == expected.background
+        if_ = parsed.background == expected.background != parsed_before.background
+    else:  # the edited cells show the expected content, and something visibly changed there
+        if_ = all(parsed.cells[c] == expected.cells[c] for c in touched) and \
+            any(parsed.cells[c] != parsed_before.cells[c] for c in touched)
     cc = all(parsed.cells[c] == parsed_before.cells[c] for c in range(GRID * GRID) if c not in touched)
     cc = cc and (edit.op == "background" or parsed.background == parsed_before.background)
     earlier = {c for t in session.turns[:k] for c in t.edit.cells()} - touched

@@ -1,0 +1,143 @@
+"""Pretrain the ``mini`` editor with the plain flow-matching loss on single-turn edits (teacher forcing).
+
+    python -m training.pretrain --steps 6000 --out checkpoints/mini/base
+
+Loss (rectified flow): x_σ = (1 − σ)·x0 + σ·ε, σ ~ logit-normal, L = ‖v_θ(x_σ, σ, source, text) − (ε − x0)‖².
+Each example is one turn of a ``train``-split session: input = the true scene before the turn, target =
+the true scene after it, text = the explicit intent or (for non-referential turns, half the time) the
+instruction as phrased. Resumable: rerun the same command and it continues from ``--work``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mteditlab.editors.mini import MiniEditor, images_to_tensor
+from mteditlab.world import generate_session, render
+
+
+def build_pool(num_sessions: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str | None]]]:
+    """Every turn of the first ``num_sessions`` train sessions: (before, after, (intent, phrasing))."""
+    before, after, texts = [], [], []
+    for index in tqdm(range(num_sessions), desc="building data", leave=False):
+        for turn in generate_session("train", index).turns:
+            before.append(render(turn.before, resolution))
+            after.append(render(turn.after, resolution))
+            texts.append((turn.intent, None if turn.referential else turn.instruction))
+    return images_to_tensor(before, resolution), images_to_tensor(after, resolution), texts
+
+
+def save_checkpoint(path: Path, step: int, editor: MiniEditor, ema, optimizer) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "model": editor.denoiser.state_dict(), "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                "py_rng": random.getstate()}, tmp)
+    tmp.replace(path)  # atomic: a kill mid-save leaves the previous checkpoint intact
+
+
+def plot_losses(log_path: Path, out_path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
+    plt.figure(figsize=(6, 3.5))
+    plt.plot(steps, losses, lw=0.8)
+    plt.yscale("log")
+    plt.xlabel("step")
+    plt.ylabel("flow-matching loss")
+    plt.title("mini editor pretraining")
+    plt.tight_layout()
+    plt.savefig(out_path, dpi=120)
+    plt.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--sessions", type=int, default=4000, help="train sessions in the data pool (5 turns each)")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--work", type=Path, default=Path("runs/pretrain"), help="resumable checkpoint + logs")
+    parser.add_argument("--out", type=Path, default=Path("checkpoints/mini/base"), help="final EMA weights")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    editor = MiniEditor.from_config(args.resolution, seed=args.seed)
+    model = editor.denoiser.train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    args.work.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = args.work / "checkpoint.pt", args.work / "loss.jsonl"
+    start = 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        random.setstate(state["py_rng"])
+        start = state["step"]
+        print(f"resuming from step {start}")
+    kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else [])
+            if json.loads(line)["step"] <= start]
+    log_path.write_text("".join(line + "\n" for line in kept))  # drop steps logged after the checkpoint
+
+    before, after, texts = build_pool(args.sessions, args.resolution)
+    started = time.time()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain")
+    for step in bar:
+        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(texts), (args.batch_size,))
+        prompts = [texts[i][1] if texts[i][1] and random.random() < 0.5 else texts[i][0] for i in idx.tolist()]
+        text, mask = editor.text_encoder(prompts)
+        x0, source = after[idx], before[idx]
+        noise = torch.randn_like(x0)
+        sigma = torch.sigmoid(torch.randn(args.batch_size)).view(-1, 1, 1, 1)  # logit-normal
+        x_sigma = (1 - sigma) * x0 + sigma * noise
+        v = model(torch.cat([x_sigma, source], 1), sigma.flatten() * 1000, encoder_hidden_states=text,
+                  encoder_attention_mask=mask).sample
+        loss = torch.nn.functional.mse_loss(v, noise - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1 - args.ema)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        with log_path.open("a") as log:
+            log.write(json.dumps({"step": step + 1, "loss": loss.item(), "lr": lr,
+                                  "seconds": time.time() - started}) + "\n")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_checkpoint(ckpt_path, step + 1, editor, ema, optimizer)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    ema.save_pretrained(args.out)
+    plot_losses(log_path, args.out / "loss.png")
+    print(f"saved EMA weights to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
