@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import chi2
+from scipy.special import chdtrc
 
 from labeling.store import CHOICES
 
@@ -186,10 +186,10 @@ def flag_annotators(frame: pd.DataFrame, alpha: float = 0.01, first_look: int = 
         looks = first_look * 2 ** np.arange(int(np.log2(max(len(j) / first_look, 1))) + 1)
         looks = looks[looks <= len(j)]
         level = alpha / 2.0 ** np.arange(1, len(looks) + 1)
-        p_look = chi2.sf(statistic[looks - 1], 2 * looks)
+        p_look = chdtrc(2 * looks, statistic[looks - 1])
         rejected = looks[p_look < level]
         rows.append({"annotator": annotator, "votes": len(j),
-                     "p_value": float(chi2.sf(statistic[-1], 2 * len(j))),
+                     "p_value": float(chdtrc(2 * len(j), statistic[-1])),
                      "flagged": bool(len(rejected)),
                      "flagged_at": int(rejected[0]) if len(rejected) else pd.NA})
     out = pd.DataFrame(rows, columns=["annotator", "votes", "p_value", "flagged", "flagged_at"])

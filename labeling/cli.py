@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from labeling import agreement, export, ratings
+from labeling import agreement, ratings
 from labeling.store import LabelSelection, LabelStore, StoreError, default_db_path
 
 EXTENSIONS: list[str] = []
@@ -126,6 +126,8 @@ def cmd_agreement(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from labeling import export  # imports `datasets`, slow to load: only when exporting
+
     out = args.out or Path(args.db).parent / "exports" / args.format
     with open_store(args) as store:
         selection = store.label_selection(args.include_simulated)
