@@ -93,7 +93,7 @@ def t5_tokenizer() -> T5Tokenizer:
 
 def qwen_tokenizer() -> Qwen2Tokenizer:
     """Byte-level BPE without merges (one token per byte) plus Qwen's chat and vision tokens."""
-    vocab = {c: i for i, c in enumerate(ByteLevel.alphabet())}
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}  # alphabet() order varies
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VL_SPECIALS[1:]})
     tokenizer.add_tokens(QWEN_VL_SPECIALS[:1], special_tokens=True)

@@ -95,7 +95,7 @@ def load_pipeline(model_id: str, pipeline_classes: Sequence[type], *, dtype: str
     if offload and device.type == "cpu":
         raise EditorError("Offloading moves weights from the CPU to an accelerator: it needs a non-CPU device.")
     try:
-        pipe = classes[class_name].from_pretrained(str(index.parent), torch_dtype=dtype, local_files_only=True)
+        pipe = classes[class_name].from_pretrained(str(index.parent), dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as error:
         raise EditorError(f"Could not load {model_id} from {index.parent} (incomplete download?): {error}. "
                           f"Complete it with `hf download {model_id}`.") from error
