@@ -61,14 +61,16 @@ class Editor:
         seeds = list(seeds) if seeds is not None else list(range(len(images)))
         cond = self.encode(list(images), texts)
         x = self.initial_noise(cond, seeds)
-        sigmas = self.sigmas(steps or self.default_steps)
+        sigmas = self.sigmas(steps or self.default_steps, cond)
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
             x = ode_step(x, self.velocity(x, sigma.expand(len(x)), cond), sigma, sigma_next)
         return self.decode(x, cond)
 
     # ---- RL's face ------------------------------------------------------------------------------
-    def sigmas(self, steps: int) -> torch.Tensor:
-        """σ grid of the backend's ``FlowMatchEulerDiscreteScheduler`` (with its ``shift``)."""
+    def sigmas(self, steps: int, cond: Any = None) -> torch.Tensor:
+        """σ grid of the backend's ``FlowMatchEulerDiscreteScheduler`` (with its ``shift``).
+
+        Backends whose scheduler shifts σ by the image size (dynamic shifting) need ``cond``."""
         return flow_sigmas(steps, self.shift)
 
     def encode(self, images: Sequence[Image.Image], texts: Sequence[str]) -> Any:
@@ -135,7 +137,8 @@ class Editor:
         state = get_peft_model_state_dict(self.denoiser, adapter_name="default")
         state = {f"{self.lora_prefix}.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
         config = self.denoiser.peft_config["default"].to_dict()
-        config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+        # diffusers reads the adapter config from metadata keys carrying the same prefix as the weights
+        config = {f"{self.lora_prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         save_file(state, str(directory / "pytorch_lora_weights.safetensors"),
                   metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config, default=str)})
         (directory / "adapter_info.json").write_text(json.dumps({"editor": self.name, **(metadata or {})}, indent=2))
