@@ -196,7 +196,13 @@ def parse_instruction(text: str, scene: Scene, history: list[Edit] | None = None
             return None
         edit = Edit("add", cell=CELLS.index(m.group(4)), obj=Obj(m.group(3), m.group(2), m.group(1) or "small"))
         return edit if edit.applicable(scene) else None
-    targets = [_find(scene, *m.groups()) for m in _MENTION.finditer(text)]
+    mentions = list(_MENTION.finditer(text))
+    targets = [_find(scene, *m.groups()) for m in mentions]
+    is_move = text.startswith(("move", "shift", "put"))
+    place = _PLACE.search(text)
+    if is_move and targets and targets[0] is None and mentions[0].group(4):
+        # "put the red circle at the center": the place is the destination, not part of the reference
+        targets = [_find(scene, *mentions[0].groups()[:3], None)]
     if _REFERENTIAL.search(text) and focus is not None:
         targets = [focus]
     if not targets or targets[0] is None:
@@ -207,8 +213,7 @@ def parse_instruction(text: str, scene: Scene, history: list[Edit] | None = None
         edit = Edit("swap", cell=cell, to=targets[1]) if len(targets) == 2 and targets[1] is not None else None
     elif text.startswith(("remove", "delete", "take away")):
         edit = Edit("remove", cell=cell)
-    elif text.startswith(("move", "shift", "put")):
-        place = _PLACE.search(text)
+    elif is_move:
         direction = next((d for d in DIRECTIONS if re.search(rf"\b{d}\s*$", text)), None)
         if place:
             edit = Edit("move", cell=cell, to=CELLS.index(place.group(1) or place.group(2)))
