@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import chdtrc
 
-from labeling.store import CHOICES
+from labeling.store import CHOICES, without_gold
 
 UNIT = ["comparison_id", "turn", "criterion"]
 
@@ -120,8 +120,7 @@ def agreement_table(frame: pd.DataFrame, min_common: int = 5) -> pd.DataFrame:
     """Per criterion: units with >= 2 ratings, their ratings, annotators, Krippendorff's α,
     Fleiss' κ and mean pairwise Cohen's κ.  Gold items are left out (their answers are
     planted, which would inflate agreement)."""
-    if "gold" in frame.columns:
-        frame = frame[~frame["gold"].astype(bool)]
+    frame = without_gold(frame)
     rows = []
     for criterion, part in frame.groupby("criterion", sort=True):
         counts = category_counts(part)
@@ -174,8 +173,7 @@ def flag_annotators(frame: pd.DataFrame, alpha: float = 0.01, first_look: int = 
     """Sequential Fisher test of each annotator's votes against everyone else's (see module
     docstring).  Returns annotator, votes, p_value (Fisher over all votes), flagged and
     flagged_at (the number of votes at the first rejecting look)."""
-    if "gold" in frame.columns:
-        frame = frame[~frame["gold"].astype(bool)]
+    frame = without_gold(frame)
     order = [c for c in ("created_at", "judgment_id") if c in frame.columns]
     frame = frame.sort_values(order) if order else frame
     p = vote_p_values(frame).clip(lower=1e-300)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from labeling import agreement, ratings
-from labeling.store import LabelSelection, LabelStore, StoreError, default_db_path
+from labeling.store import LabelStore, StoreError, default_db_path
 
 EXTENSIONS: list[str] = []
 
@@ -44,10 +44,11 @@ def add_label_options(parser: argparse.ArgumentParser) -> None:
                         "or simulated when there are no human labels)")
 
 
-def _select(store: LabelStore, args) -> tuple[LabelSelection, pd.DataFrame]:
+def _select(store: LabelStore, args) -> pd.DataFrame:
+    """The judgments the options select, after printing the counts behind the choice."""
     selection = store.label_selection(args.include_simulated)
     print(selection.describe())
-    return selection, store.judgments_frame(selection.include_simulated)
+    return store.judgments_frame(selection.include_simulated)
 
 
 def _show(title: str, frame: pd.DataFrame) -> None:
@@ -86,7 +87,7 @@ def cmd_stats(args) -> int:
 
 def cmd_leaderboard(args) -> int:
     with open_store(args) as store:
-        _, frame = _select(store, args)
+        frame = _select(store, args)
     if args.criterion is not None:
         frame = frame[frame["criterion"] == args.criterion]
     if args.turn == "overall":
@@ -105,8 +106,9 @@ def cmd_leaderboard(args) -> int:
     _show("battles", counts.reset_index(names="model"))
     if args.plot_dir is not None:
         args.plot_dir.mkdir(parents=True, exist_ok=True)
-        ratings.plot_ratings(ratings.ratings_table(frame, args.bootstrap, args.seed),
-                             args.plot_dir / "ratings.png")
+        overall = board if args.by is None else ratings.ratings_table(frame, args.bootstrap,
+                                                                      args.seed)
+        ratings.plot_ratings(overall, args.plot_dir / "ratings.png")
         ratings.plot_win_rate_by_turn(frame, args.plot_dir / "win_rate_by_turn.png")
         print(f"\nplots: {args.plot_dir / 'ratings.png'}, "
               f"{args.plot_dir / 'win_rate_by_turn.png'}")
@@ -115,7 +117,7 @@ def cmd_leaderboard(args) -> int:
 
 def cmd_agreement(args) -> int:
     with open_store(args) as store:
-        _, frame = _select(store, args)
+        frame = _select(store, args)
         gold = store.table("gold_items")
     _show("agreement per criterion (units with >= 2 ratings; gold excluded)",
           agreement.agreement_table(frame, min_common=args.min_common))

@@ -39,6 +39,8 @@ import pandas as pd
 from scipy.sparse.csgraph import connected_components
 from scipy.special import expit
 
+from labeling.store import without_gold
+
 ELO_BASE = 1000.0
 ELO_SCALE = 400.0 / math.log(10.0)
 L2 = 1e-4
@@ -75,8 +77,7 @@ def battles(frame: pd.DataFrame) -> pd.DataFrame:
     missing = {"model_a", "model_b", "choice"} - set(frame.columns)
     if missing:
         raise ValueError(f"judgments frame lacks columns {sorted(missing)}")
-    if "gold" in frame.columns:
-        frame = frame[~frame["gold"].astype(bool)]
+    frame = without_gold(frame)
     if (frame["model_a"] == frame["model_b"]).any():
         raise ValueError("a battle pits a model against itself; ordinary comparisons need two")
     return frame

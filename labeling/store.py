@@ -41,6 +41,7 @@ import queue
 import random
 import re
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -154,6 +155,10 @@ class StoreLockedError(StoreError):
 
     def __init__(self, path: Path, pid: int | None, program: str | None):
         self.path, self.pid, self.program = path, pid, program
+        if pid == os.getpid():
+            super().__init__(f"a LabelStore is already open on {path} in this process; share "
+                             "that instance (one owner per file, any number of threads)")
+            return
         holder = f"process {pid} ({program})" if pid is not None else "another process"
         super().__init__(
             f"the label database {path} is held by {holder}; only one process may open it "
@@ -306,8 +311,7 @@ class LabelStore:
         self._closed = False
         with _OPEN_LOCK:
             if self.path in _OPEN_PATHS:
-                raise StoreLockedError(self.path, os.getpid(), "this process: a LabelStore is "
-                                       "already open on it; share that one")
+                raise StoreLockedError(self.path, os.getpid(), sys.executable)
             self._con = self._connect()
             _OPEN_PATHS[self.path] = self
         try:
@@ -429,7 +433,7 @@ class LabelStore:
         self._release()
 
     def _release(self) -> None:
-        self._con.close()
+        self._con.close()  # closes every cursor made from it, releasing the file
         if self._snapshot_dir is not None:
             self._snapshot_dir.cleanup()
         with _OPEN_LOCK:
@@ -475,7 +479,6 @@ class LabelStore:
                     break
                 batch.append(nxt)
             self._write_judgments(cur, batch)
-        cur.close()
 
     def _transaction(self, cur, body: Callable[[_Tx], Any]) -> Any:
         tx = _Tx(cur, [])
@@ -514,12 +517,11 @@ class LabelStore:
                 batch_keys[key] = (row[0], req.choice)
             acks.append((req.future, (batch_keys.get(key) or self._judged[key])[0]))
         if rows:
-            table = pa.Table.from_arrays(
-                [pa.array(column, field.type) for column, field in zip(zip(*rows),
-                                                                       _JUDGMENT_SCHEMA)],
-                schema=_JUDGMENT_SCHEMA)
-
             def insert(tx: _Tx) -> None:
+                table = pa.Table.from_arrays(
+                    [pa.array(column, field.type)
+                     for column, field in zip(zip(*rows), _JUDGMENT_SCHEMA)],
+                    schema=_JUDGMENT_SCHEMA)
                 tx.cur.register("_judgment_batch", table)
                 try:
                     tx.cur.execute("INSERT INTO judgments SELECT * FROM _judgment_batch")
@@ -864,6 +866,11 @@ class LabelStore:
         """Row counts of every table."""
         cur = self._cursor()
         return {t: _first(cur.execute(f"SELECT count(*) FROM {t}"))[0] for t in TABLES}
+
+
+def without_gold(frame: pd.DataFrame) -> pd.DataFrame:
+    """Drop planted gold items (rows whose ``gold`` column is true), if the column exists."""
+    return frame[~frame["gold"].astype(bool)] if "gold" in frame.columns else frame
 
 
 def _now() -> dt.datetime:

@@ -282,7 +282,17 @@ def test_second_process_gets_a_clear_message_and_can_read_a_snapshot(populated, 
     path = store.path
     store.add_annotator("ann")
     store.record_judgment(comparisons[0], "ann", None, "overall", "A", "A")
-    store.close()
+    has_cursor, finish = threading.Event(), threading.Event()
+
+    def reader():  # a live thread keeps its read cursor while the store closes
+        store.counts()
+        has_cursor.set()
+        finish.wait()
+
+    live = threading.Thread(target=reader)
+    live.start()
+    has_cursor.wait()
+    store.close()  # releases the file anyway, or the holder below could not open it
     holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(repo=str(REPO),
                                                                     path=str(path))],
                               stdout=subprocess.PIPE, text=True)
@@ -307,6 +317,8 @@ def test_second_process_gets_a_clear_message_and_can_read_a_snapshot(populated, 
     finally:
         holder.kill()
         holder.wait()
+        finish.set()
+        live.join()
 
 
 WRITER = """
