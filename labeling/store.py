@@ -386,8 +386,8 @@ class LabelStore:
                                         name=f"labelstore-writer:{self.path.name}", daemon=True)
         self._writer.start()
 
-    def _migrate(self, cur) -> int:
-        """Apply pending :data:`MIGRATIONS`, one transaction each; returns the final version."""
+    def _migrate(self, cur) -> None:
+        """Apply pending :data:`MIGRATIONS`, one transaction each."""
         version = _schema_version(cur)
         if version > SCHEMA_VERSION:
             raise SchemaVersionError(f"{self.path} has schema v{version}, newer than this "
@@ -403,7 +403,6 @@ class LabelStore:
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
-        return SCHEMA_VERSION
 
     def _load_caches(self, cur) -> None:
         """Load what the writer validates against; only the writer thread touches it after."""
@@ -422,9 +421,9 @@ class LabelStore:
 
     def close(self) -> None:
         """Finish queued writes, stop the writer and release the database file."""
-        if self._closed:
-            return
         with self._submit_lock:
+            if self._closed:
+                return
             self._closed = True
             if self._ops is not None:
                 self._ops.put(_STOP)
@@ -504,7 +503,7 @@ class LabelStore:
     def _write_judgments(self, cur, batch: list[_JudgmentRequest]) -> None:
         """Validate each request, insert the new ones in one transaction, then acknowledge."""
         rows: list[tuple] = []
-        acks: list[tuple[concurrent.futures.Future, int]] = []
+        acks: list[tuple[concurrent.futures.Future, int, bool]] = []  # (…, id, in this batch)
         batch_keys: dict[tuple, tuple[int, str]] = {}
         for req in batch:
             try:
@@ -515,7 +514,9 @@ class LabelStore:
             if row is not None:
                 rows.append(row)
                 batch_keys[key] = (row[0], req.choice)
-            acks.append((req.future, (batch_keys.get(key) or self._judged[key])[0]))
+            in_batch = key in batch_keys
+            acks.append((req.future, (batch_keys[key] if in_batch else self._judged[key])[0],
+                         in_batch))
         if rows:
             def insert(tx: _Tx) -> None:
                 table = pa.Table.from_arrays(
@@ -532,10 +533,13 @@ class LabelStore:
             try:
                 self._transaction(cur, insert)
             except BaseException as exc:
-                for future, _ in acks:
-                    future.set_exception(exc)
+                for future, jid, in_batch in acks:
+                    if in_batch:
+                        future.set_exception(exc)
+                    else:
+                        future.set_result(jid)
                 return
-        for future, jid in acks:
+        for future, jid, _ in acks:
             future.set_result(jid)
 
     def _judgment_row(self, req: _JudgmentRequest, batch_keys: dict) -> tuple[tuple, tuple | None]:

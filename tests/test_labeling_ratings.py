@@ -57,7 +57,8 @@ def test_fit_matches_independent_scipy_mle():
     assert abs(ours.sum()) < 1e-9  # centred, as the ridge implies
     table = ratings.ratings_table(frame, n_boot=50)
     by_model = table.set_index("model").loc[list(pc.models)]
-    np.testing.assert_allclose(by_model.rating, ratings.to_elo(theirs), atol=1e-3 * ratings.ELO_SCALE)
+    np.testing.assert_allclose(by_model.rating, ratings.to_elo(theirs),
+                               atol=1e-3 * ratings.ELO_SCALE)
     assert by_model.battles.sum() == 2 * len(frame)
 
 

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 from pathlib import Path
 
@@ -55,8 +54,8 @@ def build_store(path: Path, models=(("mini", None), ("mini", "lora:ck/grpo")), n
     for g in range(gold):
         source = store.put_image(tiny(5000 + g))
         good = store.add_session("oracle", None, g, source, [
-            {"instruction": INSTRUCTIONS[t % 3], "output_sha": store.put_image(tiny(6000 + g * 10 + t))}
-            for t in range(n_turns)])
+            {"instruction": INSTRUCTIONS[t % 3],
+             "output_sha": store.put_image(tiny(6000 + g * 10 + t))} for t in range(n_turns)])
         noop = store.add_session("noop", None, g, source, [
             {"instruction": INSTRUCTIONS[t % 3], "output_sha": source} for t in range(n_turns)])
         golds.append(store.add_comparison(good, noop, gold="A"))
@@ -365,4 +364,5 @@ def test_acknowledged_judgments_survive_sigkill(populated):
         assert len(present) == len(reopened.judgments_frame())
         # the store keeps working after recovery
         reopened.add_annotator("after")
-        assert reopened.record_judgment(comparisons[0], "after", None, "overall", "A", "A") > max(present)
+        after = reopened.record_judgment(comparisons[0], "after", None, "overall", "A", "A")
+        assert after > max(present)
