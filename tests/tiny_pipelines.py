@@ -36,6 +36,8 @@ from transformers import (
     T5Tokenizer,
 )
 
+from mteditlab.rewards.qwen_vl import image_only_processor_class
+
 # Scheduler configs of the released checkpoints (dynamic shifting; Qwen also stretches to 0.02).
 FLUX_SCHEDULER = dict(
     num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -100,17 +102,6 @@ def qwen_tokenizer() -> Qwen2Tokenizer:
     return tokenizer
 
 
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` without the video processor (which needs torchvision, absent here)."""
-
-    @classmethod
-    def get_attributes(cls):
-        return ["image_processor", "tokenizer"]
-
-    def __init__(self, image_processor, tokenizer, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
-
-
 # ---- pipelines --------------------------------------------------------------------------------
 def _eval(pipe):
     """Inference mode, as ``from_pretrained`` leaves a pipeline (fresh modules train, with dropout)."""
@@ -143,14 +134,16 @@ def tiny_qwen_edit(plus: bool = True) -> QwenImageEditPlusPipeline | QwenImageEd
     transformer = QwenImageTransformer2DModel(**QWEN_TRANSFORMER)
     vae = AutoencoderKLQwenImage(**QWEN_VAE)
     text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+        text_config=dict(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, hidden_size=16, intermediate_size=16, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, rope_theta=1e6,
                          rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}),
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
                            fullatt_block_indexes=[1], window_size=28),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>")))
-    processor = ImageOnlyQwen2VLProcessor(Qwen2VLImageProcessorPil(**QWEN_VL_IMAGE), tokenizer)
+    # the video processor needs torchvision, which does not import here
+    processor = image_only_processor_class(Qwen2VLProcessor)(Qwen2VLImageProcessorPil(**QWEN_VL_IMAGE), tokenizer)
     pipeline_class = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
     return _eval(pipeline_class(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=vae,
                                 text_encoder=text_encoder, tokenizer=tokenizer, processor=processor,

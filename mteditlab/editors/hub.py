@@ -158,7 +158,6 @@ class PipelineEditor(Editor):
         self.device = torch.device(device) if device is not None else pipe._execution_device
         self.dtype = pipe.transformer.dtype
         self.multiple_of = pipe.vae_scale_factor * 2
-        self.shift = pipe.scheduler.config.get("shift", 1.0)
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
