@@ -1,0 +1,22 @@
+"""The multi-turn benchmark harness, checked with the two reference editors."""
+
+import json
+
+from mteditlab.bench import main
+
+
+def test_oracle_succeeds_at_every_turn_and_writes_json_and_plot(tmp_path):
+    result = main(["--editor", "oracle", "--sessions", "12", "--turns", "4", "--split", "val",
+                   "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["editor"] == "oracle" and saved["split"] == "val" and saved["sessions"] == 12
+    assert [r["turn"] for r in saved["per_turn"]] == [1, 2, 3, 4]
+    for row in result["per_turn"]:
+        assert row["overall"] == row["success"] == row["marginal"] == 1.0
+        assert row["exposure_gap"] == 0.0
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_identity_never_follows_an_instruction():
+    result = main(["--editor", "identity", "--sessions", "12", "--turns", "3"])
+    assert all(row["if"] == 0.0 and row["cc"] == 1.0 and row["overall"] == 0.0 for row in result["per_turn"])
