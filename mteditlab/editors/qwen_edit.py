@@ -32,6 +32,7 @@ class QwenEditEditor(PipelineEditor):
     default_model_id = "Qwen/Qwen-Image-Edit-2509"
     model_id_env = "MTEDITLAB_QWEN_EDIT_ID"
     pipeline_classes = (QwenImageEditPlusPipeline, QwenImageEditPipeline)
+    # attention projections of the image and text streams (Flow-GRPO's attention-only set)
     lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 
@@ -39,9 +40,9 @@ class QwenEditEditor(PipelineEditor):
                  context_area: int | None = None):
         super().__init__(pipe, device=device)
         self.plus = isinstance(pipe, QwenImageEditPlusPipeline)
-        default_condition = edit_plus.CONDITION_IMAGE_SIZE if self.plus else 1024 * 1024
-        self.condition_area = condition_area or default_condition
-        self.context_area = context_area or (edit_plus.VAE_IMAGE_SIZE if self.plus else 1024 * 1024)
+        one_megapixel = 1024 * 1024  # QwenImageEditPipeline's size for both the VL and the VAE paths
+        self.condition_area = condition_area or (edit_plus.CONDITION_IMAGE_SIZE if self.plus else one_megapixel)
+        self.context_area = context_area or (edit_plus.VAE_IMAGE_SIZE if self.plus else one_megapixel)
 
     @torch.no_grad()
     def encode(self, images: Sequence[Image.Image], texts: Sequence[str]) -> EditCondition:
