@@ -1,0 +1,187 @@
+"""The RL trainer: the SDE step's log-prob, ratio == 1 at unchanged weights, credit assignment,
+NFT, resume after SIGKILL, and two-process data parallelism."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mteditlab.editors.mini import MiniEditor
+from mteditlab.flow import gaussian_log_prob, sde_step, sde_step_stats
+from mteditlab.world import generate_session
+from training.credit import aggregate_turns, compute_advantages
+from training.grpo import GRPOConfig, encode_subset, grpo_loss, nft_loss, parse_args, rollout
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--sessions-per-step", "1", "--num-generations", "2", "--turns", "2", "--steps", "3", "--sde-window", "1",
+        "--eval-every", "1000", "--eval-sessions", "2", "--save-every", "1", "--lora-rank", "2", "--lora-alpha", "4"]
+
+
+def test_sde_step_matches_the_design_formula():
+    torch.manual_seed(0)
+    x, v = torch.randn(4, 12, 16, 16), torch.randn(4, 12, 16, 16)
+    sigma, sigma_next, a = torch.tensor([0.9, 0.7, 0.5, 0.2]), torch.tensor([0.8, 0.6, 0.3, 0.0]), 0.7
+    mean, scale = sde_step_stats(x, v, sigma, sigma_next, a)
+    for b in range(4):
+        s, dt = sigma[b].item(), (sigma_next[b] - sigma[b]).item()
+        std = a * math.sqrt(s / (1 - s))
+        expected = x[b] * (1 + std**2 / (2 * s) * dt) + v[b] * (1 + std**2 * (1 - s) / (2 * s)) * dt
+        assert torch.allclose(mean[b], expected, atol=1e-5)
+        assert scale[b].item() == pytest.approx(std * math.sqrt(-dt), rel=1e-5)
+    sample, logp, _, _ = sde_step(x, v, sigma, sigma_next, a, generator=torch.Generator().manual_seed(1))
+    manual = torch.distributions.Normal(mean, scale.expand_as(mean)).log_prob(sample).flatten(1).mean(1)
+    assert torch.allclose(logp, manual, atol=1e-5)
+    assert torch.allclose(gaussian_log_prob(sample, mean, scale), logp)
+
+
+@pytest.fixture(scope="module")
+def tiny_editor():
+    editor = MiniEditor.from_config(seed=0)
+    editor.denoiser.requires_grad_(False)
+    editor.add_lora(4, 8)
+    for n, p in editor.denoiser.named_parameters():
+        if "lora_B" in n:  # a non-trivial adapter, so the policy differs from the reference
+            torch.nn.init.normal_(p, std=0.02)
+        p.requires_grad_("lora_" in n)
+    return editor
+
+
+def test_recomputed_log_prob_equals_the_rollouts(tiny_editor):
+    cfg = GRPOConfig(num_generations=3, turns=2, steps=4, sde_window=2, beta=0.01)
+    sessions = [generate_session("train", i, 2) for i in range(2)]
+    records = rollout(tiny_editor, sessions, cfg, iteration=0)
+    assert len(records) == 2 and all(len(r.window) == 2 for r in records)
+    idx = torch.arange(6)
+    for rec in records:
+        cond = encode_subset(tiny_editor, rec, idx)
+        for step in rec.window:
+            loss, stats = grpo_loss(tiny_editor, rec, cond, idx, torch.ones(6), step, cfg)
+            assert abs(stats["ratio_mean"] - 1) < 1e-5 and abs(stats["ratio_max"] - 1) < 1e-5
+            assert stats["clip_frac"] == 0.0 and stats["kl"] > 0
+            loss.backward()
+    grads = [p.grad for p in tiny_editor.lora_parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    tiny_editor.denoiser.zero_grad()
+
+
+def test_nft_loss_prefers_positive_samples(tiny_editor):
+    cfg = GRPOConfig(algo="nft", num_generations=2, turns=1, steps=3, sde_window=1, beta=1.0)
+    from peft import LoraConfig
+    if "old" not in tiny_editor.denoiser.peft_config:
+        tiny_editor.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(tiny_editor.lora_target_modules)),
+                                         adapter_name="old")
+        tiny_editor.denoiser.set_adapter("default")
+    records = rollout(tiny_editor, [generate_session("train", 0, 1)], cfg, iteration=0)
+    idx = torch.arange(2)
+    cond = encode_subset(tiny_editor, records[0], idx)
+    losses = [nft_loss(tiny_editor, records[0], cond, idx, torch.full((2,), a), cfg, torch.Generator().manual_seed(0))[1]
+              for a in (5.0, -5.0, 0.0)]
+    assert [l["nft_positive_weight"] for l in losses] == [1.0, 0.0, 0.5]
+
+
+def test_turn_aggregations():
+    r = np.array([[[1.0, 0.5, 0.0]]])
+    assert aggregate_turns(r, "mean")[0, 0] == pytest.approx(0.5)
+    assert aggregate_turns(r, "min")[0, 0] == 0.0 and aggregate_turns(r, "product")[0, 0] == 0.0
+    assert aggregate_turns(r, "last")[0, 0] == 0.0
+    assert aggregate_turns(r, "success_rate")[0, 0] == pytest.approx(2 / 3)
+    assert aggregate_turns(r, "discounted", gamma=0.5)[0, 0] == pytest.approx((1 + 0.25) / 1.75)
+
+
+def test_broadcast_filter_fusion_and_skipped_groups():
+    # one session, 4 rollouts, 3 turns
+    r = np.array([[[1, 1, 1], [1, 0, 1], [0, 1, 1], [0, 0, 0]]], dtype=float)
+    if_passed = r > 0.5
+    adv, _ = compute_advantages({"v": r}, {"v": 1.0}, broadcast=True, trajectory_filter=False)
+    assert np.allclose(adv[0, :, 0], adv[0, :, 2])  # same advantage on every turn
+    assert adv[0, 0, 0] > adv[0, 1, 0] > adv[0, 3, 0]
+    filtered, _ = compute_advantages({"v": r}, {"v": 1.0}, broadcast=True, trajectory_filter=True, if_passed=if_passed)
+    assert filtered[0, 1, 0] != 0 and filtered[0, 1, 1] != 0 and filtered[0, 1, 2] == 0  # after the failed turn 2
+    assert filtered[0, 2, 1] == 0 and filtered[0, 3, 1] == 0
+    per_turn, _ = compute_advantages({"v": r}, {"v": 1.0}, broadcast=False, trajectory_filter=False)
+    assert np.allclose(per_turn[0, :, 2], [1 / np.sqrt(3)] * 3 + [-np.sqrt(3)], atol=1e-3)
+    # reward vs advantage fusion differ when the rewards have different scales
+    q = np.array([[[0.1], [0.2], [0.3], [0.4]]]) * np.ones((1, 4, 3))
+    a_reward, _ = compute_advantages({"v": r, "q": q}, {"v": 1.0, "q": 1.0}, fusion="reward", trajectory_filter=False)
+    a_adv, _ = compute_advantages({"v": r, "q": q}, {"v": 1.0, "q": 1.0}, fusion="advantage", trajectory_filter=False)
+    assert not np.allclose(a_reward, a_adv)
+    # a group with no spread is skipped; a failed reward gives zero advantage on that turn
+    flat, stats = compute_advantages({"v": np.ones((1, 4, 3))}, {"v": 1.0})
+    assert np.all(flat == 0) and stats["skipped_groups"] == 1.0
+    nan_r = r.copy()
+    nan_r[0, 0, 1] = np.nan
+    with_nan, stats = compute_advantages({"v": nan_r}, {"v": 1.0}, trajectory_filter=False)
+    assert with_nan[0, 0, 1] == 0 and stats["reward_failures"] == 1
+    clipped, _ = compute_advantages({"v": np.array([[[1.0]] + [[0.0]] * 99])}, {"v": 1.0}, clip_max=5.0)
+    assert clipped.max() == 5.0
+
+
+def test_flags_use_the_literature_names():
+    cfg = parse_args(["--lora", "--num-generations", "4", "--beta", "0.02", "--clip-range", "1e-4", "--per-turn",
+                      "--no-trajectory-filter", "--turn-aggregation", "min", "--fusion", "reward", "--intent", "concat",
+                      "--reward", "verifier=0.7,judge=0.3", "--algo", "nft"])
+    assert (cfg.num_generations, cfg.beta, cfg.clip_range, cfg.broadcast, cfg.trajectory_filter) == (4, 0.02, 1e-4, False, False)
+    assert cfg.reward_weights == {"verifier": 0.7, "judge": 0.3} and cfg.algo == "nft"
+    with pytest.raises(SystemExit):
+        parse_args([])
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mini")
+    MiniEditor.from_config(seed=0).denoiser.save_pretrained(path)
+    return path
+
+
+def _train_cmd(out, checkpoint, iterations, extra=()):
+    return [sys.executable, "-m", "training.grpo", "--lora", "--editor-path", str(checkpoint), "--out", str(out),
+            "--iterations", str(iterations), *TINY, *extra]
+
+
+def _metrics(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_resume_after_sigkill_continues_and_matches_an_uninterrupted_run(tmp_path, random_checkpoint):
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(straight, random_checkpoint, 4), cwd=ROOT, env=ENV, check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed, random_checkpoint, 4), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint" / "state.pt").exists() or len(_metrics(killed)) < 2:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(_metrics(killed))
+    assert done < 4
+    result = subprocess.run(_train_cmd(killed, random_checkpoint, 4), cwd=ROOT, env=ENV, check=True,
+                            capture_output=True, text=True)
+    rows, reference = _metrics(killed), _metrics(straight)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    for a, b in zip(rows, reference):
+        assert a["gold_success"] == b["gold_success"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)
+    assert (killed / "adapter" / "pytorch_lora_weights.safetensors").exists()
+    assert (killed / "curves.png").exists()
+
+
+def test_two_processes_with_accelerate_keep_the_adapter_in_sync(tmp_path, random_checkpoint):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m", "training.grpo",
+           *_train_cmd(out, random_checkpoint, 2)[3:]]
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _metrics(out)
+    assert [r["iteration"] for r in rows] == [1, 2] and all(r["lora_in_sync"] for r in rows)

@@ -1,0 +1,463 @@
+"""Multi-turn RL of a LoRA adapter on a flow-matching editor: Flow-GRPO and DiffusionNFT.
+
+    python -m training.grpo --lora                       # mini editor, verifier reward, defaults below
+    python -m training.grpo --lora --algo nft --reward judge=1.0
+    accelerate launch --num_processes 2 -m training.grpo --lora   # data-parallel, gradients all-reduced
+
+One iteration, top to bottom:
+
+1. **Rollouts.** ``sessions_per_step`` training sessions × ``num_generations`` rollouts each. Every
+   turn starts from the rollout's *own* previous output. Sampling is the ODE, except an SDE window
+   of ``sde_window`` consecutive steps per turn where the Flow-GRPO step is a Gaussian policy:
+   x' ~ N(mean_θ(x, σ), scale²) (``mteditlab.flow.sde_step_stats``), log-prob kept in fp32.
+2. **Rewards.** Each registered reward model scores every turn (named sub-scores + overall); the
+   world's verifier always runs too, as the gold metric.
+3. **Credit.** ``training.credit.compute_advantages``: turn aggregation, reward/advantage fusion,
+   broadcast vs per-turn, trajectory filtering, clamp.
+4. **Update.** GRPO: for every SDE step of every turn, ratio = exp(logp_θ − logp_old) and
+       L = mean(max(−A·ratio, −A·clip(ratio, 1 − ε, 1 + ε))) + β·‖mean_θ − mean_ref‖² / (2·scale²),
+   the reference being the same model with its adapter disabled. NFT: on the forward process,
+       r = clamp(A / (2·A_max) + ½, 0, 1),  v⁺ = β·v_θ + (1 − β)·v_old,  v⁻ = (1 + β)·v_old − β·v_θ,
+       L = r·‖x̂0(v⁺) − x0‖² + (1 − r)·‖x̂0(v⁻) − x0‖²,  x̂0(v) = x_t − t·v,
+   weighted by 1 / mean|x̂0(v_old) − x0| (adaptive), the old policy being an EMA copy of the adapter.
+5. **Operations.** JSONL metrics, plots, evaluation on ``val``, atomic checkpoints, exact resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mteditlab.bench import run_benchmark
+from mteditlab.editors import Editor, get_editor
+from mteditlab.flow import gaussian_log_prob, ode_step, sde_step_stats
+from mteditlab.intent import INTENT_MODES, turn_seed, turn_text
+from mteditlab.rewards.base import EditSample
+from mteditlab.world import Session, generate_session, render, score_turn
+from mteditlab.world import sessions as make_sessions
+from training.credit import FUSIONS, TURN_AGGREGATIONS, compute_advantages
+
+TRAIN_SESSIONS = 200_000  # size of the pool training sessions are drawn from
+
+
+@dataclass
+class GRPOConfig:
+    # model
+    editor: str = "mini"
+    editor_path: str | None = None
+    algo: str = "grpo"                    # grpo | nft
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    # sampling
+    num_generations: int = 8              # G rollouts per session (the group)
+    sessions_per_step: int = 4
+    turns: int = 3
+    steps: int = 10                       # denoising steps per turn
+    sde_window: int = 2                   # SDE (trained) steps per turn; ODE elsewhere
+    noise_level: float = 0.7              # a in std = a·sqrt(σ / (1 − σ))
+    intent: str = "reconstruct"           # none | concat | reconstruct
+    # objective
+    learning_rate: float = 3e-4
+    clip_range: float = 2e-3
+    beta: float = 0.01                    # KL to the reference (adapter disabled); NFT: guidance strength β
+    adv_clip_max: float = 5.0
+    num_minibatches: int = 2              # optimizer steps per batch of rollouts
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.9                # NFT old-policy EMA
+    # multi-turn credit
+    reward: str = "verifier=1.0"          # NAME=WEIGHT,... over registered reward models
+    turn_aggregation: str = "mean"
+    fusion: str = "advantage"
+    broadcast: bool = True
+    trajectory_filter: bool = True
+    discount: float = 0.8
+    # operations
+    iterations: int = 300
+    eval_every: int = 25
+    eval_sessions: int = 48
+    save_every: int = 10
+    hacking_window: int = 20
+    seed: int = 0
+    out: str = "runs/grpo"
+    reward_weights: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.algo not in ("grpo", "nft"):
+            raise ValueError("--algo must be grpo or nft")
+        if self.turn_aggregation not in TURN_AGGREGATIONS or self.fusion not in FUSIONS or self.intent not in INTENT_MODES:
+            raise ValueError("bad --turn-aggregation, --fusion or --intent")
+        if not 1 <= self.sde_window <= self.steps - 1:
+            raise ValueError("--sde-window must be in [1, steps − 1] (the σ = 1 step is always an ODE step)")
+        self.reward_weights = {k: float(v) for k, v in (p.split("=") for p in self.reward.split(","))}
+
+
+# ---- 1. rollouts ----------------------------------------------------------------------------------
+
+@dataclass
+class TurnRecord:
+    """One turn of a batch of rollouts: its inputs, the SDE window and the outputs."""
+
+    sigmas: torch.Tensor
+    texts: list[tuple[str, str | None]]
+    before: list
+    after: list
+    x0: torch.Tensor                       # final latents (NFT target)
+    window: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # each: (step index, x, x_next, log_prob_old)
+
+
+@torch.no_grad()
+def rollout(editor: Editor, sessions: list[Session], cfg: GRPOConfig, iteration: int) -> list[TurnRecord]:
+    """G rollouts of each session, turn by turn on their own outputs; items ordered session-major."""
+    G = cfg.num_generations
+    items = [(s, g) for s in sessions for g in range(G)]
+    images = [render(s.source) for s, _ in items]
+    records = []
+    for k in range(cfg.turns):
+        texts = [turn_text(s, k, cfg.intent) for s, _ in items]
+        cond = editor.encode(images, [intent or text for text, intent in texts])
+        seeds = [turn_seed(cfg.seed * 7919 + iteration, s.index * G + g, k) for s, g in items]
+        x = editor.initial_noise(cond, seeds)
+        sigmas = editor.sigmas(cfg.steps, cond)
+        start = random.Random(f"{cfg.seed}/{iteration}/{k}").randint(1, cfg.steps - cfg.sde_window)
+        generator = torch.Generator().manual_seed(seeds[0])
+        record = TurnRecord(sigmas, texts, images, [], x)
+        for i in range(cfg.steps):
+            v = editor.velocity(x, sigmas[i].expand(len(x)), cond)
+            if start <= i < start + cfg.sde_window:
+                mean, scale = sde_step_stats(x, v, sigmas[i], sigmas[i + 1], cfg.noise_level)
+                x_next = mean + scale * torch.randn(mean.shape, generator=generator)
+                record.window.append((i, x, x_next, gaussian_log_prob(x_next, mean, scale)))
+            else:
+                x_next = ode_step(x, v, sigmas[i], sigmas[i + 1])
+            x = x_next
+        record.x0, record.after = x, editor.decode(x, cond)
+        records.append(record)
+        images = record.after
+    return records
+
+
+# ---- 2. rewards ------------------------------------------------------------------------------------
+
+def score_rollouts(records: list[TurnRecord], sessions: list[Session], cfg: GRPOConfig, reward_models: dict,
+                   iteration: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict]:
+    """Per-reward overall ``[S, G, T]``, gold success ``[S, G, T]``, IF-passed mask and sub-score means."""
+    S, G, T = len(sessions), cfg.num_generations, cfg.turns
+    items = [(s, g) for s in sessions for g in range(G)]
+    scores = {name: np.zeros((S * G, T)) for name in reward_models}
+    gold = np.zeros((S * G, T), dtype=bool)
+    gold_if = np.zeros((S * G, T), dtype=bool)
+    sub_means: dict[str, list[float]] = {}
+    for k, rec in enumerate(records):
+        samples = [EditSample(b, a, t[0], [x.instruction for x in s.turns[:k]], t[1], {"session": s, "turn": k})
+                   for (s, _), b, a, t in zip(items, rec.before, rec.after, rec.texts)]
+        verdicts = [score_turn(s, k, b, a) for (s, _), b, a in zip(items, rec.before, rec.after)]
+        gold[:, k] = [v.success for v in verdicts]
+        gold_if[:, k] = [v.if_ for v in verdicts]
+        for name, model in reward_models.items():
+            out = model.score(samples, seed=cfg.seed * 100_003 + iteration * 31 + k)
+            scores[name][:, k] = out.overall
+            for sub, values in out.scores.items():
+                if np.isfinite(values).any():
+                    sub_means.setdefault(f"{name}/{sub}", []).append(float(np.nanmean(values)))
+    shape = (S, G, T)
+    return ({n: v.reshape(shape) for n, v in scores.items()}, gold.reshape(shape), gold_if.reshape(shape),
+            {k: float(np.mean(v)) for k, v in sub_means.items()})
+
+
+# ---- 4. update -------------------------------------------------------------------------------------
+
+def grpo_loss(editor: Editor, rec: TurnRecord, cond, idx: torch.Tensor, adv: torch.Tensor, step: tuple,
+              cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
+    """Clipped-ratio policy loss (+ KL to the adapter-disabled reference) on one SDE step of one turn."""
+    i, x, x_next, logp_old = step
+    sigmas = rec.sigmas
+    v = editor.velocity(x[idx], sigmas[i].expand(len(idx)), cond)
+    mean, scale = sde_step_stats(x[idx], v, sigmas[i], sigmas[i + 1], cfg.noise_level)
+    logp = gaussian_log_prob(x_next[idx], mean, scale)
+    ratio = torch.exp(logp - logp_old[idx])
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    kl = torch.zeros(())
+    if cfg.beta > 0:
+        with torch.no_grad(), editor.adapter_disabled():
+            v_ref = editor.velocity(x[idx], sigmas[i].expand(len(idx)), cond)
+        mean_ref, _ = sde_step_stats(x[idx], v_ref, sigmas[i], sigmas[i + 1], cfg.noise_level)
+        kl = (((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * scale.flatten() ** 2)).mean()
+        loss = loss + cfg.beta * kl
+    return loss, {"kl": kl.item(), "clip_frac": ((ratio - 1).abs() > cfg.clip_range).float().mean().item(),
+                  "ratio_mean": ratio.mean().item(), "ratio_max": ratio.max().item()}
+
+
+def nft_loss(editor: Editor, rec: TurnRecord, cond, idx: torch.Tensor, adv: torch.Tensor, cfg: GRPOConfig,
+             generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """DiffusionNFT's negative-aware loss on the forward process of the turn's final samples."""
+    x0 = rec.x0[idx]
+    r = torch.clamp(adv / (2 * cfg.adv_clip_max) + 0.5, 0, 1)
+    t = torch.rand(len(idx), generator=generator).view(-1, *[1] * (x0.dim() - 1))
+    noise = torch.randn(x0.shape, generator=generator)
+    x_t = (1 - t) * x0 + t * noise
+    v_theta = editor.velocity(x_t, t.flatten(), cond)
+    with torch.no_grad(), _old_policy(editor):
+        v_old = editor.velocity(x_t, t.flatten(), cond)
+    v_pos = cfg.beta * v_theta + (1 - cfg.beta) * v_old
+    v_neg = (1 + cfg.beta) * v_old - cfg.beta * v_theta
+    err_pos = ((x_t - t * v_pos - x0) ** 2).flatten(1).mean(1)
+    err_neg = ((x_t - t * v_neg - x0) ** 2).flatten(1).mean(1)
+    weight = 1 / ((x_t - t * v_old - x0).abs().flatten(1).mean(1) + 1e-3)   # adaptive, no gradient
+    loss = (weight * (r * err_pos + (1 - r) * err_neg)).mean()
+    return loss, {"nft_positive_weight": r.mean().item()}
+
+
+def encode_subset(editor: Editor, rec: TurnRecord, idx: torch.Tensor):
+    """Re-encode the condition of items ``idx`` of a turn (conditions are backend objects: not sliced)."""
+    idx = idx.tolist()
+    return editor.encode([rec.before[i] for i in idx], [rec.texts[i][1] or rec.texts[i][0] for i in idx])
+
+
+class _old_policy:
+    """Context: the denoiser runs its ``old`` (EMA) adapter instead of ``default``."""
+
+    def __init__(self, editor: Editor):
+        self.model = editor.denoiser
+
+    def __enter__(self):
+        self.model.set_adapter("old")
+
+    def __exit__(self, *exc):
+        self.model.set_adapter("default")
+
+
+def ema_update(editor: Editor, decay: float) -> None:
+    """old ← decay·old + (1 − decay)·default, parameter by parameter."""
+    params = dict(editor.denoiser.named_parameters())
+    with torch.no_grad():
+        for name, p in params.items():
+            if ".default." in name:
+                params[name.replace(".default.", ".old.")].lerp_(p, 1 - decay)
+
+
+# ---- 5. operations ---------------------------------------------------------------------------------
+
+def hacking_alarm(history: list[dict], window: int, proxy_names: list[str]) -> bool:
+    """True when, over the last ``window`` iterations, a proxy reward rose while the gold fell
+    (least-squares slopes of opposite sign, each moving by more than 0.02 across the window)."""
+    if len(history) < window or not proxy_names:
+        return False
+    recent = history[-window:]
+    xs = np.arange(window)
+
+    def trend(key):
+        return np.polyfit(xs, [h[key] for h in recent], 1)[0] * window
+
+    return trend("gold_success") < -0.02 and any(trend(f"reward/{n}") > 0.02 for n in proxy_names)
+
+
+def save_state(out: Path, editor: Editor, optimizer, iteration: int, cfg: GRPOConfig) -> None:
+    """Atomically write the adapter(s), optimizer state and iteration to ``out/checkpoint``."""
+    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    lora = {n: p.detach().clone() for n, p in editor.denoiser.named_parameters() if "lora_" in n}
+    torch.save({"iteration": iteration, "lora": lora, "optimizer": optimizer.state_dict(),
+                "config": asdict(cfg)}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def load_state(out: Path, editor: Editor, optimizer) -> int:
+    path = out / "checkpoint" / "state.pt"
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=False)
+    params = dict(editor.denoiser.named_parameters())
+    with torch.no_grad():
+        for name, value in state["lora"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    return state["iteration"]
+
+
+def plot_metrics(metrics_path: Path, out_path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    it = [r["iteration"] for r in train]
+    for key in [k for k in train[0] if k.startswith("reward/")] + ["gold_success"]:
+        axes[0].plot(it, [r[key] for r in train], label=key, lw=0.9)
+    axes[0].set(title="training rollouts", xlabel="iteration")
+    axes[0].legend(fontsize=7)
+    for key in ("kl", "clip_frac"):
+        axes[1].plot(it, [r.get(key, 0) for r in train], label=key, lw=0.9)
+    axes[1].set(title="policy drift", xlabel="iteration")
+    axes[1].legend(fontsize=7)
+    for t in range(len(evals[0]["overall"]) if evals else 0):
+        axes[2].plot([r["iteration"] for r in evals], [r["overall"][t] for r in evals], "o-", label=f"turn {t + 1}")
+    axes[2].set(title="val overall success", xlabel="iteration", ylim=(0, 1))
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+
+
+def train(cfg: GRPOConfig) -> Path:
+    from accelerate import Accelerator
+
+    from mteditlab.rewards import get_reward
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    editor = get_editor(cfg.editor, path=cfg.editor_path, device=str(accelerator.device))
+    editor.denoiser.requires_grad_(False)
+    editor.add_lora(cfg.lora_rank, cfg.lora_alpha)
+    if cfg.algo == "nft":  # the old policy: a second adapter tracking ``default`` by EMA
+        from peft import LoraConfig
+        editor.denoiser.add_adapter(LoraConfig(**{k: v for k, v in editor.denoiser.peft_config["default"].to_dict().items()
+                                                  if k in ("r", "lora_alpha", "target_modules")}), adapter_name="old")
+        ema_update(editor, decay=0.0)
+        editor.denoiser.set_adapter("default")
+    trainable = [p for n, p in editor.denoiser.named_parameters() if ".default." in n]
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=1e-4)
+    reward_models = {name: get_reward(name) for name in cfg.reward_weights}
+    proxies = [n for n in reward_models if n != "verifier"]
+    start = load_state(out, editor, optimizer)
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        kept = [l for l in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+                if json.loads(l)["iteration"] <= start]
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    history = [json.loads(l) for l in metrics_path.read_text().splitlines() if json.loads(l).get("kind") == "train"] \
+        if metrics_path.exists() else []
+    val = make_sessions("val", cfg.eval_sessions, cfg.turns)
+
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"{cfg.algo}",
+               disable=rank != 0)
+    for iteration in bar:
+        timings = {}
+        t0 = time.time()
+        picker = random.Random(f"{cfg.seed}/sessions/{iteration}")
+        indices = [picker.randrange(TRAIN_SESSIONS) for _ in range(cfg.sessions_per_step * world)]
+        sessions = [generate_session("train", i, cfg.turns) for i in indices[rank::world]]
+        editor.denoiser.eval()
+        records = rollout(editor, sessions, cfg, iteration)
+        timings["rollout_s"] = time.time() - t0
+
+        t0 = time.time()
+        rewards, gold, gold_if, sub_means = score_rollouts(records, sessions, cfg, reward_models, iteration)
+        if_passed = gold_if
+        advantages, credit_stats = compute_advantages(
+            rewards, cfg.reward_weights, turn_aggregation=cfg.turn_aggregation, fusion=cfg.fusion,
+            broadcast=cfg.broadcast, trajectory_filter=cfg.trajectory_filter, if_passed=if_passed,
+            clip_max=cfg.adv_clip_max, gamma=cfg.discount)
+        adv = torch.from_numpy(advantages.reshape(-1, cfg.turns)).float()   # [S·G, T]
+        timings["reward_s"] = time.time() - t0
+
+        t0 = time.time()
+        editor.denoiser.train()
+        n_items = adv.shape[0]
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(cfg.seed * 31 + iteration))
+        loss_stats: dict[str, list[float]] = {}
+        noise_gen = torch.Generator().manual_seed(cfg.seed * 17 + iteration)
+        for minibatch in order.chunk(cfg.num_minibatches):
+            optimizer.zero_grad(set_to_none=True)
+            n_terms = cfg.turns * (cfg.sde_window if cfg.algo == "grpo" else 1)
+            for k, rec in enumerate(records):
+                cond = encode_subset(editor, rec, minibatch)
+                for step in rec.window if cfg.algo == "grpo" else [None]:
+                    if cfg.algo == "grpo":
+                        loss, stats = grpo_loss(editor, rec, cond, minibatch, adv[minibatch, k], step, cfg)
+                    else:
+                        loss, stats = nft_loss(editor, rec, cond, minibatch, adv[minibatch, k], cfg, noise_gen)
+                    (loss / n_terms).backward()
+                    for key, value in {"loss": loss.item(), **stats}.items():
+                        loss_stats.setdefault(key, []).append(value)
+            for p in trainable:  # data parallel: average gradients over processes
+                if p.grad is not None and world > 1:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
+        if cfg.algo == "nft":
+            ema_update(editor, cfg.ema_decay)
+        timings["update_s"] = time.time() - t0
+
+        checksums = accelerator.gather(torch.stack([p.detach().double().sum() for p in trainable]).sum().view(1))
+        local = {**{f"reward/{n}": float(np.nanmean(r)) for n, r in rewards.items()},
+                 **{f"sub/{k}": v for k, v in sub_means.items()},
+                 "gold_success": float(gold.mean()), "gold_overall_last": float(gold.all(-1).mean()),
+                 **credit_stats, **{k: float(np.mean(v)) for k, v in loss_stats.items()}}
+        averaged = accelerator.reduce(torch.tensor(list(local.values()), dtype=torch.float64), reduction="mean")
+        row = {"kind": "train", "iteration": iteration + 1, **timings, **dict(zip(local, averaged.tolist())),
+               "lora_in_sync": bool(torch.allclose(checksums, checksums[0]))}
+        history.append(row)
+        row["reward_hacking"] = hacking_alarm(history, cfg.hacking_window, proxies)
+        if row["reward_hacking"] and rank == 0:
+            tqdm.write(f"warning: reward hacking suspected at iteration {iteration + 1}: proxy reward rising "
+                       f"while the verifier's gold success falls over the last {cfg.hacking_window} iterations")
+        bar.set_postfix(gold=f"{row['gold_success']:.3f}", kl=f"{row.get('kl', 0):.2e}")
+        lines = [row]
+        if (iteration + 1) % cfg.eval_every == 0 or iteration + 1 == cfg.iterations:
+            editor.denoiser.eval()
+            result = run_benchmark(editor, val, seed=cfg.seed, intent=cfg.intent, progress=False)
+            lines.append({"kind": "eval", "iteration": iteration + 1,
+                          "overall": [r["overall"] for r in result["per_turn"]],
+                          "success": [r["success"] for r in result["per_turn"]]})
+        if rank == 0:
+            with metrics_path.open("a") as f:
+                f.writelines(json.dumps(line) + "\n" for line in lines)
+            if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations:
+                save_state(out, editor, optimizer, iteration + 1, cfg)
+        accelerator.wait_for_everyone()
+
+    if rank == 0:
+        editor.save_lora(out / "adapter", metadata={"config": asdict(cfg), "iterations": cfg.iterations})
+        plot_metrics(metrics_path, out / "curves.png")
+    return out / "adapter"
+
+
+def parse_args(argv: list[str] | None = None) -> GRPOConfig:
+    defaults = GRPOConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (the only mode)")
+    for f in fields(GRPOConfig):
+        if f.name in ("reward_weights", "broadcast"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name))
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=getattr(defaults, f.name))
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--broadcast", dest="broadcast", action="store_true", default=True,
+                       help="one trajectory advantage on every turn and step (default)")
+    group.add_argument("--per-turn", dest="broadcast", action="store_false", help="per-turn advantages")
+    args = vars(parser.parse_args(argv))
+    if not args.pop("lora"):
+        parser.error("pass --lora: the trainer tunes a LoRA adapter on the editor")
+    return GRPOConfig(**args)
+
+
+if __name__ == "__main__":
+    train(parse_args())
