@@ -24,7 +24,7 @@ import pandas as pd
 from labeling import agreement, ratings
 from labeling.store import LabelStore, StoreError, default_db_path
 
-EXTENSIONS: list[str] = []
+EXTENSIONS: list[str] = ["labeling.simulate"]
 
 
 def open_store(args: argparse.Namespace, writable: bool = False) -> LabelStore:
