@@ -1,0 +1,27 @@
+"""MT-EditLab: multi-turn image-editing arena, labeling and leaderboard (Gradio).
+
+    python app.py                      # mini base vs mini + the RL adapter, ./data/labels.duckdb
+    python app.py --help               # every flag (and its environment variable)
+
+The same file is the entry point of the Hugging Face Space (README front matter: ``sdk: gradio``,
+``app_file: app.py``).
+"""
+
+import sys
+
+
+def main(argv=None) -> int:
+    from mteditlab.app.config import ConfigError, config_from_args
+
+    try:
+        config_from_args(argv)  # parse first: --help and bad flags answer before heavy imports
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from mteditlab.app.build import main as run
+
+    return run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

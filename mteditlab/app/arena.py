@@ -1,0 +1,409 @@
+"""Arena logic: per-user state and the operations on it (no gradio here).
+
+State
+    :class:`ArenaState` lives in a ``gr.State``: small and deep-copyable (images are sha256
+    keys into the process's :class:`~mteditlab.app.images.ImageBank`).  Gradio hands the same
+    object to every event of a browser session, so operations mutate it in place, under a
+    per-session lock, and only after everything that can fail has succeeded.
+
+Multi-turn
+    Each side edits **its own** previous output; both sides get the same instruction, the same
+    reconstructed intent (when enabled) and the same seed, ``turn_seed(seed, 0, k)``.
+
+Votes and the server-side re-check
+    A vote names the turn it is for (the turn shown on screen).  It is accepted only if that is
+    the session's latest turn, nobody voted on it yet, the pick and criterion are known values
+    and the turn was produced in this session: anything else (forged, repeated or out-of-order
+    calls through the API) is rejected and nothing is stored.
+
+Storage (DuckDB, through :class:`labeling.store.LabelStore`)
+    An accepted vote on turn k stores the images, each side's session up to turn k (a
+    ``sessions`` row each, meta ``origin: arena`` with the arena id, branch, blindness, seeds and
+    steps), a comparison of the two (A = the configured side A) and the judgment (turn k, the
+    criterion, choice naming sessions, which side was on the left, ms from display to vote).
+    The vote is acknowledged only after the judgment committed.  Ending a session with turns
+    nobody voted on (reset, new source, fork or undo past them) stores the whole session as a
+    comparison without judgments, so every arena session lands in the database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+import time
+import uuid
+
+from PIL import Image
+
+from mteditlab.intent import turn_seed
+
+from .engine import run_pair
+from .images import ImageInputError, load_upload, prepare_source
+from .worldview import (IntentStep, format_verdict, random_test_scene, read_world_scene,
+                        resolve_turn, test_scene, verdict)
+
+PICKS = ("left", "right", "tie", "both_bad")
+CRITERIA = ("overall", "instruction", "consistency", "quality")
+MAX_INSTRUCTION_CHARS = 500
+MAX_TURNS = 20
+MAX_SEED = 2**31 - 1
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+class ArenaError(ValueError):
+    """A request the arena refuses; ``str()`` is shown to the user and nothing changes."""
+
+
+@dataclasses.dataclass
+class TurnRecord:
+    instruction: str
+    step: IntentStep               # reconstructed intent (and world edit) of this turn
+    intent_used: bool              # whether the editors were conditioned on the intent
+    seed: int
+    steps: int | None
+    outputs: dict                  # side -> sha256
+    seconds: dict                  # side -> float
+    verdicts: dict                 # side -> dict | None
+    shown_at: float
+    vote: dict | None = None
+
+
+@dataclasses.dataclass
+class ArenaState:
+    arena_id: str = ""
+    branch: int = 0
+    source: str | None = None      # sha256 of the prepared source
+    source_label: str = ""
+    scene: object = None           # world Scene of the source, or None
+    suggestions: list = dataclasses.field(default_factory=list)
+    left: str = "A"                # which side ('A'/'B') is shown on the left
+    anonymous: bool = True
+    revealed: bool = False
+    turns: list = dataclasses.field(default_factory=list)
+    stored: set = dataclasses.field(default_factory=set)     # image shas already in the store
+    saved_prefix: int = 0          # turns of this branch already stored as a comparison
+    voter: str | None = None
+    votes: int = 0                 # votes cast in this arena session (all branches)
+    message: str = ""
+    # display and behaviour settings (changed by the UI's checkboxes)
+    use_intent: bool = True        # reconstruct the intent, show it and condition on it
+    show_verdict: bool = False     # show the verifier's verdicts (world sources only)
+    anonymous_next: bool = True    # anonymity of the next session started
+
+    @property
+    def n(self) -> int:
+        return len(self.turns)
+
+    def side_on(self, screen: str) -> str:
+        return self.left if screen == "left" else ("B" if self.left == "A" else "A")
+
+    def input_of(self, side: str, k: int) -> str:
+        """sha of what ``side`` edited at turn ``k`` (the source, or its own output k-1)."""
+        return self.source if k == 0 else self.turns[k - 1].outputs[side]
+
+    def latest_of(self, side: str) -> str:
+        return self.input_of(side, self.n)
+
+    def names_visible(self) -> bool:
+        return not self.anonymous or self.revealed
+
+
+def clean_instruction(text) -> str:
+    if not isinstance(text, str):
+        raise ArenaError("Type an instruction first.")
+    text = " ".join(_CONTROL.sub(" ", text).split())
+    if not text:
+        raise ArenaError("Type an instruction first (it is empty).")
+    if len(text) > MAX_INSTRUCTION_CHARS:
+        raise ArenaError(f"That instruction has {len(text):,} characters; the limit is "
+                         f"{MAX_INSTRUCTION_CHARS}. Say it in fewer words.")
+    return text
+
+
+def _int(value, name: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+        if number != float(value):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ArenaError(f"{name} must be a whole number between {low} and {high}.") from None
+    if not low <= number <= high:
+        raise ArenaError(f"{name} must be between {low} and {high}; got {number}.")
+    return number
+
+
+class Arena:
+    """The arena operations on an :class:`ArenaState` (see the module docstring)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.engine = ctx.engine
+        self.store = ctx.store
+        self.bank = ctx.bank
+        self.rng = random.Random()
+
+    # ------------------------------------------------------------------- starting a session
+    def _begin(self, state: ArenaState, image: Image.Image, label: str, suggestions: list[str],
+               anonymous: bool) -> None:
+        """Swap in a new source (after everything that can fail has succeeded)."""
+        prepared = prepare_source(image, self.engine.size)
+        sha = self.bank.put(prepared)
+        scene = read_world_scene(prepared) if self.engine.world else None
+        self._finish_branch(state)
+        state.arena_id = uuid.uuid4().hex
+        state.branch = 0
+        state.source, state.source_label, state.scene = sha, label, scene
+        state.suggestions = list(suggestions)
+        state.left = self.rng.choice("AB") if anonymous else "A"
+        state.anonymous, state.revealed = bool(anonymous), False
+        state.turns = []
+        state.saved_prefix = 0
+        state.votes = 0
+
+    def start_random(self, state: ArenaState) -> str:
+        image, suggestions, label = random_test_scene(self.rng)
+        self._begin(state, image, label, suggestions, state.anonymous_next)
+        return f"New session on a random {label} (world test split). Type an instruction."
+
+    def start_example(self, state: ArenaState, index) -> str:
+        from .worldview import EXAMPLES
+
+        i = _int(index, "Example", 1, len(EXAMPLES))
+        image, suggestions, label = test_scene(EXAMPLES[i - 1])
+        self._begin(state, image, f"example {i} ({label})", suggestions, state.anonymous_next)
+        return f"New session on example {i}. Suggested instructions are in the list."
+
+    def start_upload(self, state: ArenaState, upload) -> str:
+        if upload is None:
+            raise ArenaError("No file was uploaded.")
+        path = upload if isinstance(upload, (str, bytes)) else getattr(upload, "name", upload)
+        try:
+            image = load_upload(path)
+        except ImageInputError as exc:
+            raise ArenaError(f"Upload refused: {exc} The current session is unchanged.") from None
+        self._begin(state, image, "uploaded image", [], state.anonymous_next)
+        world = state.scene is not None
+        note = ("It reads as a scene of the built-in world, so intents and verdicts are "
+                "available." if world else
+                "It is not a scene of the built-in world: the mini editor was trained only on "
+                "those, and no intent or verdict can be computed." if self.engine.world else "")
+        return f"New session on your upload ({image.width}×{image.height}, shown at " \
+               f"{self.engine.size}×{self.engine.size}). {note}"
+
+    # ------------------------------------------------------------------------------- edit
+    def edit(self, state: ArenaState, instruction, seed, steps) -> str:
+        if state.source is None:
+            raise ArenaError("Start a session first: a random scene, an example or an upload.")
+        text = clean_instruction(instruction)
+        if state.n >= MAX_TURNS:
+            raise ArenaError(f"This session has {MAX_TURNS} turns, the most one session keeps; "
+                             "fork from an earlier turn or reset.")
+        seed = _int(seed, "Seed", 0, MAX_SEED)
+        steps = _int(steps, "Steps", 1, 100) if steps not in (None, "") else None
+        k = state.n
+        step = resolve_turn(text, state.scene, [t.step for t in state.turns])
+        intent = step.intent if state.use_intent and step.edit is not None else None
+        inputs = {side: self.bank.get(state.latest_of(side)) for side in "AB"}
+        results = run_pair(self.engine, inputs, text, intent, turn_seed(seed, 0, k), steps)
+        failed = {side: err for side, (_, _, err) in results.items() if err}
+        if failed:
+            parts = [f"{self._label(state, side)} failed ({err})" for side, err in failed.items()]
+            raise ArenaError("The edit did not go through: " + "; ".join(parts) + ". The session "
+                             "is unchanged: try again, or another instruction.")
+        outputs = {side: self.bank.put(results[side][0]) for side in "AB"}
+        verdicts = {}
+        for side in "AB":
+            try:
+                verdicts[side] = verdict(state.scene, [t.step for t in state.turns] + [step], k,
+                                         inputs[side], results[side][0])
+            except Exception:  # noqa: BLE001 - a verdict is an extra, never a failure
+                verdicts[side] = None
+        state.turns.append(TurnRecord(text, step, intent is not None, seed, steps, outputs,
+                                      {s: round(results[s][1], 4) for s in "AB"}, verdicts,
+                                      time.time()))
+        secs = max(results[s][1] for s in "AB")
+        return f"Turn {k + 1} done in {secs:.1f} s. Vote on it below, or keep editing."
+
+    # ------------------------------------------------------------------------------- vote
+    def vote(self, state: ArenaState, pick: str, turn_shown, criterion, voter: str) -> str:
+        if pick not in PICKS:
+            raise ArenaError(f"Unknown vote {pick!r}.")
+        if criterion in (None, ""):
+            criterion = "overall"
+        if criterion not in CRITERIA:
+            raise ArenaError(f"Unknown criterion {criterion!r}; one of {', '.join(CRITERIA)}.")
+        if state.n == 0:
+            raise ArenaError("Nothing to vote on yet: make an edit first.")
+        turn = _int(turn_shown, "Turn", 1, MAX_TURNS)
+        if turn != state.n:
+            raise ArenaError(f"Vote refused: it is for turn {turn}, but the turn on screen is "
+                             f"{state.n}. Votes are for the latest turn only.")
+        record = state.turns[turn - 1]
+        if record.vote is not None:
+            raise ArenaError(f"Turn {turn} already has a vote; one vote per turn.")
+        from labeling.store import choice_from_screen
+
+        choice = choice_from_screen(pick, state.left)
+        blind = state.anonymous and not state.revealed
+        latency_ms = max(0.0, (time.time() - record.shown_at) * 1000.0)
+        comparison = self._store_sessions(state, turn, {"blind": blind})
+        self.ctx.ensure_annotator(voter)
+        jid = self.store.record_judgment(comparison, voter, turn - 1, criterion, choice,
+                                         state.left, latency_ms=latency_ms, simulated=False)
+        record.vote = {"pick": pick, "choice": choice, "criterion": criterion,
+                       "judgment_id": int(jid), "comparison_id": int(comparison),
+                       "blind": blind}
+        state.voter = voter
+        state.votes += 1
+        state.saved_prefix = max(state.saved_prefix, turn)
+        text = {"left": "Model A is better", "right": "Model B is better", "tie": "a tie",
+                "both_bad": "both are bad"}[pick]
+        message = f"Vote stored for turn {turn}: {text} ({criterion})."
+        if state.anonymous and not state.revealed:
+            state.revealed = True
+            message += (f" Model A was **{self._model(state, 'left')}**, Model B was "
+                        f"**{self._model(state, 'right')}**. Later votes in this session are "
+                        "recorded as not blind.")
+        return message
+
+    def _store_sessions(self, state: ArenaState, upto: int, extra_meta: dict) -> int:
+        """Store both sides' sessions up to turn ``upto`` (1-based) and their comparison."""
+        shas = {state.source} | {t.outputs[s] for t in state.turns[:upto] for s in "AB"}
+        for sha in sorted(shas - state.stored):
+            self.store.put_image(self.bank.get_bytes(sha))
+        state.stored |= shas
+        session_ids = {}
+        for side in "AB":
+            spec = self.engine.sides[side]
+            turns = [{"instruction": t.instruction, "intent": t.step.intent if t.intent_used else None,
+                      "input_sha": state.input_of(side, i), "output_sha": t.outputs[side],
+                      "seconds": t.seconds[side]} for i, t in enumerate(state.turns[:upto])]
+            meta = {"origin": "arena", "arena_id": state.arena_id, "branch": state.branch,
+                    "side": side, "left": state.left, "anonymous": state.anonymous,
+                    "source": state.source_label, "world": state.scene is not None,
+                    "seeds": [t.seed for t in state.turns[:upto]],
+                    "steps": [t.steps for t in state.turns[:upto]],
+                    "intents": [t.step.intent for t in state.turns[:upto]],
+                    "verdicts": [t.verdicts.get(side) for t in state.turns[:upto]], **extra_meta}
+            session_ids[side] = self.store.add_session(spec.editor_name, spec.adapter,
+                                                       state.turns[0].seed, state.source, turns,
+                                                       meta)
+        return self.store.add_comparison(session_ids["A"], session_ids["B"])
+
+    def _finish_branch(self, state: ArenaState) -> None:
+        """Store turns nobody voted on before they leave the screen, in sessions that have a
+        vote (see the module docstring)."""
+        if state.source is None or state.n <= state.saved_prefix or not state.votes:
+            return
+        self._store_sessions(state, state.n, {"blind": None, "unvoted_tail": True})
+        state.saved_prefix = state.n
+
+    # ------------------------------------------------------------------ undo / fork / reset
+    def undo(self, state: ArenaState) -> str:
+        if state.n == 0:
+            raise ArenaError("Nothing to undo.")
+        self._finish_branch(state)
+        state.turns.pop()
+        state.branch += 1
+        state.saved_prefix = min(state.saved_prefix, state.n)
+        return f"Undid turn {state.n + 1}; both sides are back at turn {state.n}."
+
+    def fork(self, state: ArenaState, turn) -> str:
+        if state.n == 0:
+            raise ArenaError("Nothing to fork from: make an edit first.")
+        keep = _int(turn, "Fork turn", 0, state.n)
+        if keep == state.n:
+            raise ArenaError(f"Turn {keep} is already the latest; pick an earlier turn to fork.")
+        self._finish_branch(state)
+        del state.turns[keep:]
+        state.branch += 1
+        state.saved_prefix = min(state.saved_prefix, keep)
+        where = "the source" if keep == 0 else f"turn {keep}"
+        return f"Forked from {where}: the next edit continues from there (a new branch)."
+
+    def finish(self, state: ArenaState) -> None:
+        """gr.State delete callback (the browser session ended): store the unvoted tail."""
+        try:
+            if isinstance(state, ArenaState):
+                with self.ctx.lock_for(state.arena_id):
+                    self._finish_branch(state)
+        except Exception:  # noqa: BLE001 - a cleanup callback must never raise
+            pass
+
+    def reset(self, state: ArenaState) -> str:
+        anonymous = state.anonymous_next
+        if state.source is None:
+            raise ArenaError("Nothing to reset: start a session first.")
+        self._finish_branch(state)
+        source, label, scene, suggestions = (state.source, state.source_label, state.scene,
+                                             state.suggestions)
+        state.arena_id, state.branch = uuid.uuid4().hex, 0
+        state.source, state.source_label, state.scene, state.suggestions = (source, label, scene,
+                                                                            suggestions)
+        state.turns, state.saved_prefix, state.votes = [], 0, 0
+        state.left = self.rng.choice("AB") if anonymous else "A"
+        state.anonymous, state.revealed = bool(anonymous), False
+        return "Reset: a new session on the same source (sides shuffled again)."
+
+    # ----------------------------------------------------------------------------- display
+    def _model(self, state: ArenaState, screen: str) -> str:
+        return self.engine.sides[state.side_on(screen)].model
+
+    def _label(self, state: ArenaState, side: str) -> str:
+        screen = "Model A" if state.left == side else "Model B"
+        return f"{screen} ({self.engine.sides[side].model})" if state.names_visible() else screen
+
+    def title(self, state: ArenaState, screen: str) -> str:
+        name = "Model A" if screen == "left" else "Model B"
+        if state.source is not None and state.names_visible():
+            return f"### {name} · `{self._model(state, screen)}`"
+        return f"### {name}" + (" · *hidden until you vote*" if state.anonymous else "")
+
+    def strip(self, state: ArenaState, screen: str) -> list[tuple[Image.Image, str]]:
+        """History strip of one screen side: the source, then every turn with its caption."""
+        from .images import for_display
+
+        if state.source is None:
+            return []
+        side = state.side_on(screen)
+        items = [(for_display(self.bank.get(state.source), 128), "source")]
+        for k, t in enumerate(state.turns):
+            caption = f"T{k + 1}: {t.instruction}"
+            if state.show_verdict and state.scene is not None:
+                caption += f" · {format_verdict(t.verdicts.get(side))}"
+            items.append((for_display(self.bank.get(t.outputs[side]), 128), caption))
+        return items
+
+    def current(self, state: ArenaState, screen: str) -> Image.Image | None:
+        from .images import for_display
+
+        if state.source is None:
+            return None
+        return for_display(self.bank.get(state.latest_of(state.side_on(screen))))
+
+    def status(self, state: ArenaState) -> str:
+        show_intent, show_verdict = state.use_intent, state.show_verdict
+        lines = []
+        if state.message:
+            lines.append(state.message)
+        if state.source is None:
+            lines.append("Start with **🎲 Random scene**, an **example** or **upload** an image.")
+            return "\n\n".join(lines)
+        head = f"**Session** on {state.source_label} · turn **{state.n}**"
+        if state.branch:
+            head += f" · branch {state.branch}"
+        lines.append(head)
+        if state.n:
+            t = state.turns[-1]
+            if show_intent:
+                lines.append(f"**Reconstructed intent** of turn {state.n}: {t.step.note}"
+                             + ("" if t.intent_used or t.step.edit is None else
+                                " (shown only: the editors got the raw instruction)"))
+            if show_verdict and state.scene is not None:
+                lines.append(f"**Verifier**, turn {state.n}: Model A "
+                             f"{format_verdict(t.verdicts.get(state.side_on('left')))} · Model B "
+                             f"{format_verdict(t.verdicts.get(state.side_on('right')))}")
+            if t.vote is None:
+                lines.append(f"Which side did turn {state.n} better?")
+        return "\n\n".join(lines)

@@ -1,0 +1,199 @@
+"""The Arena tab: components, events and the API endpoints they expose.
+
+Every event returns the same list of outputs, rendered from the state by :func:`_render`, so
+the screen always shows exactly what the server holds.  Public API endpoints (for
+``gradio_client``; the state stays on the server, keyed by the client's session):
+
+* ``/start_random()``, ``/start_example(example)``, ``/start_upload(file)``
+* ``/edit(instruction, seed, steps)``
+* ``/vote_left|/vote_right|/vote_tie|/vote_both_bad(turn, criterion)``
+* ``/undo()``, ``/fork(turn)``, ``/reset()``
+* ``/settings(use_intent, show_verdict, anonymous)``
+"""
+
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+
+from .arena import CRITERIA, MAX_SEED, PICKS, Arena, ArenaError, ArenaState
+from .worldview import EXAMPLES, GRAMMAR
+
+log = logging.getLogger("mteditlab.app")
+VOTE_LABELS = {"left": "👈 A is better", "right": "👉 B is better", "tie": "🤝 Tie",
+               "both_bad": "👎 Both bad"}
+
+
+def voter_name(request: gr.Request | None) -> str:
+    """Arena voters: the signed-in user, else one anonymous id per browser session."""
+    username = getattr(request, "username", None) if request is not None else None
+    if username:
+        return f"arena:{username}"
+    session = getattr(request, "session_hash", None) if request is not None else None
+    return f"arena:anon-{(session or 'unknown')[:12]}"
+
+
+def build_arena_tab(ctx, arena: Arena) -> None:
+    engine = ctx.engine
+    default_steps = ctx.config.steps or engine.default_steps()
+    state = gr.State(ArenaState(anonymous_next=ctx.config.anonymous),
+                     delete_callback=arena.finish)
+
+    if engine.world:
+        with gr.Accordion("What the mini editor understands (grammar)", open=False):
+            gr.Markdown(GRAMMAR, elem_id="arena-grammar")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=220):
+            source = gr.Image(label="Source", interactive=False, height=220, format="png",
+                              elem_id="arena-source", buttons=[])
+            random_btn = gr.Button("🎲 Random scene (test split)", elem_id="arena-random")
+            with gr.Row():
+                example = gr.Dropdown([f"Example {i + 1}" for i in range(len(EXAMPLES))],
+                                      value=None, label="Examples", scale=2,
+                                      elem_id="arena-example")
+                upload = gr.UploadButton("📤 Upload image", file_types=["image"],
+                                         file_count="single", type="filepath", scale=1,
+                                         elem_id="arena-upload")
+        columns = {}
+        for screen, name in (("left", "A"), ("right", "B")):
+            with gr.Column(scale=3, min_width=260):
+                title = gr.Markdown(f"### Model {name}", elem_id=f"arena-title-{screen}")
+                image = gr.Image(label=f"Model {name}: latest turn", interactive=False,
+                                 height=260, format="png", elem_id=f"arena-img-{screen}",
+                                 buttons=[])
+                gallery = gr.Gallery(label=f"Model {name}: every turn", columns=6, rows=1,
+                                     height=170, format="png", object_fit="contain",
+                                     allow_preview=True, elem_id=f"arena-strip-{screen}")
+            columns[screen] = (title, image, gallery)
+    with gr.Row():
+        instruction = gr.Textbox(label="Instruction", scale=5, max_lines=2,
+                                 placeholder="e.g. add a small red circle at the top left",
+                                 elem_id="arena-instruction")
+        edit_btn = gr.Button("✏️ Edit both", variant="primary", scale=1, elem_id="arena-edit")
+    suggestions = gr.Dropdown([], value=None, label="Suggested instructions (from the scripted "
+                              "test session)", allow_custom_value=False,
+                              elem_id="arena-suggestions")
+    with gr.Row(elem_id="arena-vote-row"):
+        vote_btns = {pick: gr.Button(VOTE_LABELS[pick], interactive=False,
+                                     elem_id=f"arena-vote-{pick}") for pick in PICKS}
+        criterion = gr.Dropdown(list(CRITERIA), value="overall", label="Criterion",
+                                min_width=140, elem_id="arena-criterion")
+    turn_no = gr.Number(value=0, precision=0, visible=False, label="turn")
+    status = gr.Markdown("Start with **🎲 Random scene**, an **example** or **upload** an image.",
+                         elem_id="arena-status")
+    with gr.Row():
+        undo_btn = gr.Button("↩️ Undo turn", size="sm", elem_id="arena-undo")
+        fork_no = gr.Number(value=0, precision=0, minimum=0, label="Fork from turn (0 = source)",
+                            min_width=120, elem_id="arena-fork-turn")
+        fork_btn = gr.Button("🌿 Fork", size="sm", elem_id="arena-fork")
+        reset_btn = gr.Button("🔄 Reset", size="sm", elem_id="arena-reset")
+    with gr.Accordion("Settings", open=False):
+        with gr.Row():
+            seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED,
+                             label="Seed (same for both sides; turn k uses a seed derived "
+                             "from it)", elem_id="arena-seed")
+            steps = gr.Slider(1, 50, value=default_steps, step=1, label="Sampling steps",
+                              elem_id="arena-steps")
+        with gr.Row():
+            use_intent = gr.Checkbox(True, label="Reconstruct the intent (Edit-R2): show it and "
+                                     "condition both editors on it", elem_id="arena-intent")
+            show_verdict = gr.Checkbox(False, label="Show the verifier's verdict per turn "
+                                       "(world scenes)", elem_id="arena-verdict")
+            anonymous = gr.Checkbox(ctx.config.anonymous, label="Anonymous: shuffle and hide "
+                                    "the models until the vote (applies to the next session)",
+                                    elem_id="arena-anonymous")
+
+    outputs = [state, source, columns["left"][0], columns["right"][0], columns["left"][1],
+               columns["right"][1], columns["left"][2], columns["right"][2], status, turn_no,
+               *vote_btns.values(), fork_no, suggestions, instruction]
+
+    def render(st: ArenaState, clear_instruction: bool = False) -> list:
+        from .images import for_display
+
+        src = for_display(ctx.bank.get(st.source)) if st.source else None
+        latest = st.turns[-1] if st.turns else None
+        can_vote = latest is not None and latest.vote is None
+        options = list(dict.fromkeys(st.suggestions))
+        return [st, src, arena.title(st, "left"), arena.title(st, "right"),
+                arena.current(st, "left"), arena.current(st, "right"),
+                arena.strip(st, "left"), arena.strip(st, "right"), arena.status(st), st.n,
+                *[gr.update(interactive=can_vote) for _ in PICKS],
+                gr.update(value=max(0, st.n - 1), maximum=max(0, st.n)),
+                gr.update(choices=options, value=None),
+                gr.update(value="") if clear_instruction else gr.update()]
+
+    def run(op, st: ArenaState, request: gr.Request | None, *args, clear=False):
+        key = getattr(request, "session_hash", None) or st.arena_id or "anon"
+        with ctx.lock_for(key):
+            try:
+                st.message = op(st, *args)
+                ok = True
+            except ArenaError as exc:
+                st.message = f"⚠️ {exc}"
+                gr.Warning(str(exc))
+                ok = False
+            except Exception as exc:  # noqa: BLE001 - the server keeps serving
+                log.exception("arena operation %s failed", getattr(op, "__name__", op))
+                st.message = (f"⚠️ Something went wrong on the server ({type(exc).__name__}); "
+                              "the session is unchanged.")
+                gr.Warning(st.message)
+                ok = False
+            return render(st, clear_instruction=clear and ok)
+
+    def on_random(st, request: gr.Request):
+        return run(arena.start_random, st, request)
+
+    def on_example(st, choice, request: gr.Request):
+        if not choice:
+            return render(st)
+        number = str(choice).replace("Example", "").strip()
+        return run(arena.start_example, st, request, number)
+
+    def on_upload(st, file, request: gr.Request):
+        return run(arena.start_upload, st, request, file)
+
+    def on_edit(st, text, seed_value, steps_value, request: gr.Request,
+                progress=gr.Progress()):
+        progress(0.05, desc="Editing with both models…")
+        return run(arena.edit, st, request, text, seed_value, steps_value, clear=True)
+
+    def make_vote(pick):
+        def on_vote(st, turn, crit, request: gr.Request):
+            return run(lambda s, t, c: arena.vote(s, pick, t, c, voter_name(request)), st,
+                       request, turn, crit)
+        on_vote.__name__ = f"vote_{pick}"
+        return on_vote
+
+    def on_undo(st, request: gr.Request):
+        return run(arena.undo, st, request)
+
+    def on_fork(st, turn, request: gr.Request):
+        return run(arena.fork, st, request, turn)
+
+    def on_reset(st, request: gr.Request):
+        return run(arena.reset, st, request)
+
+    def on_settings(st, intent_on, verdict_on, anonymous_on, request: gr.Request):
+        def apply(s, a, b, c):
+            s.use_intent, s.show_verdict, s.anonymous_next = bool(a), bool(b), bool(c)
+            return s.message
+        return run(apply, st, request, intent_on, verdict_on, anonymous_on)
+
+    random_btn.click(on_random, [state], outputs, api_name="start_random")
+    example.input(on_example, [state, example], outputs, api_name="start_example")
+    upload.upload(on_upload, [state, upload], outputs, api_name="start_upload")
+    edit_event = dict(fn=on_edit, inputs=[state, instruction, seed, steps], outputs=outputs,
+                      concurrency_limit=None)
+    edit_btn.click(**edit_event, api_name="edit")
+    instruction.submit(**edit_event, api_visibility="private")
+    suggestions.input(lambda s: s or gr.update(), [suggestions], [instruction],
+                      api_visibility="private")
+    for pick, btn in vote_btns.items():
+        btn.click(make_vote(pick), [state, turn_no, criterion], outputs, api_name=f"vote_{pick}")
+    undo_btn.click(on_undo, [state], outputs, api_name="undo")
+    fork_btn.click(on_fork, [state, fork_no], outputs, api_name="fork")
+    reset_btn.click(on_reset, [state], outputs, api_name="reset")
+    settings_inputs = [state, use_intent, show_verdict, anonymous]
+    gr.on([use_intent.input, show_verdict.input, anonymous.input], on_settings, settings_inputs,
+          outputs, api_name="settings")

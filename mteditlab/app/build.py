@@ -1,0 +1,107 @@
+"""Assemble the app: ``build_app(config) -> gr.Blocks`` and ``launch``.
+
+Tests build the app around their own editors / store (``build_app(config, engine=…,
+store=…)``) and launch it on a free port with ``prevent_thread_lock=True``; ``app.py`` calls
+:func:`main`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import gradio as gr
+
+from .arena import Arena
+from .arena_ui import build_arena_tab
+from .config import AppConfig, ConfigError, config_from_args
+from .context import AppContext
+from .label import Labeling, populate_queue
+from .label_ui import SHORTCUTS_JS, build_label_tab
+from .leaderboard_ui import build_leaderboard_tab
+
+log = logging.getLogger("mteditlab.app")
+
+CSS = """
+#arena-status, #label-status, #label-header { min-height: 2em; }
+.gradio-container img { image-rendering: pixelated; }
+#arena-vote-row button { min-height: 3em; font-size: 1.05em; }
+#label-rubric { font-size: 0.92em; }
+footer { display: none !important; }
+"""
+
+
+def _notice(ctx: AppContext) -> str:
+    engine = ctx.engine
+    a, b = engine.sides["A"], engine.sides["B"]
+    lines = [f"**MT-EditLab** — multi-turn image editing arena · labels in "
+             f"`{ctx.store.path}`"]
+    if ctx.config.anonymous:
+        lines.append("The two models are hidden and shuffled until you vote.")
+    else:
+        lines.append(f"Side A: `{a.model}` · side B: `{b.model}`.")
+    for note in engine.notices:
+        lines.append(f"⚠️ {note}")
+    return "\n\n".join(lines)
+
+
+def build_app(config: AppConfig, *, engine=None, store=None, ctx: AppContext | None = None
+              ) -> gr.Blocks:
+    """The whole UI.  The returned Blocks carries ``mteditlab_ctx`` (close it when done) and
+    ``launch_kwargs`` (theme, css, js) for :func:`launch`."""
+    ctx = ctx or AppContext.create(config, engine=engine, store=store)
+    arena, labeling = Arena(ctx), Labeling(ctx)
+    with gr.Blocks(title=config.title) as demo:
+        gr.Markdown(_notice(ctx), elem_id="app-notice")
+        with gr.Tabs():
+            with gr.Tab("Arena", id="arena"):
+                build_arena_tab(ctx, arena)
+            with gr.Tab("Label", id="label"):
+                build_label_tab(ctx, labeling, demo)
+            with gr.Tab("Leaderboard", id="leaderboard") as board_tab:
+                build_leaderboard_tab(ctx, demo, board_tab)
+    demo.queue(default_concurrency_limit=config.concurrency)
+    demo.mteditlab_ctx = ctx
+    demo.launch_kwargs = {"theme": gr.themes.Soft(), "css": CSS, "js": SHORTCUTS_JS}
+    return demo
+
+
+def launch(demo: gr.Blocks, config: AppConfig, **overrides):
+    kwargs = dict(demo.launch_kwargs)
+    kwargs.update(server_name=config.host, server_port=config.port, share=config.share,
+                  max_file_size="20mb", show_error=True)
+    if config.auth:
+        kwargs["auth"] = config.auth.check
+        kwargs["auth_message"] = "MT-EditLab: sign in"
+    kwargs.update(overrides)
+    return demo.launch(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        config = config_from_args(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from labeling.store import StoreError
+
+    try:
+        demo = build_app(config)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ctx: AppContext = demo.mteditlab_ctx
+    for note in ctx.engine.notices:
+        log.warning("%s", note.replace("**", ""))
+    if config.seed_queue and int(ctx.store.counts()["comparisons"]) == 0:
+        log.info("seeding the labeling queue with %d world test sessions", config.seed_queue)
+        populate_queue(ctx, config.seed_queue)
+    try:
+        launch(demo, config)
+    finally:
+        ctx.close()
+    return 0
+
+
+__all__ = ["build_app", "launch", "main", "AppConfig"]

@@ -1,0 +1,267 @@
+"""Configuration of ``python app.py``: flags, environment variables and credentials.
+
+Nothing heavy is imported here (no gradio, torch or duckdb) so that ``python app.py --help``
+answers at once.
+
+Every flag has an environment variable (flags win), so the same ``app.py`` runs locally and as a
+Hugging Face Space, where configuration comes from the Space's variables and secrets:
+
+==========================  ===============================  ===================================
+flag                        environment variable             default
+==========================  ===============================  ===================================
+``--editor-a/-b``           ``MTEDITLAB_EDITOR_A/_B``        ``mini`` / ``mini``
+``--lora-a/-b``             ``MTEDITLAB_LORA_A/_B``          none / ``checkpoints/mini/grpo``
+``--model-a/-b``            ``MTEDITLAB_MODEL_A/_B``         the editor's default weights
+``--data-dir``              ``MTEDITLAB_DATA``               ``./data`` (``/data/mteditlab`` on
+                                                             a Space with persistent storage)
+``--host`` / ``--port``     ``GRADIO_SERVER_NAME/_PORT``     gradio's (127.0.0.1:7860)
+``--annotators``            ``MTEDITLAB_ANNOTATORS``         none: labeling closed
+``--admin``                 ``MTEDITLAB_ADMIN``              none: admin views closed
+``--hf-annotators``         ``MTEDITLAB_HF_ANNOTATORS``      none (``*`` = any HF user)
+``--auth``                  ``MTEDITLAB_AUTH``               none: the app is public
+==========================  ===============================  ===================================
+
+Credentials are ``name:password`` pairs separated by commas or newlines, or ``@FILE`` naming a
+file with one pair per line; a password may be given as ``sha256:<hex digest>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import hmac
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_ADAPTER = "checkpoints/mini/grpo"
+WORLD_EDITORS = ("mini", "oracle", "identity")
+ALL_EDITORS = ("mini", "kontext", "qwen-edit", "oracle", "identity")
+NONE_WORDS = ("", "none", "no", "off", "-")
+
+
+class ConfigError(ValueError):
+    """A flag or environment variable has a bad value; the message says which and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SideSpec:
+    """What one arena side runs: an editor backend, optional base weights, optional LoRA."""
+
+    editor: str = "mini"
+    lora: str | None = None    # adapter directory (relative to the repo root or absolute)
+    model: str | None = None   # base weights: a mini checkpoint dir, or a model id / dir
+
+    def describe(self) -> str:
+        text = self.editor + (f" @ {self.model}" if self.model else "")
+        return text + (f" + LoRA {self.lora}" if self.lora else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """name -> password (plain, or ``sha256:<hex>``); checked in constant time."""
+
+    entries: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str | None, what: str) -> "Credentials":
+        if not text or not text.strip():
+            return cls()
+        text = text.strip()
+        if text.startswith("@"):
+            path = Path(text[1:]).expanduser()
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise ConfigError(f"{what}: cannot read credentials file {path}: {exc}") from None
+        entries = {}
+        for raw in text.replace(",", "\n").splitlines():
+            raw = raw.strip()
+            if not raw or raw.startswith("#"):
+                continue
+            name, sep, password = raw.partition(":")
+            if not sep or not name.strip() or not password:
+                raise ConfigError(f"{what}: expected name:password, got {raw.split(':')[0]!r}:…")
+            entries[name.strip()] = password
+        return cls(tuple(sorted(entries.items())))
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.entries]
+
+    def check(self, name: str, password: str) -> bool:
+        """True when ``name`` exists and ``password`` matches (constant-time compare)."""
+        if not isinstance(name, str) or not isinstance(password, str):
+            return False
+        stored = dict(self.entries).get(name.strip())
+        if stored is None:
+            hmac.compare_digest(password.encode(), b"x" * 16)  # same work for unknown names
+            return False
+        if stored.startswith("sha256:"):
+            digest = hashlib.sha256(password.encode()).hexdigest()
+            return hmac.compare_digest(digest, stored[len("sha256:"):].lower())
+        return hmac.compare_digest(password.encode(), stored.encode())
+
+
+@dataclasses.dataclass(frozen=True)
+class AppConfig:
+    side_a: SideSpec = SideSpec("mini", None)
+    side_b: SideSpec = SideSpec("mini", DEFAULT_ADAPTER)
+    data_dir: Path | None = None          # None: labeling's default ($MTEDITLAB_DATA or ./data)
+    host: str | None = None
+    port: int | None = None
+    share: bool = False
+    annotators: Credentials = Credentials()
+    admins: Credentials = Credentials()
+    hf_annotators: tuple[str, ...] = ()   # HF usernames allowed to label ('*' = everyone)
+    auth: Credentials = Credentials()     # basic auth in front of the whole app
+    anonymous: bool = True                # arena: hide and shuffle the sides until a vote
+    device: str | None = None
+    steps: int | None = None              # default sampling steps (None: the editors' own)
+    strict: bool = False                  # fail instead of falling back when an editor is missing
+    max_batch: int = 16                   # edits batched per editor call under load
+    concurrency: int = 32                 # gradio queue default concurrency limit
+    seed_queue: int = 0                   # labeling items to generate at start when the queue is empty
+    title: str = "MT-EditLab"
+
+    def resolved_data_dir(self) -> Path:
+        if self.data_dir is not None:
+            return Path(self.data_dir)
+        if os.environ.get("MTEDITLAB_DATA"):
+            return Path(os.environ["MTEDITLAB_DATA"])
+        if os.environ.get("SPACE_ID") and os.access("/data", os.W_OK):
+            return Path("/data/mteditlab")  # Spaces persistent storage
+        return Path("data")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return default if value is None else value
+
+
+def _opt(value: str | None) -> str | None:
+    return None if value is None or value.strip().lower() in NONE_WORDS else value.strip()
+
+
+def _bool_env(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python app.py",
+        description="MT-EditLab: multi-turn image-editing arena, labeling and leaderboard "
+                    "(Gradio; runs locally or as a Hugging Face Space).",
+        epilog="Every flag can also be set by the environment variable shown in brackets. "
+               "Credentials: 'name:password' pairs separated by commas, or @FILE with one per "
+               "line; a password may be 'sha256:<hex>'. See mteditlab/app/config.py.",
+    )
+    g = parser.add_argument_group("arena sides (default: mini base vs mini + the RL adapter)")
+    for side, editor, lora in (("a", "mini", None), ("b", "mini", DEFAULT_ADAPTER)):
+        up = side.upper()
+        g.add_argument(f"--editor-{side}", default=_env(f"MTEDITLAB_EDITOR_{up}", editor),
+                       choices=ALL_EDITORS, help=f"editor of side {up} [MTEDITLAB_EDITOR_{up}] "
+                       f"(default {editor})")
+        g.add_argument(f"--lora-{side}", default=_env(f"MTEDITLAB_LORA_{up}", lora),
+                       help=f"LoRA adapter directory for side {up}, or 'none' "
+                       f"[MTEDITLAB_LORA_{up}] (default {lora or 'none'})")
+        g.add_argument(f"--model-{side}", default=_env(f"MTEDITLAB_MODEL_{up}"),
+                       help=f"base weights of side {up}: a mini checkpoint directory or a model "
+                       f"id / local pipeline directory [MTEDITLAB_MODEL_{up}]")
+    g.add_argument("--strict", action="store_true", default=_bool_env("MTEDITLAB_STRICT", False),
+                   help="exit with an error when an editor or adapter cannot be loaded, instead "
+                   "of falling back to a reference editor with a notice [MTEDITLAB_STRICT]")
+    g.add_argument("--device", default=_env("MTEDITLAB_DEVICE"),
+                   help="torch device for the editors (default: cpu for mini, auto for the "
+                   "real backends) [MTEDITLAB_DEVICE]")
+    g.add_argument("--steps", type=int, default=None,
+                   help="default number of sampling steps (the UI can change it per turn)")
+    g.add_argument("--no-anonymous", dest="anonymous", action="store_false",
+                   default=_bool_env("MTEDITLAB_ANONYMOUS", True),
+                   help="show the model names from the start instead of after the vote "
+                   "[MTEDITLAB_ANONYMOUS=0]")
+
+    g = parser.add_argument_group("data and server")
+    g.add_argument("--data-dir", default=_env("MTEDITLAB_DATA"),
+                   help="data directory holding labels.duckdb and images/ [MTEDITLAB_DATA] "
+                   "(default ./data; /data/mteditlab on a Space with persistent storage)")
+    g.add_argument("--host", default=None,
+                   help="address to listen on (default gradio's: $GRADIO_SERVER_NAME or "
+                   "127.0.0.1; 0.0.0.0 to serve the network)")
+    g.add_argument("--port", type=int, default=None,
+                   help="port (default $GRADIO_SERVER_PORT or the first free from 7860)")
+    g.add_argument("--share", action="store_true", help="create a public gradio.live link "
+                   "(needs internet)")
+    g.add_argument("--concurrency", type=int, default=32,
+                   help="events processed at once (edits are batched per editor anyway)")
+    g.add_argument("--max-batch", type=int, default=16,
+                   help="largest batch of concurrent edits sent to one editor call")
+    g.add_argument("--seed-queue", type=int, default=0, metavar="N",
+                   help="when the labeling queue is empty at start, fill it with N world test "
+                   "sessions edited by both sides (plus gold items)")
+
+    g = parser.add_argument_group("access")
+    g.add_argument("--annotators", default=_env("MTEDITLAB_ANNOTATORS"),
+                   help="annotator credentials for the Label tab [MTEDITLAB_ANNOTATORS]")
+    g.add_argument("--admin", default=_env("MTEDITLAB_ADMIN"),
+                   help="admin credentials for exports and per-annotator views "
+                   "[MTEDITLAB_ADMIN]")
+    g.add_argument("--hf-annotators", default=_env("MTEDITLAB_HF_ANNOTATORS"),
+                   help="on a Space with hf_oauth: comma-separated HF usernames allowed to "
+                   "label, '*' for any signed-in user [MTEDITLAB_HF_ANNOTATORS]")
+    g.add_argument("--auth", default=_env("MTEDITLAB_AUTH"),
+                   help="basic-auth credentials in front of the whole app [MTEDITLAB_AUTH]")
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> AppConfig:
+    args = build_parser().parse_args(argv)
+    port = args.port
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"--port must be 1..65535, got {port}")
+    if args.steps is not None and not 1 <= args.steps <= 100:
+        raise ConfigError(f"--steps must be 1..100, got {args.steps}")
+    for flag, editor in (("--editor-a", args.editor_a), ("--editor-b", args.editor_b)):
+        if editor not in ALL_EDITORS:
+            raise ConfigError(f"{flag}: unknown editor {editor!r}; one of {', '.join(ALL_EDITORS)}")
+    hf = tuple(n.strip() for n in (args.hf_annotators or "").split(",") if n.strip())
+    return AppConfig(
+        side_a=SideSpec(args.editor_a, _opt(args.lora_a), _opt(args.model_a)),
+        side_b=SideSpec(args.editor_b, _opt(args.lora_b), _opt(args.model_b)),
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        host=args.host, port=port, share=args.share,
+        annotators=Credentials.parse(args.annotators, "--annotators"),
+        admins=Credentials.parse(args.admin, "--admin"),
+        hf_annotators=hf,
+        auth=Credentials.parse(args.auth, "--auth"),
+        anonymous=args.anonymous, device=args.device, steps=args.steps, strict=args.strict,
+        max_batch=max(1, args.max_batch), concurrency=max(1, args.concurrency),
+        seed_queue=max(0, args.seed_queue),
+    )
+
+
+def resolve_path(path: str | None) -> Path | None:
+    """A path flag: absolute as given, relative to the working directory when it exists
+    there, else relative to the repository root (so defaults work from any directory)."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def on_spaces() -> bool:
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def oauth_available() -> bool:
+    """HF OAuth is wired (a Space with ``hf_oauth: true`` sets OAUTH_CLIENT_ID)."""
+    return on_spaces() and bool(os.environ.get("OAUTH_CLIENT_ID"))

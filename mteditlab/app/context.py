@@ -1,0 +1,93 @@
+"""Per-process services shared by every user: the editors, the label store, the image bank.
+
+One :class:`AppContext` per process.  It owns the single :class:`labeling.store.LabelStore`
+(DuckDB allows one read-write process; the store serialises writes on its own thread and any
+number of gradio worker threads may call it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import AppConfig
+from .images import ImageBank
+
+log = logging.getLogger("mteditlab.app")
+_STRIPES = 64
+
+
+class AppContext:
+    def __init__(self, config: AppConfig, engine, store, owns_store: bool = True):
+        self.config = config
+        self.engine = engine
+        self.store = store
+        self.owns_store = owns_store
+        self.data_dir = Path(store.path).parent
+        self.bank = ImageBank(fallback=store.image_bytes)
+        self._locks = [threading.RLock() for _ in range(_STRIPES)]
+        self._annotators: set[str] = set()
+        self._annotator_lock = threading.Lock()
+        self._events_lock = threading.Lock()
+
+    @classmethod
+    def create(cls, config: AppConfig, *, engine=None, store=None) -> "AppContext":
+        from labeling.store import LabelStore, default_db_path
+
+        from .engine import Engine
+
+        owns = store is None
+        if store is None:
+            store = LabelStore.open(default_db_path(config.resolved_data_dir()))
+        try:
+            engine = engine or Engine.from_config(config)
+        except BaseException:
+            if owns:
+                store.close()
+            raise
+        return cls(config, engine, store, owns_store=owns)
+
+    def lock_for(self, key: str) -> threading.RLock:
+        """A lock serialising the events of one user session (striped by key)."""
+        return self._locks[hash(key) % _STRIPES]
+
+    def ensure_annotator(self, name: str) -> None:
+        with self._annotator_lock:
+            if name in self._annotators:
+                return
+        self.store.add_annotator(name, simulated=False)
+        with self._annotator_lock:
+            self._annotators.add(name)
+
+    def log_event(self, kind: str, **fields: Any) -> None:
+        """Append an app event (label flags and skips) to ``<data dir>/app_events.jsonl``."""
+        record = {"time": time.time(), "kind": kind, **fields}
+        with self._events_lock:
+            with open(self.data_dir / "app_events.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, default=str) + "\n")
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        path = self.data_dir / "app_events.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        with self._events_lock:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if kind is None or record.get("kind") == kind:
+                out.append(record)
+        return out
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        if self.owns_store:
+            self.store.close()

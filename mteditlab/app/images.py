@@ -1,0 +1,211 @@
+"""Safe image loading for uploads, and the in-process image bank.
+
+``load_upload`` turns whatever a user sends into a plain 8-bit RGB image or raises
+:class:`ImageInputError` with a message fit for the UI:
+
+* not an image / a format Pillow cannot read  -> "not an image"
+* a truncated or corrupt file                 -> "truncated or corrupt"
+* a decompression bomb (too many pixels, checked from the header before decoding)
+* grayscale, palette, 16-bit and float modes  -> converted (16-bit scaled, not clipped)
+* transparency (RGBA, LA, palette with tRNS)  -> composited over white
+* EXIF orientation                            -> applied
+* animations                                  -> first frame
+
+``prepare_source`` then centre-crops to a square and resizes to the editors' working size.
+
+The :class:`ImageBank` keeps every image of the live sessions as PNG bytes keyed by sha256, so
+the per-user ``gr.State`` holds only hashes (small, deep-copyable).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import os
+import struct
+import threading
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_FILE_BYTES = 20 * 1024 * 1024
+MAX_PIXELS = 40_000_000          # per frame; a 40 MP photo is fine, a 20k×20k bomb is not
+DISPLAY_SIZE = 256
+
+
+class ImageInputError(ValueError):
+    """The input is not an image the app can use; ``str(error)`` is shown to the user."""
+
+
+def _read(source) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        try:
+            size = os.path.getsize(path)
+            if size > MAX_FILE_BYTES:
+                raise ImageInputError(f"The file is {size / 2**20:.1f} MB; the limit is "
+                                      f"{MAX_FILE_BYTES // 2**20} MB.")
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise ImageInputError(f"Could not read the uploaded file ({exc.strerror}).") from None
+    else:
+        raise ImageInputError(f"Expected an image file, got {type(source).__name__}.")
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageInputError(f"The file is larger than {MAX_FILE_BYTES // 2**20} MB.")
+    if not data:
+        raise ImageInputError("The file is empty.")
+    return data
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; 16-bit / float scaled by their range, alpha over white."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16"):
+            top = 65535.0
+        elif mode == "F":
+            top = 1.0 if np.nanmax(array, initial=0) <= 1.0 else 255.0
+        else:  # 32-bit int: 16-bit PNGs decode to "I" in some Pillow versions
+            top = 65535.0 if np.nanmax(array, initial=0) > 255 else 255.0
+        array = np.clip(np.nan_to_num(array) / top * 255.0, 0, 255).round().astype(np.uint8)
+        image = Image.fromarray(array, "L")
+        mode = "L"
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode == "L" and "transparency" in image.info:
+        image = image.convert("LA")
+    elif mode == "RGB" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def load_upload(source) -> Image.Image:
+    """Decode an uploaded image safely (see the module docstring); returns RGB."""
+    data = _read(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+            width, height = opened.size
+            if width < 1 or height < 1:
+                raise ImageInputError("The image has no pixels.")
+            if width * height > MAX_PIXELS:
+                raise ImageInputError(
+                    f"The image is {width}×{height} = {width * height / 1e6:.0f} megapixels; "
+                    f"the limit is {MAX_PIXELS / 1e6:.0f} (decompression bombs are refused).")
+            opened.seek(0)
+            opened.load()
+            image = ImageOps.exif_transpose(opened) or opened
+            image.load()
+    except ImageInputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageInputError("The image declares far more pixels than allowed "
+                              "(a decompression bomb?); it was refused.") from None
+    except UnidentifiedImageError:
+        raise ImageInputError("This file is not an image (or not a format the app can read: "
+                              "use PNG, JPEG, WebP, GIF, BMP or TIFF).") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
+        text = str(exc)
+        if "truncated" in text or isinstance(exc, (EOFError, IndexError)) or "broken" in text:
+            raise ImageInputError("The image file is truncated or corrupt; upload it again.") \
+                from None
+        raise ImageInputError(f"The image could not be decoded ({text or type(exc).__name__}).") \
+            from None
+    return to_rgb(image)
+
+
+def prepare_source(image: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square and resize to ``size`` (BOX when shrinking: exact for world
+    renders that were upscaled by an integer factor)."""
+    image = to_rgb(image)
+    w, h = image.size
+    if w != h:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if image.size != (size, size):
+        method = Image.Resampling.BOX if image.width >= size else Image.Resampling.LANCZOS
+        image = image.resize((size, size), method)
+    return image
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """The label store's canonical PNG of the RGB pixels, so that the bank's sha256 is the
+    store's (``LabelStore.put_image`` of these bytes returns the same hash)."""
+    from labeling.store import canonical_png
+
+    return canonical_png(to_rgb(image))[0]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def for_display(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
+    """Upscale small images with NEAREST (crisp pixels) to about ``size``; big ones as they are."""
+    if image.width >= size:
+        return image
+    factor = max(1, size // image.width)
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
+class ImageBank:
+    """Thread-safe content-addressed PNG cache (sha256 of the canonical PNG -> bytes), LRU-bounded.
+
+    A 32×32 world image is ~0.3–1 kB, so the default 512 MB bound is never reached by the mini
+    editor; with megapixel backends the oldest images of abandoned sessions go first.
+    ``fallback`` (e.g. the label store's ``image_bytes``) is asked for a hash the bank lost.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20, fallback=None):
+        self.max_bytes = max_bytes
+        self.fallback = fallback
+        self._data: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, image: Image.Image) -> str:
+        data = png_bytes(image)
+        sha = sha256(data)
+        with self._lock:
+            if sha in self._data:
+                self._data.move_to_end(sha)
+                return sha
+            self._data[sha] = data
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes and len(self._data) > 1:
+                _, old = self._data.popitem(last=False)
+                self._bytes -= len(old)
+        return sha
+
+    def get_bytes(self, sha: str) -> bytes:
+        with self._lock:
+            data = self._data.get(sha)
+            if data is not None:
+                self._data.move_to_end(sha)
+                return data
+        if self.fallback is not None:
+            return self.fallback(sha)
+        raise KeyError(f"image {sha[:12]} is no longer in memory")
+
+    def get(self, sha: str) -> Image.Image:
+        with Image.open(io.BytesIO(self.get_bytes(sha))) as image:
+            image.load()
+            return image.convert("RGB")
+
+    def __contains__(self, sha: str) -> bool:
+        with self._lock:
+            return sha in self._data
+
+

@@ -1,0 +1,315 @@
+"""Label-tab logic: annotator sign-in, the queue, judgments, skip / flag, and seeding the queue.
+
+* **Sign-in**: ``name:password`` credentials from the configuration (checked in constant
+  time), or Hugging Face OAuth on a Space (``hf:<username>``, allowed by ``--hf-annotators``).
+  The signed-in name lives in the server-side ``gr.State``: API calls cannot forge it.
+* **Queue**: :meth:`labeling.store.LabelStore.next_assignment` (k-way overlap, gold mixed in,
+  no repeats, randomised left side, resume).  Arena battles (sessions with ``origin: arena``)
+  are not labeling items: when the queue hands one out it is released at once (see
+  :func:`release_assignment`) and the next one is asked for.
+* **Judgments**: one per turn and one for the whole session (turn ``None``), criterion
+  ``overall``, all required, recorded together; each carries the milliseconds from the item
+  appearing to that choice being made.  Gold items look like any other and are scored silently
+  (admin view).
+* **Skip / flag**: the assignment is released (never served to this annotator again; its
+  overlap slot goes back to the others) and the event is appended to
+  ``<data dir>/app_events.jsonl`` (flags with the annotator's reason).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import time
+
+log = logging.getLogger("mteditlab.app")
+MAX_LABEL_TURNS = 8
+LABEL_CRITERION = "overall"
+RESERVED_PREFIXES = ("arena:", "judge:", "reward:", "hf:")
+ARENA_SKIP_LIMIT = 200
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+RUBRIC = """### Rubric
+Judge each **turn** (that turn's output, given everything asked so far) and then the **whole
+session**. Prefer the side that:
+
+1. **follows the instruction** — the requested change happened, on the right object;
+2. **keeps everything else** — nothing the instruction did not ask for changed;
+3. **keeps earlier requests** — what previous turns set up still holds;
+4. **looks clean** — no smears, stray pixels, wrong colours or artefacts.
+
+**Tie**: both equally good. **Both bad**: neither is acceptable.
+Model names are hidden and the sides are shuffled on purpose.
+
+**Keys**: `1` left · `2` right · `3` tie · `4` both bad (fills the next open question) ·
+`Enter` submit · `S` skip
+"""
+
+
+class LabelError(ValueError):
+    """Refused request; ``str()`` is shown to the annotator and nothing is stored."""
+
+
+@dataclasses.dataclass
+class LabelState:
+    annotator: str | None = None
+    via: str | None = None
+    item: dict | None = None
+    choice_times: dict = dataclasses.field(default_factory=dict)
+    submitted: int = 0
+    message: str = ""
+
+
+def release_assignment(store, annotator: str, comparison_id: int) -> None:
+    """Give an assignment back: it no longer counts against the overlap and is never served
+    to this annotator again.  Uses ``LabelStore.release_assignment`` when the store has one;
+    otherwise expires the row through the store's writer thread (the store's own queue code
+    treats expired assignments exactly so)."""
+    release = getattr(store, "release_assignment", None)
+    if release is not None:
+        release(annotator, comparison_id)
+        return
+
+    def body(tx):
+        tx.cur.execute(
+            "UPDATE assignments SET assigned_at = ? WHERE comparison_id = ? AND annotator_id = "
+            "(SELECT annotator_id FROM annotators WHERE name = ?)",
+            [EPOCH, int(comparison_id), annotator])
+
+    store._call(body)  # noqa: SLF001 - see the docstring
+
+
+def is_arena_comparison(store, comparison_id: int) -> bool:
+    frame = store.query(
+        "SELECT s.meta FROM comparisons c JOIN sessions s ON s.session_id = c.session_a "
+        "WHERE c.comparison_id = ?", [int(comparison_id)])
+    if frame.empty:
+        return False
+    try:
+        return json.loads(frame["meta"].iloc[0]).get("origin") == "arena"
+    except (ValueError, AttributeError):
+        return False
+
+
+class Labeling:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.store = ctx.store
+        self.config = ctx.config
+
+    # ----------------------------------------------------------------------------- sign-in
+    @property
+    def open(self) -> bool:
+        return bool(self.config.annotators) or bool(self.config.hf_annotators)
+
+    def sign_in(self, state: LabelState, name, password) -> str:
+        if not self.config.annotators:
+            raise LabelError("Password sign-in is not configured on this server "
+                             "(start it with --annotators or MTEDITLAB_ANNOTATORS).")
+        name = (name or "").strip() if isinstance(name, str) else ""
+        if not name or not self.config.annotators.check(name, password or ""):
+            time.sleep(0.3)  # slow down guessing
+            raise LabelError("Unknown annotator or wrong password.")
+        if name.startswith(RESERVED_PREFIXES):
+            raise LabelError("That annotator name uses a reserved prefix.")
+        return self._signed_in(state, name, "password")
+
+    def sign_in_hf(self, state: LabelState, username: str | None) -> str:
+        if not username:
+            raise LabelError("Sign in with Hugging Face first.")
+        allowed = self.config.hf_annotators
+        if "*" not in allowed and username not in allowed:
+            raise LabelError(f"The Hugging Face account {username!r} is not on this Space's "
+                             "annotator list.")
+        return self._signed_in(state, f"hf:{username}", "hf")
+
+    def _signed_in(self, state: LabelState, name: str, via: str) -> str:
+        self.ctx.ensure_annotator(name)
+        state.annotator, state.via, state.item, state.choice_times = name, via, None, {}
+        return f"Signed in as **{name}**. " + self.next_item(state)
+
+    def sign_out(self, state: LabelState) -> str:
+        state.annotator = state.via = state.item = None
+        state.choice_times = {}
+        return "Signed out."
+
+    def _require(self, state: LabelState) -> str:
+        if not state.annotator:
+            raise LabelError("Sign in first.")
+        return state.annotator
+
+    # ------------------------------------------------------------------------------- queue
+    def next_item(self, state: LabelState) -> str:
+        annotator = self._require(state)
+        for _ in range(ARENA_SKIP_LIMIT):
+            assignment = self.store.next_assignment(annotator)
+            if assignment is None:
+                state.item = None
+                return "The queue is empty for you: nothing left to label. Thank you!"
+            if not is_arena_comparison(self.store, assignment.comparison_id):
+                break
+            release_assignment(self.store, annotator, assignment.comparison_id)
+        else:
+            state.item = None
+            return "The queue holds only arena battles right now; nothing to label."
+        info = self.store.get_comparison(assignment.comparison_id)
+        n_turns = len(info["instructions"])
+        state.item = {
+            "assignment_id": assignment.assignment_id,
+            "comparison_id": assignment.comparison_id, "left": assignment.left,
+            "n_turns": n_turns, "shown": min(n_turns, MAX_LABEL_TURNS),
+            "instructions": list(info["instructions"]), "source": info["source_sha"],
+            "outputs": {"A": list(info["A"]["outputs"]), "B": list(info["B"]["outputs"])},
+            "shown_at": time.time(), "done": False,
+        }
+        state.choice_times = {}
+        extra = (f" (only the first {MAX_LABEL_TURNS} of its {n_turns} turns are shown)"
+                 if n_turns > MAX_LABEL_TURNS else "")
+        return f"Item loaded: {n_turns} turn{'s' if n_turns != 1 else ''}{extra}."
+
+    def progress(self, state: LabelState) -> tuple[int, int]:
+        """(judged comparisons, judged + still available to this annotator)."""
+        if not state.annotator:
+            return 0, 0
+        policy = self.store.policy
+        expired = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=policy.ttl_s)
+        frame = self.store.query(
+            """WITH me AS (SELECT annotator_id FROM annotators WHERE name = ?),
+               judged AS (SELECT DISTINCT comparison_id FROM judgments
+                          WHERE annotator_id = (SELECT annotator_id FROM me)),
+               holders AS (SELECT a.comparison_id, count(*) AS n FROM assignments a
+                           WHERE a.assigned_at > ? OR EXISTS (SELECT 1 FROM judgments j
+                             WHERE j.annotator_id = a.annotator_id
+                               AND j.comparison_id = a.comparison_id)
+                           GROUP BY a.comparison_id),
+               arena AS (SELECT session_id FROM sessions
+                         WHERE json_extract_string(meta, '$.origin') = 'arena')
+               SELECT (SELECT count(*) FROM judged) AS done,
+                      (SELECT count(*) FROM comparisons c LEFT JOIN holders h USING (comparison_id)
+                       WHERE NOT c.is_gold AND coalesce(h.n, 0) < ?
+                         AND c.session_a NOT IN (SELECT session_id FROM arena)
+                         AND c.comparison_id NOT IN (SELECT comparison_id FROM assignments
+                             WHERE annotator_id = (SELECT annotator_id FROM me))) AS available""",
+            [state.annotator, expired, policy.overlap])
+        done, available = int(frame["done"].iloc[0]), int(frame["available"].iloc[0])
+        current = 1 if state.item and not state.item.get("done") else 0
+        return done, done + current + available
+
+    def note_choice(self, state: LabelState, key: str) -> None:
+        if state.item and isinstance(key, str) and len(key) < 16:
+            state.choice_times[key] = time.time()
+
+    # ---------------------------------------------------------------------------- judgments
+    def submit(self, state: LabelState, turn_choices: list, overall) -> str:
+        from labeling.store import CHOICES, choice_from_screen
+
+        annotator = self._require(state)
+        item = state.item
+        if item is None or item.get("done"):
+            raise LabelError("No item to submit: load the next one.")
+        picks = ("left", "right", "tie", "both_bad")
+        shown = item["shown"]
+        turn_choices = list(turn_choices or [])[:shown]
+        missing = [k + 1 for k in range(shown) if k >= len(turn_choices) or turn_choices[k] not in picks]
+        if missing:
+            raise LabelError("Judge every turn before submitting; missing: turn "
+                             + ", ".join(map(str, missing)) + ".")
+        if overall not in picks:
+            raise LabelError("Judge the whole session (the last question) before submitting.")
+        left, shown_at, now = item["left"], item["shown_at"], time.time()
+
+        def latency(key):
+            return max(0.0, (state.choice_times.get(key, now) - shown_at) * 1000.0)
+
+        votes = [(k, choice_from_screen(turn_choices[k], left), latency(f"t{k}")) for k in range(shown)]
+        votes.append((None, choice_from_screen(overall, left), latency("overall")))
+        assert all(choice in CHOICES for _, choice, _ in votes)
+        for turn, choice, ms in votes:
+            self.store.record_judgment(item["comparison_id"], annotator, turn, LABEL_CRITERION,
+                                       choice, left, latency_ms=ms, simulated=False)
+        item["done"] = True
+        state.submitted += 1
+        return f"Saved {len(votes)} judgments. " + self.next_item(state)
+
+    def skip(self, state: LabelState) -> str:
+        annotator = self._require(state)
+        item = state.item
+        if item is None or item.get("done"):
+            raise LabelError("No item to skip.")
+        release_assignment(self.store, annotator, item["comparison_id"])
+        self.ctx.log_event("skip", annotator=annotator, comparison_id=item["comparison_id"])
+        return "Skipped. " + self.next_item(state)
+
+    def flag(self, state: LabelState, reason) -> str:
+        annotator = self._require(state)
+        item = state.item
+        if item is None or item.get("done"):
+            raise LabelError("No item to flag.")
+        reason = " ".join(str(reason or "").split())[:500] or "(no reason given)"
+        release_assignment(self.store, annotator, item["comparison_id"])
+        self.ctx.log_event("flag", annotator=annotator, comparison_id=item["comparison_id"],
+                           reason=reason)
+        return "Flagged for review and skipped. " + self.next_item(state)
+
+
+# ------------------------------------------------------------------------- seeding the queue
+def populate_queue(ctx, n_sessions: int, n_turns: int = 3, gold_every: int = 5, seed: int = 0,
+                   start: int = 0) -> dict:
+    """Fill the labeling queue with world test sessions edited by both arena sides (each side
+    on its own outputs, conditioned on the reconstructed intent, seeds shared), plus a gold item
+    (oracle vs a no-op editor; answer: the oracle) every ``gold_every`` sessions."""
+    from mteditlab.editors import get_editor
+    from mteditlab.intent import turn_seed, turn_text
+    from mteditlab.world import render, sessions as make_sessions
+
+    store, engine = ctx.store, ctx.engine
+    if not engine.world:
+        raise LabelError("Seeding the queue needs editors of the built-in world.")
+    sessions = make_sessions("test", n_sessions, turns=n_turns, start=start)
+    sources = [render(s.source) for s in sessions]
+    source_shas = [store.put_image(img) for img in sources]
+
+    def roll(run_batch) -> list[list]:
+        current, per_turn = list(sources), []
+        for k in range(n_turns):
+            texts = [turn_text(s, k, "reconstruct") for s in sessions]
+            current = run_batch(current, [t[0] for t in texts], [t[1] for t in texts],
+                                [turn_seed(seed, s.index, k) for s in sessions])
+            per_turn.append(current)
+        return per_turn
+
+    def store_side(editor_name, adapter, per_turn, tag) -> list[int]:
+        ids = []
+        for i, s in enumerate(sessions):
+            turns = [{"instruction": s.turns[k].instruction, "intent": s.turns[k].intent,
+                      "output_sha": store.put_image(per_turn[k][i])} for k in range(n_turns)]
+            ids.append(store.add_session(editor_name, adapter, seed, source_shas[i], turns,
+                                         {"origin": "world-test", "split": "test",
+                                          "index": s.index, "role": tag}))
+        return ids
+
+    created = {"comparisons": 0, "gold": 0}
+    sides = {}
+    for key, side in engine.sides.items():
+        worker = engine.workers[key]
+        per_turn = roll(lambda imgs, ins, ints, seeds: worker.edit_many(imgs, ins, ints, seeds))
+        sides[key] = store_side(side.editor_name, side.adapter, per_turn, key)
+    for a, b in zip(sides["A"], sides["B"]):
+        store.add_comparison(a, b)
+        created["comparisons"] += 1
+    gold_idx = list(range(0, n_sessions, gold_every)) if gold_every else []
+    if gold_idx:
+        oracle, noop = get_editor("oracle"), get_editor("identity")
+        keep = [sessions[i] for i in gold_idx]
+        sessions[:], sources[:], source_shas[:] = keep, [sources[i] for i in gold_idx], \
+            [source_shas[i] for i in gold_idx]
+        good = store_side("oracle", None, roll(lambda imgs, ins, ints, seeds: oracle.edit_batch(
+            imgs, ins, intents=ints, seeds=seeds)), "gold-correct")
+        bad = store_side("identity", None, roll(lambda imgs, ins, ints, seeds: noop.edit_batch(
+            imgs, ins, intents=ints, seeds=seeds)), "gold-noop")
+        for g, b in zip(good, bad):
+            store.add_comparison(g, b, gold="A")
+            created["gold"] += 1
+    return created

@@ -1,0 +1,201 @@
+"""Leaderboard tab: Bradley–Terry ratings with intervals, win rate by turn, agreement, machine
+vs human agreement, and the admin views (export, per-annotator accuracy, flags, queue seeding).
+
+Which votes
+    Human judgments only (simulated annotators are never mixed in here), from the arena
+    (annotators named ``arena:…``), from the Label tab (everyone else), or both.  "Blind only"
+    keeps arena votes cast before the model names were shown (label judgments are always blind).
+
+Judge and reward model vs humans
+    Automatic raters record their pairwise verdicts in the same store as (simulated) annotators
+    named ``judge:<name>`` (the VLM judge) and ``reward:<name>`` (the calibrated reward model).
+    For each, on the units (comparison, turn, criterion) that humans also judged: agreement with
+    the human majority choice (units whose majority is tied are left out), Cohen's κ against that
+    majority, and the number of units.  Shown only when such raters exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger("mteditlab.app")
+MACHINE_PREFIXES = ("judge:", "reward:")
+SOURCES = ("all human votes", "arena votes", "label judgments")
+CRITERIA_ALL = "all criteria"
+N_BOOT = 500
+
+
+def _machine(names: pd.Series) -> pd.Series:
+    return names.astype(str).str.startswith(MACHINE_PREFIXES)
+
+
+def human_frame(store, source: str = SOURCES[0], blind_only: bool = False,
+                criterion: str | None = None) -> pd.DataFrame:
+    frame = store.judgments_frame(include_simulated=True)
+    frame = frame[~frame["simulated"].astype(bool) & ~_machine(frame["annotator"])]
+    arena = frame["annotator"].astype(str).str.startswith("arena:")
+    if source == SOURCES[1]:
+        frame = frame[arena]
+    elif source == SOURCES[2]:
+        frame = frame[~arena]
+    if blind_only and len(frame):
+        meta = store.query("SELECT session_id, "
+                           "json_extract(meta, '$.blind')::VARCHAR AS blind FROM sessions")
+        not_blind = set(meta.loc[meta["blind"].astype(str) == "false", "session_id"].astype(int))
+        frame = frame[~frame["session_a"].astype(int).isin(not_blind)]
+    if criterion and criterion != CRITERIA_ALL:
+        frame = frame[frame["criterion"] == criterion]
+    return frame
+
+
+def summary(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "No human votes match yet: vote in the Arena or label in the Label tab."
+    gold = int(frame["gold"].astype(bool).sum())
+    per_turn = int(frame["turn"].notna().sum())
+    return (f"**{len(frame)}** human votes ({per_turn} per turn, {len(frame) - per_turn} whole "
+            f"session; {gold} on gold items, left out of the ratings) from "
+            f"**{frame['annotator'].nunique()}** voters on **{frame['comparison_id'].nunique()}**"
+            " comparisons. Ratings: Bradley–Terry, ties (and both-bad) as half a win, 95% "
+            f"bootstrap intervals ({N_BOOT} rounds); rank = 1 + models whose lower bound beats "
+            "this model's upper bound.")
+
+
+def ratings(frame: pd.DataFrame, plot_dir: Path):
+    """(table, ratings plot path or None, win-rate-by-turn table, its plot path or None)."""
+    import warnings
+
+    from labeling import ratings as bt
+
+    battles = bt.battles(frame) if len(frame) else frame
+    if battles.empty:
+        return pd.DataFrame(), None, pd.DataFrame(), None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = bt.ratings_table(battles, n_boot=N_BOOT, seed=0)
+    stamp = f"{time.time_ns()}"
+    plot = plot_dir / f"ratings-{stamp}.png"
+    bt.plot_ratings(table, plot)
+    by_turn = bt.win_rate_by_turn(battles)
+    turn_plot = None
+    if not by_turn.empty:
+        turn_plot = plot_dir / f"win-rate-{stamp}.png"
+        bt.plot_win_rate_by_turn(battles, turn_plot)
+    table = table.round({"rating": 1, "lower": 1, "upper": 1, "win_rate": 3})
+    return table, plot, by_turn.round({"win_rate": 3}), turn_plot
+
+
+def agreement(frame: pd.DataFrame) -> pd.DataFrame:
+    from labeling import agreement as ag
+
+    if frame.empty:
+        return pd.DataFrame()
+    return ag.agreement_table(frame).round(3)
+
+
+def machine_agreement(store) -> pd.DataFrame:
+    """Judge / reward-model agreement with the human majority (see the module docstring)."""
+    from labeling import agreement as ag
+    from labeling.store import CHOICES, without_gold
+
+    frame = without_gold(store.judgments_frame(include_simulated=True))
+    machine = _machine(frame["annotator"])
+    humans = frame[~frame["simulated"].astype(bool) & ~machine]
+    machines = frame[machine]
+    columns = ["rater", "units", "agreement", "cohen_kappa"]
+    if machines.empty or humans.empty:
+        return pd.DataFrame(columns=columns)
+    unit = ["comparison_id", "turn", "criterion"]
+    counts = (humans.assign(turn=humans["turn"].astype("Float64").fillna(-1))
+              .groupby(unit + ["choice"]).size().unstack(fill_value=0))
+    top = counts.max(axis=1)
+    unique_top = (counts.eq(top, axis=0).sum(axis=1) == 1)
+    majority = counts[unique_top].idxmax(axis=1).rename("majority").reset_index()
+    rows = []
+    for rater, part in machines.groupby("annotator"):
+        part = part.assign(turn=part["turn"].astype("Float64").fillna(-1))
+        merged = part.merge(majority, on=unit)
+        if merged.empty:
+            rows.append({"rater": rater, "units": 0, "agreement": np.nan, "cohen_kappa": np.nan})
+            continue
+        index = {c: i for i, c in enumerate(CHOICES)}
+        confusion = np.zeros((len(CHOICES), len(CHOICES)))
+        for a, b in zip(merged["choice"], merged["majority"]):
+            confusion[index[a], index[b]] += 1
+        rows.append({"rater": rater, "units": len(merged),
+                     "agreement": float((merged["choice"] == merged["majority"]).mean()),
+                     "cohen_kappa": float(ag.cohen_kappa(confusion))})
+    return pd.DataFrame(rows, columns=columns).round(3)
+
+
+# ------------------------------------------------------------------------------- admin
+def gold_accuracy(store) -> pd.DataFrame:
+    from labeling import agreement as ag
+
+    frame = store.judgments_frame(include_simulated=True)
+    gold = store.table("gold_items")
+    if frame.empty or gold.empty:
+        return pd.DataFrame(columns=["annotator", "gold_votes", "correct", "accuracy"])
+    return ag.gold_accuracy(frame[frame["gold"].astype(bool)], gold).round(3)
+
+
+def annotator_stats(store) -> pd.DataFrame:
+    frame = store.judgments_frame(include_simulated=True)
+    if frame.empty:
+        return pd.DataFrame(columns=["annotator", "simulated", "judgments", "comparisons",
+                                     "median_latency_ms"])
+    return (frame.groupby(["annotator", "simulated"])
+            .agg(judgments=("judgment_id", "size"), comparisons=("comparison_id", "nunique"),
+                 median_latency_ms=("latency_ms", "median"))
+            .reset_index().round(1))
+
+
+def flagged_voters(store) -> pd.DataFrame:
+    from labeling import agreement as ag
+
+    frame = store.judgments_frame(include_simulated=False)
+    frame = frame[~_machine(frame["annotator"])]
+    if frame.empty:
+        return pd.DataFrame(columns=["annotator", "votes", "p_value", "flagged", "flagged_at"])
+    return ag.flag_annotators(frame)
+
+
+def export_zip(store, out_dir: Path) -> Path:
+    """Parquet export (labels with image hashes + every table, human labels only) plus the
+    images they reference, zipped."""
+    from labeling import export
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = Path(tempfile.mkdtemp(prefix="mteditlab-export-", dir=out_dir))
+    try:
+        written = export.to_parquet(store, work / "parquet")
+        rows = export.label_rows(store)
+        shas = set()
+        for column in [c for c in rows.columns if c.endswith("_sha")]:
+            shas |= set(rows[column].dropna())
+        target = out_dir / f"mteditlab-labels-{stamp}.zip"
+        with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+            for path in written.values():
+                zf.write(path, f"parquet/{path.relative_to(work / 'parquet')}")
+            for sha in sorted(shas):
+                zf.writestr(f"images/{sha}.png", store.image_bytes(sha))
+        return target
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def events_frame(ctx) -> pd.DataFrame:
+    events = ctx.events()
+    if not events:
+        return pd.DataFrame(columns=["time", "kind", "annotator", "comparison_id", "reason"])
+    frame = pd.DataFrame(events)
+    frame["time"] = pd.to_datetime(frame["time"], unit="s").dt.strftime("%Y-%m-%d %H:%M:%S")
+    return frame.reindex(columns=["time", "kind", "annotator", "comparison_id", "reason"])
