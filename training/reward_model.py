@@ -195,8 +195,11 @@ def _targets(choice: np.ndarray) -> np.ndarray:
     return np.select([choice == "A", choice == "B"], [1.0, 0.0], 0.5)
 
 
-def fit_bt(z: np.ndarray, a, b, choice, *, abs_weight=ABS_WEIGHT, l2=L2) -> tuple[np.ndarray, float]:
+def fit_bt(z: np.ndarray, a, b, choice, *, abs_weight: float | None = None,
+           l2: float | None = None) -> tuple[np.ndarray, float]:
     """Weights and bias minimising the objective in the module docstring."""
+    abs_weight = ABS_WEIGHT if abs_weight is None else abs_weight
+    l2 = L2 if l2 is None else l2
     pair = choice != "both_bad"
     y = _targets(choice[pair])
     diff = z[a[pair]] - z[b[pair]]
