@@ -24,7 +24,7 @@ def make_engine(a, b, names=None, max_batch: int = 16):
     return Engine(Side("A", *names[0], a), Side("B", *names[1], b), [], max_batch=max_batch)
 
 
-def test_config(data_dir: Path, **overrides) -> AppConfig:
+def app_config(data_dir: Path, **overrides) -> AppConfig:
     base = dict(data_dir=Path(data_dir),
                 annotators=Credentials.parse("alice:wonderland,bob:builder", "test"),
                 admins=Credentials.parse("root:secret", "test"), concurrency=32)
