@@ -25,9 +25,10 @@ Because later turns start from the chain's (possibly wrong) outputs, GA can fail
 With ``--editor-outputs N``, N train sessions rolled out by the mini editor (own outputs, reconstructed
 intents) are added, labelled the same way (``origin = mini``).
 
-**Quality label** (a documented proxy): ``1 − min(1, RMS / 0.25)``, RMS between the edited image and the
-clean render of the scene the verifier reads from it (unreadable cells rendered empty). A clean
-render scores 1; blur, noise, blends and half-drawn objects lower it.
+**Quality label** (a documented proxy, the same as the ``verifier`` reward's ``quality``):
+``1 − min(1, RMS / 0.25)``, RMS between the edited image and the clean render of the scene the verifier
+reads from it (unreadable cells rendered empty). A clean render scores 1; blur, noise, blends and
+half-drawn objects lower it.
 
 **Model / loss.** See the judge module. Binary cross-entropy on ``if``, ``cc``, ``ga`` (masked at turn 0)
 and on the soft ``quality`` target; the intent is dropped for 40% of the samples of each batch, so the
@@ -59,7 +60,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from mteditlab.rewards.mini_judge import (DEFAULT_CHECKPOINT, HEADS, JudgeNet, MiniJudge, default_config,
+from mteditlab.rewards.features import QUALITY_RMS_SCALE
+from mteditlab.rewards.mini_judge import (CELL_HEADS, DEFAULT_CHECKPOINT, HEADS, JudgeNet, MiniJudge, default_config,
                                           text_segments)
 from mteditlab.world import Obj, Scene, generate_session, parse_image, render_array, score_turn
 from mteditlab.world.edits import Edit
@@ -68,7 +70,6 @@ from mteditlab.world.sessions import Session, random_edit
 from mteditlab.world.verifier import expected_after
 
 RESOLUTION = 32
-QUALITY_RMS_SCALE = 0.25
 DEFECTS = {  # weights of a training branch's output kind
     "correct": 0.14, "perturbed": 0.14, "degraded": 0.05, "identity": 0.08, "other_edit": 0.1,
     "wrong_object": 0.11, "wrong_value": 0.08, "extra_change": 0.09, "undo_earlier": 0.07, "blend": 0.07,
@@ -78,6 +79,7 @@ CHAIN = {  # weights of the output the rollout goes on from (mostly right: like 
     "correct": 0.55, "perturbed": 0.2, "identity": 0.04, "other_edit": 0.03, "wrong_object": 0.04,
     "wrong_value": 0.03, "extra_change": 0.04, "undo_earlier": 0.03, "blend": 0.02, "partial": 0.02,
 }
+DATA_VERSION = 2  # bumped whenever the cached example format changes
 MINI_EDITOR_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mini" / "base"
 
 
@@ -89,6 +91,7 @@ class Examples:
     source: np.ndarray  # uint8 [N, r, r, 3]
     edited: np.ndarray  # uint8 [N, r, r, 3]
     labels: np.ndarray  # float32 [N, 4]
+    cells: np.ndarray  # float32 [N, 9, 4] per-cell auxiliary targets (CELL_HEADS order)
     instruction: list[str] = field(default_factory=list)
     intent: list[str | None] = field(default_factory=list)
     history: list[list[str]] = field(default_factory=list)
@@ -100,13 +103,14 @@ class Examples:
     @classmethod
     def empty(cls, resolution: int = RESOLUTION) -> Examples:
         z = np.zeros((0, resolution, resolution, 3), np.uint8)
-        return cls(z, z.copy(), np.zeros((0, len(HEADS)), np.float32))
+        return cls(z, z.copy(), np.zeros((0, len(HEADS)), np.float32), np.zeros((0, 9, len(CELL_HEADS)), np.float32))
 
     @classmethod
     def concat(cls, parts: Sequence[Examples]) -> Examples:
         parts = [p for p in parts if len(p)] or [cls.empty()]
         return cls(np.concatenate([p.source for p in parts]), np.concatenate([p.edited for p in parts]),
-                   np.concatenate([p.labels for p in parts]), sum((p.instruction for p in parts), []),
+                   np.concatenate([p.labels for p in parts]), np.concatenate([p.cells for p in parts]),
+                   sum((p.instruction for p in parts), []),
                    sum((p.intent for p in parts), []), sum((p.history for p in parts), []),
                    sum((p.meta for p in parts), []))
 
@@ -118,14 +122,15 @@ class Examples:
         text = json.dumps({"instruction": self.instruction, "intent": self.intent, "history": self.history,
                            "meta": self.meta})
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, source=self.source, edited=self.edited, labels=self.labels, text=np.array(text))
+        np.savez_compressed(tmp, source=self.source, edited=self.edited, labels=self.labels, cells=self.cells,
+                            text=np.array(text))
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> Examples:
         with np.load(path) as data:
             text = json.loads(str(data["text"]))
-            return cls(data["source"], data["edited"], data["labels"], text["instruction"], text["intent"],
+            return cls(data["source"], data["edited"], data["labels"], data["cells"], text["instruction"], text["intent"],
                        text["history"], text["meta"])
 
 
@@ -145,7 +150,8 @@ def clean_scene(parsed: Scene, fill: Scene | None = None) -> Scene:
 
 
 def quality_label(edited: np.ndarray, parsed: Scene) -> float:
-    """``1 − min(1, RMS / 0.25)`` between ``edited`` (uint8) and the render of its parsed scene."""
+    """``1 − min(1, RMS / 0.25)`` between ``edited`` (uint8) and the render of its parsed scene (unreadable
+    cells empty): the ``verifier`` reward's quality (:mod:`mteditlab.rewards.features`)."""
     rms = float(np.sqrt(((edited.astype(np.float32) / 255 - render_array(clean_scene(parsed), RESOLUTION)) ** 2).mean()))
     return 1.0 - min(1.0, rms / QUALITY_RMS_SCALE)
 
@@ -285,11 +291,15 @@ def _choose(weights: dict[str, float], rng: random.Random) -> str:
 
 
 def _record(out: Examples, session: Session, k: int, before: np.ndarray, before_scene: Scene, edited: np.ndarray,
-            after_scene: Scene, defect: str, origin: str) -> None:
+            after_scene: Scene, defect: str, origin: str, forced: bool = False) -> None:
     score = score_turn(session, k, before_scene, after_scene)
     turn = session.turns[k]
     labels = [float(score.if_), float(score.cc), float(score.ga) if k else math.nan,
               quality_label(edited, after_scene)]
+    touched = set(turn.edit.cells())
+    earlier = {c for t in session.turns[:k] for c in t.edit.cells()} - touched
+    out.cells.append([[c in touched, not _same(score.parsed.cells[c], before_scene.cells[c]), c in earlier,
+                       c in earlier and not _same(score.parsed.cells[c], turn.after.cells[c])] for c in range(9)])
     out.source.append(before)
     out.edited.append(edited)
     out.labels.append(labels)
@@ -297,25 +307,30 @@ def _record(out: Examples, session: Session, k: int, before: np.ndarray, before_
     out.intent.append(turn.intent)
     out.history.append([t.instruction for t in session.turns[:k]])
     out.meta.append({"split": session.split, "session": session.index, "turn": k, "op": turn.edit.op,
-                     "referential": turn.referential, "defect": defect, "origin": origin,
+                     "referential": turn.referential, "defect": defect, "origin": origin, "forced": forced,
                      "success": bool(score.if_ and score.cc and (score.ga or not k))})
 
 
+def _same(a, b) -> bool:
+    return a is b or a == b  # an unreadable cell read twice counts as unchanged
+
+
 def _builder() -> Examples:
-    return Examples([], [], [], [], [], [], [])
+    return Examples([], [], [], [], [], [], [], [])
 
 
 def _finish(out: Examples) -> Examples:
     if not out.instruction:
         return Examples.empty()
-    return Examples(np.stack(out.source), np.stack(out.edited), np.asarray(out.labels, np.float32), out.instruction,
-                    out.intent, out.history, out.meta)
+    return Examples(np.stack(out.source), np.stack(out.edited), np.asarray(out.labels, np.float32),
+                    np.asarray(out.cells, np.float32), out.instruction, out.intent, out.history, out.meta)
 
 
 def synthetic_examples(split: str, count: int, *, start: int = 0, turns: int = 5, branches: int = 4,
                        forced: Sequence[str] = (), seed: int = 0) -> Examples:
     """Defective-oracle rollouts of sessions ``start .. start+count`` of ``split`` (see module docstring).
-    Per turn: the chain's output, the ``forced`` kinds, then random kinds up to ``branches`` outputs."""
+    Per turn: the chain's output, the ``forced`` kinds (flagged ``meta["forced"]``: they are not part of
+    the rollout mix), then random kinds up to ``branches`` outputs."""
     out = _builder()
     for index in range(start, start + count):
         rng = random.Random(f"judge/{seed}/{split}/{index}")
@@ -325,11 +340,12 @@ def synthetic_examples(split: str, count: int, *, start: int = 0, turns: int = 5
             kinds = [_choose(CHAIN, rng), *forced]
             kinds += [_choose(DEFECTS, rng) for _ in range(max(0, branches - len(kinds)))]
             chain = None
-            for kind in kinds:
+            for j, kind in enumerate(kinds):
                 edited, scene, kind = make_output(kind, session, k, before, state, rng)
                 if scene is None:  # not a clean render: read it like the verifier does
                     scene = before_scene if kind == "identity" else parse_image(edited.astype(np.float32) / 255)
-                _record(out, session, k, before, before_scene, edited, scene, kind, "synthetic")
+                _record(out, session, k, before, before_scene, edited, scene, kind, "synthetic",
+                        forced=1 <= j <= len(forced))
                 chain = chain or (edited, scene)
             target = expected_after(session.turns[k].edit, state, session.turns[k].before)
             before, before_scene = chain
@@ -459,40 +475,57 @@ def sliced(examples: Examples, probs: np.ndarray, key: str) -> dict:
     return out
 
 
-def ranking(examples: Examples, probs: np.ndarray) -> dict:
-    """How often the judge's overall (mean of sub-scores) puts a verifier-successful ``correct`` branch
-    above the ``identity`` branch of the same turn (ties count half)."""
+def judge_overall(examples: Examples, probs: np.ndarray) -> np.ndarray:
+    """The judge's ``overall`` (protocol rule ``mean``; ``ga`` left out at turn 0)."""
     probs = probs.copy()
-    probs[np.isnan(examples.labels[:, 2]), 2] = np.nan  # no history: ga does not apply
-    overall = np.nanmean(probs, axis=1)
-    groups: dict[tuple, dict[str, int]] = {}
+    probs[np.isnan(examples.labels[:, 2]), 2] = np.nan
+    return np.nanmean(probs, axis=1)
+
+
+def ranking(examples: Examples, probs: np.ndarray) -> dict:
+    """Within-turn ranking, what GRPO uses: ``correct_above_identity`` = how often the judge's overall
+    puts the forced ``correct`` branch above the forced ``identity`` branch of the same turn (when the
+    verifier passes the first and fails the second); ``pairwise`` = over all pairs of outputs of the same
+    turn whose verifier success differs, how often the successful one scores higher. Ties count half."""
+    overall = judge_overall(examples, probs)
+    groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(examples.meta):
-        if m["defect"] in ("correct", "identity") and m["origin"] == "synthetic":
-            groups.setdefault((m["session"], m["turn"]), {}).setdefault(m["defect"], i)
-    wins = []
-    for g in groups.values():
-        if {"correct", "identity"} <= set(g) and examples.meta[g["correct"]]["success"] \
-                and not examples.meta[g["identity"]]["success"]:
-            a, b = overall[g["correct"]], overall[g["identity"]]
+        groups.setdefault((m["origin"], m["session"], m["turn"]), []).append(i)
+    wins, pairs = [], []
+    for members in groups.values():
+        forced = {examples.meta[i]["defect"]: i for i in members if examples.meta[i].get("forced")}
+        if {"correct", "identity"} <= set(forced) and examples.meta[forced["correct"]]["success"] \
+                and not examples.meta[forced["identity"]]["success"]:
+            a, b = overall[forced["correct"]], overall[forced["identity"]]
             wins.append(1.0 if a > b else 0.5 if a == b else 0.0)
-    return {"pairs": len(wins), "correct_above_identity": float(np.mean(wins)) if wins else math.nan}
+        good = [i for i in members if examples.meta[i]["success"]]
+        bad = [i for i in members if not examples.meta[i]["success"]]
+        pairs += [1.0 if overall[g] > overall[b] else 0.5 if overall[g] == overall[b] else 0.0 for g in good for b in bad]
+    return {"pairs": len(wins), "correct_above_identity": float(np.mean(wins)) if wins else math.nan,
+            "mixed_pairs": len(pairs), "pairwise": float(np.mean(pairs)) if pairs else math.nan}
 
 
 def full_report(examples: Examples, probs: np.ndarray, probs_no_intent: np.ndarray | None = None) -> dict:
-    report = {"overall": evaluate_probs(examples, probs), "ranking": ranking(examples, probs)}
+    """Agreement on the rollout mix (forced branches left out), slices of it, and within-turn ranking
+    over every output."""
+    mix = np.flatnonzero([not m.get("forced") for m in examples.meta])
+    report = {"ranking": ranking(examples, probs)}
+    examples, probs = _subset(examples, mix), probs[mix]
+    report["overall"] = evaluate_probs(examples, probs)
     for key in ("origin", "op", "referential", "defect", "turn"):
         report[f"by_{key}"] = sliced(examples, probs, key)
     for origin, mask in _slices(examples, "origin").items():
         idx = np.flatnonzero(mask)
         report.setdefault("by_origin_full", {})[origin] = evaluate_probs(_subset(examples, idx), probs[idx])
     if probs_no_intent is not None:
+        probs_no_intent = probs_no_intent[mix]
         report["no_intent"] = {"overall": evaluate_probs(examples, probs_no_intent),
                                "by_referential": sliced(examples, probs_no_intent, "referential")}
     return report
 
 
 def _subset(examples: Examples, idx: np.ndarray) -> Examples:
-    return Examples(examples.source[idx], examples.edited[idx], examples.labels[idx],
+    return Examples(examples.source[idx], examples.edited[idx], examples.labels[idx], examples.cells[idx],
                     [examples.instruction[i] for i in idx], [examples.intent[i] for i in idx],
                     [examples.history[i] for i in idx], [examples.meta[i] for i in idx])
 
@@ -504,7 +537,7 @@ def _fmt(x) -> str:
 def table(report: dict) -> str:
     """Markdown tables: agreement per sub-score, then error slices."""
     o = report["overall"]
-    lines = [f"Agreement with the verifier ({o['n']} test turns)", "",
+    lines = [f"Agreement with the verifier ({o['n']} test outputs, rollout mix)", "",
              "| sub-score | n | verifier positive | judge mean | accuracy@0.5 | AUC |", "|---|---|---|---|---|---|"]
     for name in ("if", "cc", "ga", "success"):
         m = o[name]
@@ -514,7 +547,8 @@ def table(report: dict) -> str:
     lines += ["", f"quality: label mean {_fmt(q['label_mean'])}, judge mean {_fmt(q['judge_mean'])}, "
               f"MAE {_fmt(q['mae'])}, Pearson r {_fmt(q['pearson'])}, AUC(label ≥ 0.9) {_fmt(q['auc_clean'])}"]
     r = report["ranking"]
-    lines += [f"correct edit scored above the identity: {_fmt(r['correct_above_identity'])} of {r['pairs']} turns"]
+    lines += [f"correct edit scored above the identity: {_fmt(r['correct_above_identity'])} of {r['pairs']} turns; "
+              f"within-turn pairs (verifier success vs failure) ranked right: {_fmt(r['pairwise'])} of {r['mixed_pairs']}"]
     if "no_intent" in report:
         ni = report["no_intent"]["overall"]
         lines += ["without the intent (instruction + history only): "
@@ -540,16 +574,22 @@ def predict_examples(judge: MiniJudge, examples: Examples, with_intent: bool = T
 
 
 # ---- training -----------------------------------------------------------------------------------
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, quality_weight: float = 0.5) -> torch.Tensor:
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, cell_logits: torch.Tensor | None = None,
+            cell_labels: torch.Tensor | None = None, quality_weight: float = 1.0, cell_weight: float = 0.5) -> torch.Tensor:
+    """Mean BCE over the available sub-scores (``ga`` masked where NaN; soft ``quality`` target weighted
+    ``quality_weight``) plus ``cell_weight`` × the mean BCE of the per-cell auxiliary targets."""
     target = torch.nan_to_num(labels, nan=0.0)
     weight = torch.isfinite(labels).float()
     weight[:, 3] *= quality_weight
     per = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight
-    return per.sum() / weight[:, :3].sum().clamp(min=1)
+    loss = per.sum() / weight[:, :3].sum().clamp(min=1)
+    if cell_logits is not None and cell_weight:
+        loss = loss + cell_weight * F.binary_cross_entropy_with_logits(cell_logits, cell_labels) * len(CELL_HEADS)
+    return loss
 
 
 def train(judge: MiniJudge, data: Examples, *, steps: int, batch_size: int, lr: float, warmup: int, seed: int,
-          intent_dropout: float = 0.4, val: Examples | None = None, eval_every: int = 500,
+          intent_dropout: float = 0.4, cell_weight: float = 0.5, val: Examples | None = None, eval_every: int = 500,
           max_minutes: float | None = None, log_path: Path | None = None, progress: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -557,7 +597,7 @@ def train(judge: MiniJudge, data: Examples, *, steps: int, batch_size: int, lr: 
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
-    labels = torch.from_numpy(data.labels)
+    labels, cell_labels = torch.from_numpy(data.labels), torch.from_numpy(data.cells)
     started, history = time.time(), []
     bar = tqdm(range(steps), desc="train judge", disable=not progress)
     for step in bar:
@@ -566,8 +606,9 @@ def train(judge: MiniJudge, data: Examples, *, steps: int, batch_size: int, lr: 
             group["lr"] = lr * scale
         idx = torch.randint(len(data), (batch_size,), generator=gen).numpy()
         segs = [data.segments(int(i), with_intent=rng.random() >= intent_dropout) for i in idx]
-        logits = judge.logits(data.source[idx], data.edited[idx], segs)
-        loss = loss_fn(logits, labels[idx].to(judge.device))
+        logits, cell_logits = judge.logits(data.source[idx], data.edited[idx], segs, cells=True)
+        loss = loss_fn(logits, labels[idx].to(judge.device), cell_logits, cell_labels[idx].to(judge.device),
+                       cell_weight=cell_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -594,12 +635,12 @@ def train(judge: MiniJudge, data: Examples, *, steps: int, batch_size: int, lr: 
 
 # ---- CLI ----------------------------------------------------------------------------------------
 def evaluation_set(args, work: Path, editor_available: bool) -> Examples:
-    parts = [cached(work / f"test-synthetic-{args.eval_sessions}-s{args.seed}.npz",
-                    lambda: synthetic_examples("test", args.eval_sessions, branches=4,
+    parts = [cached(work / f"v{DATA_VERSION}-test-synthetic-{args.eval_sessions}-s{args.seed}.npz",
+                    lambda: synthetic_examples("test", args.eval_sessions, branches=6,
                                                forced=("correct", "identity"), seed=args.seed + 1))]
     if editor_available:
         from mteditlab.editors import get_editor
-        parts.append(cached(work / f"test-mini-{args.eval_editor_sessions}-s{args.seed}.npz",
+        parts.append(cached(work / f"v{DATA_VERSION}-test-mini-{args.eval_editor_sessions}-s{args.seed}.npz",
                             lambda: editor_examples(get_editor("mini", path=args.editor_path), "test",
                                                     args.eval_editor_sessions, seed=args.seed)))
     return Examples.concat(parts)
@@ -633,6 +674,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--cell-weight", type=float, default=0.5, help="weight of the per-cell auxiliary loss")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
     parser.add_argument("--seed", type=int, default=0)
@@ -667,18 +709,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     encoder = TextEncoder()
     load_text_cache(encoder, text_cache)
-    parts = [cached(work / f"train-synthetic-{args.sessions}-b{args.branches}-s{args.seed}.npz",
+    parts = [cached(work / f"v{DATA_VERSION}-train-synthetic-{args.sessions}-b{args.branches}-s{args.seed}.npz",
                     lambda: synthetic_examples("train", args.sessions, branches=args.branches, seed=args.seed))]
     if args.editor_outputs:
         if not (editor_path / "config.json").is_file():
             raise SystemExit(f"--editor-outputs needs the mini editor checkpoint at {editor_path}; "
                              "train it with `python -m training.pretrain` first.")
         from mteditlab.editors import get_editor
-        parts.append(cached(work / f"train-mini-{args.editor_outputs}-s{args.seed}.npz",
+        parts.append(cached(work / f"v{DATA_VERSION}-train-mini-{args.editor_outputs}-s{args.seed}.npz",
                             lambda: editor_examples(get_editor("mini", path=editor_path), "train",
                                                     args.editor_outputs, seed=args.seed, progress=progress)))
     data = Examples.concat(parts)
-    val = cached(work / f"val-synthetic-{args.val_sessions}-s{args.seed}.npz",
+    val = cached(work / f"v{DATA_VERSION}-val-synthetic-{args.val_sessions}-s{args.seed}.npz",
                  lambda: synthetic_examples("val", args.val_sessions, branches=args.branches, seed=args.seed + 2))
     data_seconds = time.time() - started
     print(f"{len(data)} training examples, {len(val)} val examples ({data_seconds:.0f} s)", flush=True)
@@ -693,7 +735,7 @@ def main(argv: list[str] | None = None) -> dict:
     log_path = work / "train_log.jsonl"
     log_path.write_text("")
     stats = train(judge, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                  seed=args.seed, val=val, eval_every=args.eval_every, max_minutes=args.max_minutes,
+                  seed=args.seed, cell_weight=args.cell_weight, val=val, eval_every=args.eval_every, max_minutes=args.max_minutes,
                   log_path=log_path, progress=progress)
     origins = sorted({m["origin"] for m in data.meta})
     info = {"trained_with": "python -m training.judge " + " ".join(argv if argv is not None else []),

@@ -1,19 +1,23 @@
 """``judge``: the world's small learned judge — the offline stand-in for a VLM judge.
 
-A ~0.2M-parameter network scores one editing turn from its (source, edited) images and its text:
+A ~0.5M-parameter network scores one editing turn from its (source, edited) images and its text:
 
 * **Images**: both resized to 32×32 (box filter), in [-1, 1], channel-concatenated with their
-  difference: ``[source ; edited ; edited − source]`` (9 channels). A small CNN (32×32 → 16×16 → 8×8) turns
-  them into 64 image tokens (plus a learned 2-D position embedding).
+  difference: ``[source ; edited ; edited − source]`` (9 channels). The image tokens are the world's
+  nine grid cells: one shared small CNN reads a 12×12 crop around each cell into a token (plus a
+  learned cell-position embedding). (An earlier version used 64 tokens of a plain 8×8 CNN map; it
+  could not tell *which* object an edit hit — see the model card.)
 * **Text**: token-level states of the packaged MiniLM encoder (the mini editor's
   :class:`~mteditlab.editors.mini.TextEncoder`, frozen), one *segment* per string, each tagged with a
   learned segment embedding: segment 0 = this turn's instruction, 1 = the reconstructed intent (when
   given and not just the history joined), 2.. = earlier instructions, newest first (at most
   :data:`MAX_HISTORY`). Encoding each string on its own avoids the encoder's 32-token truncation of a
   long joined history.
-* **Fusion**: four query tokens (one per sub-score) are prepended to the image tokens; each block runs
-  self-attention over queries + image tokens, cross-attention from them to the text tokens, and an
-  MLP. Query ``j`` is read out by its own linear head and a sigmoid.
+* **Fusion**: four query tokens (one per sub-score) are prepended to the nine cell tokens; each block
+  runs self-attention over queries + cells, cross-attention from them to the text tokens, and an MLP.
+  Query ``j`` is read out by its own linear head and a sigmoid. In training only, each cell token also
+  predicts auxiliary per-cell targets (:data:`CELL_HEADS`: does the edit act here, did the cell change,
+  did an earlier turn set it, is that broken) — dense supervision that teaches grounding.
 
 Outputs: ``if``, ``cc``, ``ga``, ``quality`` in [0, 1]. ``ga`` (earlier constraints still hold) is NaN
 for a sample without history, as the protocol says. ``overall`` follows the protocol's rule (``mean``
@@ -30,6 +34,7 @@ with the exact verifier and where it errs.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -40,10 +45,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mteditlab.rewards.base import CC, GA, IF, OVERALL_RULES, QUALITY, EditSample, RewardModel, RewardOutput
+from mteditlab.world.scene import GRID, cell_bounds
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "mini" / "judge"
 TRAIN_COMMAND = "python -m training.judge"
 HEADS: tuple[str, ...] = (IF, CC, GA, QUALITY)  # order of the network's outputs
+# per-cell auxiliary targets used in training: the edit acts on the cell; the cell's content changed;
+# an earlier turn set the cell (a GA constraint); that constraint is broken in the edited image
+CELL_HEADS: tuple[str, ...] = ("touched", "changed", "constrained", "violated")
 RESOLUTION = 32
 MAX_HISTORY = 8
 WEIGHTS_NAME = "model.safetensors"
@@ -51,7 +60,7 @@ CONFIG_NAME = "config.json"
 
 
 def default_config() -> dict:
-    return dict(width=64, heads=4, blocks=2, mlp_ratio=2, text_dim=384, max_history=MAX_HISTORY,
+    return dict(width=96, heads=4, blocks=3, mlp_ratio=2, text_dim=384, max_history=MAX_HISTORY,
                 resolution=RESOLUTION)
 
 
@@ -76,20 +85,40 @@ class _Block(nn.Module):
         return x + self.mlp(self.norm3(x))
 
 
-class JudgeNet(nn.Module):
-    """(images ``[B, 9, 32, 32]``, text ``[B, L, 384]``, segments ``[B, L]``, mask ``[B, L]``) → logits
-    ``[B, 4]`` in :data:`HEADS` order."""
+def cell_crop_index(resolution: int = RESOLUTION, crop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row / column pixel indices ``[9, crop]`` of a ``crop``-pixel square centred on each cell of the
+    world's 3×3 grid (clamped to the image; neighbouring crops overlap by a pixel or two)."""
+    crop = crop or resolution // GRID + 2
+    rows, cols = [], []
+    for cell in range(GRID * GRID):
+        y0, y1, x0, x1 = cell_bounds(cell, resolution)
+        ys = min(max(round((y0 + y1) / 2 - crop / 2), 0), resolution - crop)
+        xs = min(max(round((x0 + x1) / 2 - crop / 2), 0), resolution - crop)
+        rows.append(torch.arange(ys, ys + crop))
+        cols.append(torch.arange(xs, xs + crop))
+    return torch.stack(rows), torch.stack(cols)
 
-    def __init__(self, width: int = 64, heads: int = 4, blocks: int = 2, mlp_ratio: int = 2, text_dim: int = 384,
+
+class JudgeNet(nn.Module):
+    """(images ``[B, 9, r, r]``, text ``[B, L, 384]``, segments ``[B, L]``, mask ``[B, L]``) → logits
+    ``[B, 4]`` in :data:`HEADS` order (and, with ``cells=True``, per-cell auxiliary logits ``[B, 9, 4]``
+    in :data:`CELL_HEADS` order).
+
+    Image tokens are the world's nine grid cells: a shared CNN reads a square crop around each cell
+    (12×12 at 32×32: a 4×4 stride-2 stem, 12 → 6 → 3, flattened) into one token, plus a learned cell-position embedding."""
+
+    def __init__(self, width: int = 96, heads: int = 4, blocks: int = 3, mlp_ratio: int = 2, text_dim: int = 384,
                  max_history: int = MAX_HISTORY, resolution: int = RESOLUTION):
         super().__init__()
         self.config = dict(width=width, heads=heads, blocks=blocks, mlp_ratio=mlp_ratio, text_dim=text_dim,
                            max_history=max_history, resolution=resolution)
-        # 32×32 → 16×16 (4×4 stride-2 stem) → 8×8
-        self.trunk = nn.Sequential(*_conv(9, 32, 2, kernel=4), *_conv(32, 48), *_conv(48, width, 2),
-                                   *_conv(width, width))
-        tokens = (resolution // 4) ** 2
-        self.pos = nn.Parameter(torch.randn(1, tokens, width) * 0.02)
+        rows, cols = cell_crop_index(resolution)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        crop = rows.shape[1]
+        self.cell_encoder = nn.Sequential(*_conv(9, 48, 2, kernel=4), *_conv(48, 64, 2), nn.Flatten(),
+                                          nn.Linear(64 * math.ceil(crop / 4) ** 2, width))
+        self.pos = nn.Parameter(torch.randn(1, GRID * GRID, width) * 0.02)
         self.queries = nn.Parameter(torch.randn(1, len(HEADS), width) * 0.02)
         self.text_proj = nn.Linear(text_dim, width)
         self.segment = nn.Embedding(2 + max_history, width)
@@ -97,16 +126,21 @@ class JudgeNet(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.head_weight = nn.Parameter(torch.zeros(len(HEADS), width))
         self.head_bias = nn.Parameter(torch.zeros(len(HEADS)))
+        self.cell_head = nn.Linear(width, len(CELL_HEADS))
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor, segments: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-        feats = self.trunk(images).flatten(2).transpose(1, 2) + self.pos  # [B, 64, W]
-        x = torch.cat([self.queries.expand(len(feats), -1, -1), feats], dim=1)
+    def forward(self, images: torch.Tensor, text: torch.Tensor, segments: torch.Tensor, mask: torch.Tensor,
+                cells: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        b, c = images.shape[:2]
+        crops = images[:, :, self.rows[:, :, None], self.cols[:, None, :]]  # [B, C, 9, k, k]
+        crops = crops.transpose(1, 2).reshape(b * GRID * GRID, c, *crops.shape[-2:])
+        tokens = self.cell_encoder(crops).view(b, GRID * GRID, -1) + self.pos
+        x = torch.cat([self.queries.expand(b, -1, -1), tokens], dim=1)
         t = self.text_proj(text) + self.segment(segments)
         for block in self.blocks:
             x = block(x, t, ~mask)
-        q = self.norm(x[:, : len(HEADS)])
-        return (q * self.head_weight).sum(-1) + self.head_bias
+        x = self.norm(x)
+        logits = (x[:, : len(HEADS)] * self.head_weight).sum(-1) + self.head_bias
+        return (logits, self.cell_head(x[:, len(HEADS):])) if cells else logits
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -235,12 +269,13 @@ class MiniJudge(RewardModel):
         return path
 
     # -- raw predictions (used by training and evaluation) --
-    def logits(self, sources: np.ndarray, editeds: np.ndarray,
-               segment_lists: Sequence[list[tuple[int, str]]]) -> torch.Tensor:
-        """Logits ``[B, 4]`` (:data:`HEADS` order) for uint8 image arrays ``[B, r, r, 3]``."""
+    def logits(self, sources: np.ndarray, editeds: np.ndarray, segment_lists: Sequence[list[tuple[int, str]]],
+               cells: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, 4]`` (:data:`HEADS` order) for uint8 image arrays ``[B, r, r, 3]`` (with
+        ``cells``: also the per-cell auxiliary logits ``[B, 9, 4]``)."""
         images = pair_tensor(sources, editeds).to(self.device)
         states, segments, mask = (t.to(self.device) for t in text_batch(self.text_encoder, segment_lists))
-        return self.net(images, states, segments, mask)
+        return self.net(images, states, segments, mask, cells=cells)
 
     @torch.no_grad()
     def predict(self, sources: np.ndarray, editeds: np.ndarray,
