@@ -16,9 +16,10 @@ What it writes (through :class:`labeling.store.LabelStore`, nothing behind its b
    * ``wrong`` — a wrong edit: the input unchanged (half the time) or another applicable edit of
      the world applied to the scene the input shows;
    * ``tint`` — the correct output with its background shifted by a visible tint (≈24/255, one of
-     :data:`TINTS`), objects intact: the exact verifier still passes it (checked on every image,
-     another tint is tried otherwise; the defect is downgraded to ``correct`` if none passes);
-   * ``blur`` — the correct output with a mild Gaussian blur (σ 0.6 px; also verifier-checked).
+     :data:`TINTS`), objects intact: checked on every image — the verifier must read exactly the
+     scene it reads from the correct output, so its verdict is unchanged; another tint is tried
+     otherwise, and the defect is downgraded to ``correct`` if none qualifies;
+   * ``blur`` — the correct output with a mild Gaussian blur (σ 0.6 px; checked the same way).
 
    Images, sessions (``editor`` = the profile name, ``meta`` = world split / index / turns, the
    per-turn defects, the profile) and one comparison per world session (sides in random order)
@@ -156,7 +157,7 @@ class SyntheticEditor:
     def edit_turn(self, session, k: int, image: Image.Image, rng: random.Random) -> tuple[Image.Image, str]:
         """Turn ``k`` of ``session`` on ``image``: ``(output, defect actually applied)``."""
         from mteditlab.rewards.features import parse_cached
-        from mteditlab.world import render, score_turn
+        from mteditlab.world import render
         from mteditlab.world.sessions import random_edit
 
         turn = session.turns[k]
@@ -177,18 +178,16 @@ class SyntheticEditor:
             return image.copy(), "wrong"
         if defect == "correct":
             return correct, "correct"
-        before = parse_cached(image)
-        passes = score_turn(session, k, before, parse_cached(correct)).success
+        # a cosmetic defect must leave the content intact: the verifier reads the same scene
+        intended = parse_cached(correct)
         if defect == "blur":
             out = blur_image(correct)
-            ok = score_turn(session, k, before, parse_cached(out)).success == passes
-            return (out, "blur") if ok else (correct, "correct")
-        background = parse_cached(correct).background
-        tints = list(TINTS[background])
+            return (out, "blur") if parse_cached(out) == intended else (correct, "correct")
+        tints = list(TINTS[intended.background])
         rng.shuffle(tints)
         for shift in tints:
             out = tint_image(correct, shift)
-            if score_turn(session, k, before, parse_cached(out)).success == passes:
+            if parse_cached(out) == intended:
                 return out, "tint"
         return correct, "correct"
 

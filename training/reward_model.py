@@ -293,7 +293,10 @@ def run(args) -> dict:
     from mteditlab.rewards.calibrated import ARTIFACT, FORMAT, VERSION, CalibratedReward
 
     judge_kwargs = {"path": str(args.judge_path)} if args.judge_path else {}
-    judge = get_reward(args.judge, **judge_kwargs)
+    try:
+        judge = get_reward(args.judge, **judge_kwargs)
+    except (FileNotFoundError, ImportError, OSError, RuntimeError) as exc:
+        raise DataError(f"cannot load the {args.judge!r} judge: {exc}") from None
     data, names = load_dataset(args.db, judge, include_simulated=args.include_simulated,
                                image_features=args.image_features)
     if len(data.choice) == 0:
@@ -383,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args)
     except (DataError, StoreError) as exc:
-        print(f"error: {exc}; nothing written", file=sys.stderr)
+        print(f"error: {exc}\nnothing written (no artifact, no report)", file=sys.stderr)
         return 2
     print(table(report))
     weights = ", ".join(f"{k} {v:+.2f}" for k, v in report["weights"].items())
