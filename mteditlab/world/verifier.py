@@ -37,17 +37,18 @@ def _patches(image: np.ndarray, resolution: int) -> list[np.ndarray]:
 
 
 @lru_cache(maxsize=2)
-def _templates(resolution: int) -> dict[tuple[str, float], list[np.ndarray]]:
-    """(background, extra blur) -> per cell, an array ``[len(_CANDIDATES), h, w, 3]`` of blurred cell
-    renders. The extra blur levels model an editor (or a codec) that softens its output."""
-    table = {}
-    for bg in BACKGROUNDS:
-        renders = [[render_array(Scene.empty(bg).with_cell(cell, obj), resolution) for obj in _CANDIDATES]
-                   for cell in range(GRID * GRID)]
-        for extra in _EXTRA_BLUR:
-            table[bg, extra] = [np.stack([_patches(_blur(r, extra), resolution)[cell] for r in per_cell])
-                                for cell, per_cell in enumerate(renders)]
-    return table
+def _templates(resolution: int) -> tuple[list[tuple[str, float]], list[np.ndarray], list[np.ndarray]]:
+    """Blurred cell renders of every candidate: ``keys`` = (background, extra blur) pairs, and per cell
+    an array ``[len(keys), len(_CANDIDATES), h·w·3]`` plus its squared norms. The extra blur levels
+    model an editor (or a codec) that softens its output."""
+    keys = [(bg, extra) for bg in BACKGROUNDS for extra in _EXTRA_BLUR]
+    per_cell = [[] for _ in range(GRID * GRID)]
+    for bg, extra in keys:
+        for cell in range(GRID * GRID):
+            renders = [_blur(render_array(Scene.empty(bg).with_cell(cell, obj), resolution), extra) for obj in _CANDIDATES]
+            per_cell[cell].append(np.stack([_patches(r, resolution)[cell].ravel() for r in renders]))
+    stacks = [np.stack(t) for t in per_cell]
+    return keys, stacks, [(t**2).sum(-1) for t in stacks]
 
 
 def to_array(image: Image.Image, resolution: int = DEFAULT_RESOLUTION) -> np.ndarray:
@@ -64,16 +65,14 @@ def parse_image(image: Image.Image | np.ndarray, resolution: int = DEFAULT_RESOL
     The (background, blur level) pair with the least total error over the nine cells wins; each cell
     then takes its nearest candidate under that pair."""
     array = image if isinstance(image, np.ndarray) else to_array(image, resolution)
-    patches = _patches(_blur(array), resolution)
-    best = None
-    for (bg, _), per_cell in _templates(resolution).items():
-        errors = [((t - p) ** 2).mean(axis=(1, 2, 3)) for t, p in zip(per_cell, patches)]
-        total = sum(e.min() for e in errors)
-        if best is None or total < best[0]:
-            best = (total, bg, errors)
-    _, bg, errors = best
-    cells = tuple(_CANDIDATES[int(e.argmin())] if np.sqrt(e.min()) <= UNKNOWN_RMS else UNKNOWN for e in errors)
-    return Scene(bg, cells)
+    keys, stacks, norms = _templates(resolution)
+    # mean squared error of every (background, blur) × candidate for every cell: [cells, keys, candidates]
+    errors = np.stack([(n - 2 * t @ p.ravel() + p.ravel() @ p.ravel()) / p.size
+                       for t, n, p in zip(stacks, norms, _patches(_blur(array), resolution))])
+    best = int(errors.min(-1).sum(0).argmin())
+    cells = tuple(_CANDIDATES[int(e.argmin())] if np.sqrt(max(e.min(), 0.0)) <= UNKNOWN_RMS else UNKNOWN
+                  for e in errors[:, best])
+    return Scene(keys[best][0], cells)
 
 
 @dataclass(frozen=True)
