@@ -39,8 +39,8 @@ def app(tmp_path_factory):
         yield url, ctx
 
 
-def client(url: str) -> Client:
-    return Client(url, verbose=False)
+def client(url: str, download_files: bool = False) -> Client:
+    return Client(url, verbose=False, download_files=download_files)
 
 
 def voter(c: Client) -> str:
@@ -139,7 +139,7 @@ def test_bad_instructions_and_a_failing_backend_keep_the_session(app):
         assert fragment in status(out) and out[TURN] == 1, status(out)
     out = c.predict("explode the red circle", 1, 10, api_name="/edit")
     assert "did not go through" in status(out) and "exploded" in status(out)
-    assert out[TURN] == 1 and len(out[GAL_L]) == 2
+    assert out[TURN] == 1
     for seed, steps in [(-1, 10), (0, 0), (0, 1000)]:  # the components refuse these
         with pytest.raises(Exception, match="(less|greater) than"):
             c.predict("remove it", seed, steps, api_name="/edit")
@@ -256,7 +256,7 @@ def test_labeling_an_item_stores_exactly_its_judgments(app):
 
 def test_leaderboard_and_admin_views(app):
     url, ctx = app
-    c = client(url)
+    c = client(url, download_files=True)
     out = c.predict("all human votes", False, "all criteria", api_name="/leaderboard")
     assert "human votes" in out[0] and out[1] is not None          # summary and ratings plot
     assert {"oracle", "identity"} <= set(out[3]["data"][i][0] for i in range(len(out[3]["data"])))

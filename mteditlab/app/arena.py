@@ -369,9 +369,10 @@ class Arena:
         side = state.side_on(screen)
         items = [(for_display(self.bank.get(state.source), 128), "source")]
         for k, t in enumerate(state.turns):
-            caption = f"T{k + 1}: {t.instruction}"
+            caption = f"T{k + 1}"
             if state.show_verdict and state.scene is not None:
-                caption += f" · {format_verdict(t.verdicts.get(side))}"
+                v = t.verdicts.get(side)
+                caption += "" if v is None else (" ✅" if v["success"] else " ❌")
             items.append((for_display(self.bank.get(t.outputs[side]), 128), caption))
         return items
 
@@ -381,6 +382,24 @@ class Arena:
         if state.source is None:
             return None
         return for_display(self.bank.get(state.latest_of(state.side_on(screen))))
+
+    def history(self, state: ArenaState) -> str:
+        """The session's turns, oldest first: instruction, intent, verdicts, vote."""
+        if not state.turns:
+            return ""
+        picks = {"left": "A better", "right": "B better", "tie": "tie", "both_bad": "both bad"}
+        lines = ["**History**"]
+        for k, t in enumerate(state.turns):
+            line = f"{k + 1}. {t.instruction}"
+            if state.use_intent and t.step.intent and t.step.intent != t.instruction:
+                line += f" → *{t.step.intent}*"
+            if state.show_verdict and state.scene is not None:
+                line += (f" · A {format_verdict(t.verdicts.get(state.side_on('left')))}"
+                         f" · B {format_verdict(t.verdicts.get(state.side_on('right')))}")
+            if t.vote:
+                line += f" · vote: **{picks[t.vote['pick']]}**"
+            lines.append(line)
+        return "\n".join(lines)
 
     def status(self, state: ArenaState) -> str:
         show_intent, show_verdict = state.use_intent, state.show_verdict

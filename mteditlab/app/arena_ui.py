@@ -62,10 +62,20 @@ def build_arena_tab(ctx, arena: Arena) -> None:
                 image = gr.Image(label=f"Model {name}: latest turn", interactive=False,
                                  height=260, format="png", elem_id=f"arena-img-{screen}",
                                  buttons=[])
-                gallery = gr.Gallery(label=f"Model {name}: every turn", columns=6, rows=1,
-                                     height=170, format="png", object_fit="contain",
-                                     allow_preview=True, elem_id=f"arena-strip-{screen}")
+                gallery = gr.Gallery(label=f"Model {name}: every turn (source first)",
+                                     columns=6, height=150, format="png",
+                                     object_fit="contain", allow_preview=True, buttons=[],
+                                     elem_id=f"arena-strip-{screen}",
+                                     elem_classes=["arena-strip"])
             columns[screen] = (title, image, gallery)
+    with gr.Row(elem_id="arena-vote-row"):
+        vote_btns = {pick: gr.Button(VOTE_LABELS[pick], interactive=False, scale=2,
+                                     elem_id=f"arena-vote-{pick}") for pick in PICKS}
+        criterion = gr.Dropdown(list(CRITERIA), value="overall", label="Criterion (optional)",
+                                scale=1, min_width=150, elem_id="arena-criterion")
+    turn_no = gr.Number(value=0, precision=0, visible=False, label="turn")
+    status = gr.Markdown("Start with **🎲 Random scene**, an **example** or **upload** an image.",
+                         elem_id="arena-status")
     with gr.Row():
         instruction = gr.Textbox(label="Instruction", scale=5, max_lines=2,
                                  placeholder="e.g. add a small red circle at the top left",
@@ -74,20 +84,13 @@ def build_arena_tab(ctx, arena: Arena) -> None:
     suggestions = gr.Dropdown([], value=None, label="Suggested instructions (from the scripted "
                               "test session)", allow_custom_value=False,
                               elem_id="arena-suggestions")
-    with gr.Row(elem_id="arena-vote-row"):
-        vote_btns = {pick: gr.Button(VOTE_LABELS[pick], interactive=False,
-                                     elem_id=f"arena-vote-{pick}") for pick in PICKS}
-        criterion = gr.Dropdown(list(CRITERIA), value="overall", label="Criterion",
-                                min_width=140, elem_id="arena-criterion")
-    turn_no = gr.Number(value=0, precision=0, visible=False, label="turn")
-    status = gr.Markdown("Start with **🎲 Random scene**, an **example** or **upload** an image.",
-                         elem_id="arena-status")
+    history = gr.Markdown(elem_id="arena-history")
     with gr.Row():
-        undo_btn = gr.Button("↩️ Undo turn", size="sm", elem_id="arena-undo")
+        undo_btn = gr.Button("↩️ Undo last turn", elem_id="arena-undo", scale=2)
         fork_no = gr.Number(value=0, precision=0, minimum=0, label="Fork from turn (0 = source)",
-                            min_width=120, elem_id="arena-fork-turn")
-        fork_btn = gr.Button("🌿 Fork", size="sm", elem_id="arena-fork")
-        reset_btn = gr.Button("🔄 Reset", size="sm", elem_id="arena-reset")
+                            scale=1, min_width=120, elem_id="arena-fork-turn")
+        fork_btn = gr.Button("🌿 Fork from that turn", elem_id="arena-fork", scale=2)
+        reset_btn = gr.Button("🔄 Reset session", elem_id="arena-reset", scale=2)
     with gr.Accordion("Settings", open=False):
         with gr.Row():
             seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED,
@@ -106,24 +109,31 @@ def build_arena_tab(ctx, arena: Arena) -> None:
 
     outputs = [state, source, columns["left"][0], columns["right"][0], columns["left"][1],
                columns["right"][1], columns["left"][2], columns["right"][2], status, turn_no,
-               *vote_btns.values(), fork_no, suggestions, instruction]
+               *vote_btns.values(), fork_no, suggestions, instruction, history]
 
-    def render(st: ArenaState, clear_instruction: bool = False) -> list:
+    def render(st: ArenaState, clear_instruction: bool = False, images: bool = True) -> list:
+        """All outputs from the state; ``images=False`` leaves the pictures as they are on
+        screen (votes and refusals change none), which keeps those answers small."""
         from .images import for_display
 
-        src = for_display(ctx.bank.get(st.source)) if st.source else None
         latest = st.turns[-1] if st.turns else None
         can_vote = latest is not None and latest.vote is None
         options = list(dict.fromkeys(st.suggestions))
+        if images:
+            pictures = [for_display(ctx.bank.get(st.source)) if st.source else None,
+                        arena.current(st, "left"), arena.current(st, "right"),
+                        arena.strip(st, "left"), arena.strip(st, "right")]
+        else:
+            pictures = [gr.update()] * 5
+        src, cur_l, cur_r, strip_l, strip_r = pictures
         return [st, src, arena.title(st, "left"), arena.title(st, "right"),
-                arena.current(st, "left"), arena.current(st, "right"),
-                arena.strip(st, "left"), arena.strip(st, "right"), arena.status(st), st.n,
+                cur_l, cur_r, strip_l, strip_r, arena.status(st), st.n,
                 *[gr.update(interactive=can_vote) for _ in PICKS],
                 gr.update(value=max(0, st.n - 1), maximum=max(0, st.n)),
                 gr.update(choices=options, value=None),
-                gr.update(value="") if clear_instruction else gr.update()]
+                gr.update(value="") if clear_instruction else gr.update(), arena.history(st)]
 
-    def run(op, st: ArenaState, request: gr.Request | None, *args, clear=False):
+    def run(op, st: ArenaState, request: gr.Request | None, *args, clear=False, images=True):
         key = getattr(request, "session_hash", None) or st.arena_id or "anon"
         with ctx.lock_for(key):
             try:
@@ -139,7 +149,7 @@ def build_arena_tab(ctx, arena: Arena) -> None:
                               "the session is unchanged.")
                 gr.Warning(st.message)
                 ok = False
-            return render(st, clear_instruction=clear and ok)
+            return render(st, clear_instruction=clear and ok, images=images and ok)
 
     def on_random(st, request: gr.Request):
         return run(arena.start_random, st, request)
@@ -161,7 +171,7 @@ def build_arena_tab(ctx, arena: Arena) -> None:
     def make_vote(pick):
         def on_vote(st, turn, crit, request: gr.Request):
             return run(lambda s, t, c: arena.vote(s, pick, t, c, voter_name(request)), st,
-                       request, turn, crit)
+                       request, turn, crit, images=False)
         on_vote.__name__ = f"vote_{pick}"
         return on_vote
 

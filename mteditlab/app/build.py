@@ -66,7 +66,31 @@ def build_app(config: AppConfig, *, engine=None, store=None, ctx: AppContext | N
     return demo
 
 
+def _patient_url_ok(url: str, budget_s: float = 90.0) -> bool:
+    """gradio's own start-up probe gives up after one 3 s timeout, which a busy CPU (a training
+    job beside the app) can exceed on the very first page render: retry timeouts instead."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + budget_s
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.head(url, timeout=15, verify=False)
+            if response.status_code in (200, 401, 301, 302, 303, 307, 308):
+                return True
+            time.sleep(0.5)
+        except httpx.TimeoutException:
+            continue
+        except (ConnectionError, httpx.ConnectError):
+            time.sleep(0.5)
+    return False
+
+
 def launch(demo: gr.Blocks, config: AppConfig, **overrides):
+    from gradio import networking
+
+    networking.url_ok = _patient_url_ok
     kwargs = dict(demo.launch_kwargs)
     kwargs.update(server_name=config.host, server_port=config.port, share=config.share,
                   max_file_size="20mb", show_error=True)

@@ -18,6 +18,7 @@ flag                        environment variable             default
 ``--annotators``            ``MTEDITLAB_ANNOTATORS``         none: labeling closed
 ``--admin``                 ``MTEDITLAB_ADMIN``              none: admin views closed
 ``--hf-annotators``         ``MTEDITLAB_HF_ANNOTATORS``      none (``*`` = any HF user)
+``--reward-model``          ``MTEDITLAB_REWARD_MODEL``       ``checkpoints/mini/calibrated``
 ``--auth``                  ``MTEDITLAB_AUTH``               none: the app is public
 ==========================  ===============================  ===================================
 
@@ -36,6 +37,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ADAPTER = "checkpoints/mini/grpo"
+DEFAULT_REWARD_MODEL = "checkpoints/mini/calibrated"
 WORLD_EDITORS = ("mini", "oracle", "identity")
 ALL_EDITORS = ("mini", "kontext", "qwen-edit", "oracle", "identity")
 NONE_WORDS = ("", "none", "no", "off", "-")
@@ -126,6 +128,7 @@ class AppConfig:
     max_batch: int = 16                   # edits batched per editor call under load
     concurrency: int = 32                 # gradio queue default concurrency limit
     seed_queue: int = 0                   # labeling items to generate at start when the queue is empty
+    reward_model: str | None = DEFAULT_REWARD_MODEL  # calibrated reward model dir (its report)
     title: str = "MT-EditLab"
 
     def resolved_data_dir(self) -> Path:
@@ -164,14 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
                "line; a password may be 'sha256:<hex>'. See mteditlab/app/config.py.",
     )
     g = parser.add_argument_group("arena sides (default: mini base vs mini + the RL adapter)")
-    for side, editor, lora in (("a", "mini", None), ("b", "mini", DEFAULT_ADAPTER)):
+    for side, editor, lora in (("a", "mini", None), ("b", "mini", "default")):
         up = side.upper()
         g.add_argument(f"--editor-{side}", default=_env(f"MTEDITLAB_EDITOR_{up}", editor),
                        choices=ALL_EDITORS, help=f"editor of side {up} [MTEDITLAB_EDITOR_{up}] "
                        f"(default {editor})")
         g.add_argument(f"--lora-{side}", default=_env(f"MTEDITLAB_LORA_{up}", lora),
                        help=f"LoRA adapter directory for side {up}, or 'none' "
-                       f"[MTEDITLAB_LORA_{up}] (default {lora or 'none'})")
+                       f"[MTEDITLAB_LORA_{up}] (default "
+                       + (f"{DEFAULT_ADAPTER} when side B is mini, else none)" if lora else
+                          "none)"))
         g.add_argument(f"--model-{side}", default=_env(f"MTEDITLAB_MODEL_{up}"),
                        help=f"base weights of side {up}: a mini checkpoint directory or a model "
                        f"id / local pipeline directory [MTEDITLAB_MODEL_{up}]")
@@ -203,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="events processed at once (edits are batched per editor anyway)")
     g.add_argument("--max-batch", type=int, default=16,
                    help="largest batch of concurrent edits sent to one editor call")
+    g.add_argument("--reward-model", default=_env("MTEDITLAB_REWARD_MODEL", DEFAULT_REWARD_MODEL),
+                   help="directory of the calibrated reward model (python -m "
+                   "training.reward_model --out DIR); the leaderboard shows its held-out "
+                   f"agreement with the labels [MTEDITLAB_REWARD_MODEL] (default "
+                   f"{DEFAULT_REWARD_MODEL})")
     g.add_argument("--seed-queue", type=int, default=0, metavar="N",
                    help="when the labeling queue is empty at start, fill it with N world test "
                    "sessions edited by both sides (plus gold items)")
@@ -232,9 +242,12 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
         if editor not in ALL_EDITORS:
             raise ConfigError(f"{flag}: unknown editor {editor!r}; one of {', '.join(ALL_EDITORS)}")
     hf = tuple(n.strip() for n in (args.hf_annotators or "").split(",") if n.strip())
+    lora_b = args.lora_b
+    if lora_b == "default":  # the shipped RL adapter belongs to the mini editor only
+        lora_b = DEFAULT_ADAPTER if args.editor_b == "mini" and not args.model_b else None
     return AppConfig(
         side_a=SideSpec(args.editor_a, _opt(args.lora_a), _opt(args.model_a)),
-        side_b=SideSpec(args.editor_b, _opt(args.lora_b), _opt(args.model_b)),
+        side_b=SideSpec(args.editor_b, _opt(lora_b), _opt(args.model_b)),
         data_dir=Path(args.data_dir) if args.data_dir else None,
         host=args.host, port=port, share=args.share,
         annotators=Credentials.parse(args.annotators, "--annotators"),
@@ -243,7 +256,7 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
         auth=Credentials.parse(args.auth, "--auth"),
         anonymous=args.anonymous, device=args.device, steps=args.steps, strict=args.strict,
         max_batch=max(1, args.max_batch), concurrency=max(1, args.concurrency),
-        seed_queue=max(0, args.seed_queue),
+        seed_queue=max(0, args.seed_queue), reward_model=_opt(args.reward_model),
     )
 
 

@@ -136,6 +136,45 @@ def machine_agreement(store) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).round(3)
 
 
+def reward_model_report(directory) -> str:
+    """Markdown: the calibrated reward model's held-out agreement with the labels it was fit on,
+    next to the raw judge's (from ``python -m training.reward_model``'s report), or a note."""
+    import json
+
+    from .config import resolve_path
+
+    if not directory:
+        return "*No calibrated reward model configured (`--reward-model DIR`).*"
+    base = resolve_path(str(directory))
+    report = None
+    for name in ("report.json", "calibrated.json"):
+        path = base / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            report = data.get("report", data) if name == "calibrated.json" else data
+            break
+    if not report or "heldout_accuracy" not in report:
+        return (f"*No calibrated reward model at `{directory}` yet "
+                "(`python -m training.reward_model --db … --out DIR`).*")
+
+    def f(key):
+        value = report.get(key)
+        return "–" if value is None else f"{value:.3f}"
+
+    labels = "simulated" if report.get("simulated") else "human"
+    return "\n".join([
+        f"Held-out agreement with the {labels} labels (split by source; "
+        f"{report.get('n_test', '?')} test judgments, {report.get('n_test_decisive', '?')} "
+        "decisive):", "",
+        "| rater | pairwise accuracy | log-loss | calibration error |", "|---|---|---|---|",
+        f"| judge `{report.get('judge', '?')}` (raw) | {f('judge_heldout_accuracy')} | "
+        f"{f('judge_log_loss')} | {f('judge_ece')} |",
+        f"| calibrated reward model | {f('heldout_accuracy')} | {f('log_loss')} | {f('ece')} |"])
+
+
 # ------------------------------------------------------------------------------- admin
 def gold_accuracy(store) -> pd.DataFrame:
     from labeling import agreement as ag

@@ -40,16 +40,18 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
     summary = gr.Markdown(elem_id="lb-summary")
     with gr.Row(equal_height=False):
         ratings_plot = gr.Image(label="Bradley–Terry ratings (95% intervals)", format="png",
-                                interactive=False, buttons=["download"], elem_id="lb-plot")
-        turn_plot = gr.Image(label="Win rate by turn index", format="png", interactive=False,
-                             buttons=["download"], elem_id="lb-turn-plot")
+                                show_label=False, interactive=False, buttons=["download"],
+                                elem_id="lb-plot")
+        turn_plot = gr.Image(label="Win rate by turn index", format="png", show_label=False,
+                             interactive=False, buttons=["download"], elem_id="lb-turn-plot")
     ratings_table = gr.Dataframe(label="Ratings", interactive=False, elem_id="lb-table")
     turn_table = gr.Dataframe(label="Win rate by turn", interactive=False, max_height=300)
     agreement = gr.Dataframe(label="Inter-annotator agreement per criterion (units judged by "
                              "≥ 2 people; gold excluded)", interactive=False)
-    machines_note = gr.Markdown()
-    machines = gr.Dataframe(label="Judge and reward model vs the human majority",
-                            interactive=False, visible=False)
+    gr.Markdown("### Judge and reward model vs humans")
+    machines_note = gr.Markdown(elem_id="lb-machines-note")
+    machines = gr.Dataframe(label="Live: automatic raters vs the human majority on the same "
+                            "units", interactive=False, visible=False)
 
     with gr.Accordion("Admin", open=False):
         admin_state = gr.State(AdminState())
@@ -86,6 +88,7 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
             table, plot, by_turn, tplot = lb.ratings(frame, plot_dir)
             agree = lb.agreement(frame)
             machine = lb.machine_agreement(ctx.store)
+            report = lb.reward_model_report(ctx.config.reward_model)
         except Exception as exc:  # noqa: BLE001
             log.exception("leaderboard failed")
             return [f"⚠️ The leaderboard could not be computed ({type(exc).__name__}: {exc})",
@@ -93,8 +96,10 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
         for old in plot_dir.glob("*.png"):  # keep the plot directory small
             if time.time() - old.stat().st_mtime > 600:
                 old.unlink(missing_ok=True)
-        note = ("" if len(machine) else "*Judge / reward-model agreement with humans appears "
-                "here once their verdicts are in the store (annotators `judge:…` / `reward:…`).*")
+        note = report
+        if not len(machine):
+            note += ("\n\n*Live agreement appears once automatic raters' verdicts are in the "
+                     "store (annotators named `judge:…` / `reward:…`).*")
         return [lb.summary(frame), str(plot) if plot else None, str(tplot) if tplot else None,
                 table, by_turn, agree, note, gr.update(value=machine, visible=bool(len(machine)))]
 

@@ -49,3 +49,99 @@ def running_app(config: AppConfig, *, engine=None, quiet: bool = True):
             demo.close()
         finally:
             ctx.close()
+
+
+# --------------------------------------------------------------------------- real browser
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-dev-shm-usage"]
+
+
+@contextlib.contextmanager
+def browser_page(width: int = 1400, height: int = 1000):
+    """A headless Playwright page in Debian's chromium (no browser download)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def wait_text(page, selector: str, text: str, timeout: float = 60_000) -> None:
+    """Wait until the element's text contains ``text``."""
+    page.wait_for_function(
+        "([sel, text]) => { const el = document.querySelector(sel);"
+        " return !!el && el.innerText.includes(text); }", arg=[selector, text], timeout=timeout)
+
+
+def gallery_count(page, selector: str) -> int:
+    return page.evaluate(f"document.querySelectorAll('{selector} img').length")
+
+
+def arena_session(page, url: str, instructions: list[str], picks: list[str],
+                  shots: Path | None = None, example: str = "Example 2") -> list[dict]:
+    """Click through an arena session in the browser: pick an example, one edit and one vote
+    per instruction; returns what the screen showed after each vote."""
+    page.goto(url)
+    page.locator("#arena-example input").click()
+    page.get_by_role("option", name=example).click()
+    wait_text(page, "#arena-status", "New session on example")
+    seen = []
+    for k, (text, pick) in enumerate(zip(instructions, picks)):
+        page.locator("#arena-instruction textarea").fill(text)
+        page.locator("#arena-edit").click()
+        wait_text(page, "#arena-status", f"Turn {k + 1} done")
+        page.wait_for_function(
+            "n => document.querySelectorAll('#arena-strip-left img').length >= n", arg=k + 2)
+        if shots is not None and k == len(instructions) - 1:
+            page.screenshot(path=str(shots / "arena-before-vote.png"), full_page=True)
+        assert page.locator(f"#arena-vote-{pick}").is_enabled()
+        page.locator(f"#arena-vote-{pick}").click()
+        wait_text(page, "#arena-status", f"Vote stored for turn {k + 1}")
+        page.wait_for_function("() => document.querySelector('#arena-vote-left').disabled")
+        seen.append({"status": page.locator("#arena-status").inner_text(),
+                     "title_left": page.locator("#arena-title-left").inner_text(),
+                     "title_right": page.locator("#arena-title-right").inner_text(),
+                     "strip_left": gallery_count(page, "#arena-strip-left"),
+                     "strip_right": gallery_count(page, "#arena-strip-right")})
+    if shots is not None:
+        page.screenshot(path=str(shots / "arena.png"), full_page=True)
+    return seen
+
+
+def label_item(page, name: str, password: str, keys: list[str],
+               shots: Path | None = None) -> dict:
+    """Sign in on the Label tab and judge one item with the keyboard shortcuts."""
+    page.get_by_role("tab", name="Label").click()
+    page.locator("#label-name").locator("input, textarea").first.fill(name)
+    page.locator("#label-password").locator("input, textarea").first.fill(password)
+    page.locator("#label-sign-in").click()
+    wait_text(page, "#label-header", "item")
+    page.wait_for_selector("#label-item", state="visible")
+    header = page.locator("#label-header").inner_text()
+    page.locator("#label-rubric").click()       # focus out of the text boxes
+    for key in keys:
+        page.keyboard.press(key)
+        page.wait_for_timeout(150)
+    if shots is not None:
+        page.screenshot(path=str(shots / "label.png"), full_page=True)
+    page.keyboard.press("Enter")
+    wait_text(page, "#label-status", "Saved")
+    return {"header": header, "status": page.locator("#label-status").inner_text(),
+            "rubric": page.locator("#label-rubric").inner_text()}
+
+
+def leaderboard(page, shots: Path | None = None) -> dict:
+    page.get_by_role("tab", name="Leaderboard").click()
+    wait_text(page, "#lb-summary", "human votes")
+    page.wait_for_selector("#lb-plot img")
+    if shots is not None:
+        page.screenshot(path=str(shots / "leaderboard.png"), full_page=True)
+    return {"summary": page.locator("#lb-summary").inner_text(),
+            "table": page.locator("#lb-table").inner_text()}

@@ -1,0 +1,59 @@
+"""End to end in a real browser: Playwright driving Debian's chromium (no browser download)
+clicks through a 3-turn arena session and one labeling item, checks the screen and the
+database, and saves screenshots (to ``$MTEDITLAB_SCREENSHOTS`` when set, else a temp dir)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mteditlab.app import testing
+from mteditlab.editors.reference import IdentityEditor, OracleEditor
+from mteditlab.world import generate_session
+
+if not Path(testing.CHROMIUM).exists():
+    pytest.skip(f"no browser: {testing.CHROMIUM} is absent (apt-get install chromium); "
+                "Playwright may not download one here", allow_module_level=True)
+pytest.importorskip("playwright.sync_api")
+
+
+def test_arena_and_labeling_in_a_real_browser(tmp_path):
+    from mteditlab.app.label import populate_queue
+
+    shots = Path(os.environ.get("MTEDITLAB_SCREENSHOTS") or tmp_path / "shots")
+    shots.mkdir(parents=True, exist_ok=True)
+    config = testing.app_config(tmp_path / "data")
+    engine = testing.make_engine(OracleEditor(), IdentityEditor())
+    session = generate_session("test", 3, turns=5)     # the session behind "Example 2"
+    with testing.running_app(config, engine=engine) as (url, demo, ctx):
+        populate_queue(ctx, n_sessions=2, n_turns=2, gold_every=0)
+        with testing.browser_page() as page:
+            seen = testing.arena_session(page, url, [t.instruction for t in session.turns[:3]],
+                                         ["left", "tie", "right"], shots)
+            # anonymous until the first vote, then both names are on screen
+            assert "Model A was" in seen[0]["status"]
+            names = {seen[0]["title_left"].split("·")[-1].strip(),
+                     seen[0]["title_right"].split("·")[-1].strip()}
+            assert names == {"oracle", "identity"}
+            assert [s["strip_left"] for s in seen] == [2, 3, 4] == [s["strip_right"] for s in seen]
+            label = testing.label_item(page, "alice", "wonderland", ["1", "3", "2"], shots)
+            assert "item 1 of 2" in label["header"] and "Rubric" in label["rubric"]
+            assert "Saved 3 judgments" in label["status"]
+            board = testing.leaderboard(page, shots)
+            assert "human votes" in board["summary"] and "oracle" in board["table"]
+        frame = ctx.store.judgments_frame(include_simulated=True)
+    arena = frame[frame["annotator"].str.startswith("arena:")]
+    assert list(arena["turn"]) == [0, 1, 2]
+    left = arena["left"].iloc[0]
+    right = "B" if left == "A" else "A"
+    assert list(arena["choice"]) == [left, "tie", right]
+    alice = frame[frame["annotator"] == "alice"]
+    assert list(alice["turn"].astype("Float64").fillna(-1)) == [0, 1, -1]
+    a_left = alice["left"].iloc[0]
+    a_right = "B" if a_left == "A" else "A"
+    assert list(alice["choice"]) == [a_left, "tie", a_right]     # keys 1, 3, 2
+    assert len(frame) == 6
+    for name in ("arena.png", "label.png", "leaderboard.png"):
+        assert (shots / name).stat().st_size > 10_000
