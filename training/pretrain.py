@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--work", type=Path, default=Path("runs/pretrain"), help="resumable checkpoint + logs")
     parser.add_argument("--out", type=Path, default=Path("checkpoints/mini/base"), help="final EMA weights")
+    parser.add_argument("--export", choices=["ema", "model"], default="ema",
+                        help="weights written to --out: the EMA (default) or the raw model")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -134,9 +136,9 @@ def main(argv: list[str] | None = None) -> None:
             save_checkpoint(ckpt_path, step + 1, editor, ema, optimizer)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    ema.save_pretrained(args.out)
+    (ema if args.export == "ema" else model).save_pretrained(args.out)
     plot_losses(log_path, args.out / "loss.png")
-    print(f"saved EMA weights to {args.out}")
+    print(f"saved {args.export} weights to {args.out}")
 
 
 if __name__ == "__main__":
