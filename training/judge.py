@@ -49,6 +49,7 @@ import io
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -738,7 +739,7 @@ def main(argv: list[str] | None = None) -> dict:
                   seed=args.seed, cell_weight=args.cell_weight, val=val, eval_every=args.eval_every, max_minutes=args.max_minutes,
                   log_path=log_path, progress=progress)
     origins = sorted({m["origin"] for m in data.meta})
-    info = {"trained_with": "python -m training.judge " + " ".join(argv if argv is not None else []),
+    info = {"trained_with": " ".join(["python -m training.judge", *(sys.argv[1:] if argv is None else argv)]),
             "train_examples": len(data), "origins": origins, "sessions": args.sessions,
             "editor_outputs": args.editor_outputs, "parameters": sum(p.numel() for p in judge.net.parameters()),
             **stats, "data_seconds": round(data_seconds, 1), "text_seconds": round(text_seconds, 1)}
