@@ -134,3 +134,14 @@ def test_training_runs_two_steps_end_to_end(tmp_path):
     trained = MiniJudge.from_pretrained(out)
     result = trained.score([_sample(generate_session("val", 0), 1)])
     assert result.n_failures == 0 and trained.info["steps"] == 2
+
+
+def test_editor_outputs_are_labelled_by_the_verifier(tmp_path):
+    from mteditlab.editors import get_editor
+    from training.judge import editor_examples, main
+
+    examples = editor_examples(get_editor("identity"), "train", 2, progress=False)
+    assert len(examples) == 10 and {m["origin"] for m in examples.meta} == {"identity"}
+    assert (examples.labels[:, 0] == 0).all() and (examples.labels[:, 1] == 1).all()  # no change: IF fails, CC holds
+    with pytest.raises(SystemExit, match="python -m training.pretrain"):
+        main(["--editor-outputs", "3", "--editor-path", str(tmp_path / "no-editor"), "--work", str(tmp_path)])

@@ -9,7 +9,7 @@ reconstructed intent, the earlier instructions) with labels from the exact verif
 (:func:`~mteditlab.world.score_turn`): ``if``, ``cc``, ``ga`` (NaN at turn 0) and ``quality``.
 Sessions are rolled out by a *defective oracle*: at each turn the chain goes on from one output (the
 correct edit most of the time), and a few extra *branches* of the same turn are scored against the same
-input. Outputs (``DEFECTS``):
+input. Outputs (``DEFECTS``; training draws them with ``TRAIN_DEFECTS``, which has more binding errors):
 
 * ``correct`` — the render of what the verifier expects; ``perturbed`` — the same, mildly blurred /
   noised / JPEG-compressed; ``degraded`` — heavily so;
@@ -71,10 +71,13 @@ from mteditlab.world.sessions import Session, random_edit
 from mteditlab.world.verifier import expected_after
 
 RESOLUTION = 32
-DEFECTS = {  # weights of a training branch's output kind
+DEFECTS = {  # weights of a random branch's output kind in the evaluation mix (and the first judge's training)
     "correct": 0.14, "perturbed": 0.14, "degraded": 0.05, "identity": 0.08, "other_edit": 0.1,
     "wrong_object": 0.11, "wrong_value": 0.08, "extra_change": 0.09, "undo_earlier": 0.07, "blend": 0.07,
     "partial": 0.07,
+}
+TRAIN_DEFECTS = {  # training mix: more of the binding errors (wrong object / wrong value) the judge missed
+    **DEFECTS, "correct": 0.12, "perturbed": 0.1, "wrong_object": 0.16, "wrong_value": 0.13,
 }
 CHAIN = {  # weights of the output the rollout goes on from (mostly right: like a decent editor)
     "correct": 0.55, "perturbed": 0.2, "identity": 0.04, "other_edit": 0.03, "wrong_object": 0.04,
@@ -328,10 +331,10 @@ def _finish(out: Examples) -> Examples:
 
 
 def synthetic_examples(split: str, count: int, *, start: int = 0, turns: int = 5, branches: int = 4,
-                       forced: Sequence[str] = (), seed: int = 0) -> Examples:
+                       forced: Sequence[str] = (), seed: int = 0, weights: dict[str, float] = DEFECTS) -> Examples:
     """Defective-oracle rollouts of sessions ``start .. start+count`` of ``split`` (see module docstring).
     Per turn: the chain's output, the ``forced`` kinds (flagged ``meta["forced"]``: they are not part of
-    the rollout mix), then random kinds up to ``branches`` outputs."""
+    the rollout mix), then random kinds (drawn by ``weights``) up to ``branches`` outputs."""
     out = _builder()
     for index in range(start, start + count):
         rng = random.Random(f"judge/{seed}/{split}/{index}")
@@ -339,7 +342,7 @@ def synthetic_examples(split: str, count: int, *, start: int = 0, turns: int = 5
         before, before_scene, state = render_u8(session.source), session.source, session.source
         for k in range(turns):
             kinds = [_choose(CHAIN, rng), *forced]
-            kinds += [_choose(DEFECTS, rng) for _ in range(max(0, branches - len(kinds)))]
+            kinds += [_choose(weights, rng) for _ in range(max(0, branches - len(kinds)))]
             chain = None
             for j, kind in enumerate(kinds):
                 edited, scene, kind = make_output(kind, session, k, before, state, rng)
@@ -663,6 +666,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=1500, help="train sessions of synthetic rollouts")
     parser.add_argument("--branches", type=int, default=4, help="outputs scored per turn")
+    parser.add_argument("--train-mix", choices=("binding", "eval"), default="binding",
+                        help="output kinds of training branches: TRAIN_DEFECTS (more wrong-object / wrong-value "
+                             "outputs) or the evaluation mix DEFECTS")
     parser.add_argument("--editor-outputs", type=int, default=0,
                         help="also roll out the mini editor over this many train sessions (needs its checkpoint)")
     parser.add_argument("--editor-path", type=Path, default=None, help="mini editor checkpoint (default checkpoints/mini/base)")
@@ -697,6 +703,9 @@ def main(argv: list[str] | None = None) -> dict:
     json_path = args.json or work / "eval.json"
     started = time.time()
 
+    if args.editor_outputs and not args.eval_only and not (editor_path / "config.json").is_file():
+        raise SystemExit(f"--editor-outputs needs the mini editor checkpoint at {editor_path}; "
+                         "train it with `python -m training.pretrain` first (or pass --editor-path).")
     if args.eval_only:
         judge = MiniJudge.from_pretrained(args.judge or args.out)
         load_text_cache(judge.text_encoder, text_cache)
@@ -710,12 +719,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     encoder = TextEncoder()
     load_text_cache(encoder, text_cache)
-    parts = [cached(work / f"v{DATA_VERSION}-train-synthetic-{args.sessions}-b{args.branches}-s{args.seed}.npz",
-                    lambda: synthetic_examples("train", args.sessions, branches=args.branches, seed=args.seed))]
+    weights = TRAIN_DEFECTS if args.train_mix == "binding" else DEFECTS
+    tag = "" if args.train_mix == "eval" else f"-{args.train_mix}"
+    parts = [cached(work / f"v{DATA_VERSION}-train-synthetic-{args.sessions}-b{args.branches}-s{args.seed}{tag}.npz",
+                    lambda: synthetic_examples("train", args.sessions, branches=args.branches, seed=args.seed,
+                                               weights=weights))]
     if args.editor_outputs:
-        if not (editor_path / "config.json").is_file():
-            raise SystemExit(f"--editor-outputs needs the mini editor checkpoint at {editor_path}; "
-                             "train it with `python -m training.pretrain` first.")
         from mteditlab.editors import get_editor
         parts.append(cached(work / f"v{DATA_VERSION}-train-mini-{args.editor_outputs}-s{args.seed}.npz",
                             lambda: editor_examples(get_editor("mini", path=editor_path), "train",
