@@ -259,6 +259,10 @@ def test_leaderboard_and_admin_views(app):
     c = client(url, download_files=True)
     out = c.predict("all human votes", False, "all criteria", api_name="/leaderboard")
     assert "human votes" in out[0] and out[1] is not None          # summary and ratings plot
+    everyone = int(re.search(r"\*\*(\d+)\*\* human votes", out[0]).group(1))
+    blind = c.predict("arena votes", True, "all criteria", api_name="/leaderboard")
+    blind_n = int(re.search(r"\*\*(\d+)\*\* human votes", blind[0]).group(1))
+    assert 0 < blind_n < everyone      # votes after the names were revealed are left out
     assert {"oracle", "identity"} <= set(out[3]["data"][i][0] for i in range(len(out[3]["data"])))
     assert c.predict(api_name="/admin_export") is None               # not signed in
     out = c.predict("root", "wrong", api_name="/admin_sign_in")

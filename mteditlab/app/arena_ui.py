@@ -91,7 +91,7 @@ def build_arena_tab(ctx, arena: Arena) -> None:
                             scale=1, min_width=120, elem_id="arena-fork-turn")
         fork_btn = gr.Button("🌿 Fork from that turn", elem_id="arena-fork", scale=2)
         reset_btn = gr.Button("🔄 Reset session", elem_id="arena-reset", scale=2)
-    with gr.Accordion("Settings", open=False):
+    with gr.Accordion("Settings", open=False, elem_id="arena-settings"):
         with gr.Row():
             seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED,
                              label="Seed (same for both sides; turn k uses a seed derived "

@@ -289,15 +289,28 @@ class Engine:
     def close(self) -> None:
         for w in self.workers.values():
             w.stop()
+        _ENGINES.pop(id(self), None)
 
 
-@gpu(duration=120)
+_ENGINES: dict[int, "Engine"] = {}
+
+
 def run_pair(engine: Engine, inputs: dict[str, Image.Image], instruction: str, intent: str | None,
              seed: int, steps: int | None) -> dict[str, tuple[Image.Image | None, float, str | None]]:
     """Edit both sides' own inputs with the same instruction, intent and seed.
 
     Returns side -> (output or None, seconds, error message or None); one side failing does not
-    lose the other's result (the caller decides what to keep)."""
+    lose the other's result (the caller decides what to keep).  The GPU-decorated part takes
+    only picklable arguments (ZeroGPU runs it in another process): the engine is looked up by
+    key in a module registry the worker process inherits."""
+    _ENGINES.setdefault(id(engine), engine)
+    return _run_pair_gpu(id(engine), inputs, instruction, intent, seed, steps)
+
+
+@gpu(duration=120)
+def _run_pair_gpu(engine_key: int, inputs: dict[str, Image.Image], instruction: str,
+                  intent: str | None, seed: int, steps: int | None) -> dict:
+    engine = _ENGINES[engine_key]
     results: dict[str, tuple[Image.Image | None, float, str | None]] = {}
     start = time.perf_counter()
     if engine.batching:

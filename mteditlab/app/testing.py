@@ -85,10 +85,12 @@ def gallery_count(page, selector: str) -> int:
 
 
 def arena_session(page, url: str, instructions: list[str], picks: list[str],
-                  shots: Path | None = None, example: str = "Example 2") -> list[dict]:
+                  shots: Path | None = None, example: str = "Example 2",
+                  reload: bool = True) -> list[dict]:
     """Click through an arena session in the browser: pick an example, one edit and one vote
     per instruction; returns what the screen showed after each vote."""
-    page.goto(url)
+    if reload:
+        page.goto(url)
     page.locator("#arena-example input").click()
     page.get_by_role("option", name=example).click()
     wait_text(page, "#arena-status", "New session on example")

@@ -1,0 +1,147 @@
+"""``python app.py`` configuration: a fast --help, flags and environment, credentials, and the
+documented editor fallbacks (never a crash on a fresh clone)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mteditlab.app.config import (DEFAULT_ADAPTER, AppConfig, ConfigError, Credentials, SideSpec,
+                                  config_from_args)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    code = ("import sys, app\ntry:\n    app.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY', sorted(m for m in ('gradio', 'torch', 'duckdb', 'diffusers', "
+            "'transformers', 'pandas') if m in sys.modules))")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr
+    assert "--editor-a" in out.stdout and "--annotators" in out.stdout and "--share" in out.stdout
+    assert "HEAVY []" in out.stdout
+    assert elapsed < 10
+
+
+def test_defaults_flags_and_environment(monkeypatch, tmp_path):
+    for name in ("MTEDITLAB_EDITOR_A", "MTEDITLAB_EDITOR_B", "MTEDITLAB_LORA_A", "MTEDITLAB_LORA_B",
+                 "MTEDITLAB_MODEL_A", "MTEDITLAB_MODEL_B", "MTEDITLAB_DATA", "MTEDITLAB_ANNOTATORS",
+                 "MTEDITLAB_ADMIN", "MTEDITLAB_AUTH", "MTEDITLAB_ANONYMOUS", "SPACE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    config = config_from_args([])
+    assert config.side_a == SideSpec("mini", None, None)
+    assert config.side_b == SideSpec("mini", DEFAULT_ADAPTER, None)
+    assert config.anonymous and not config.share and config.resolved_data_dir() == Path("data")
+    assert not config.annotators and not config.admins
+
+    config = config_from_args(["--editor-b", "oracle", "--data-dir", str(tmp_path), "--port",
+                               "7999", "--host", "0.0.0.0", "--share", "--no-anonymous",
+                               "--annotators", "ann:pw", "--lora-a", "none"])
+    assert config.side_b == SideSpec("oracle", None, None)       # the mini adapter is mini's only
+    assert (config.port, config.host, config.share, config.anonymous) == (7999, "0.0.0.0", True, False)
+    assert config.resolved_data_dir() == tmp_path and config.annotators.check("ann", "pw")
+
+    monkeypatch.setenv("MTEDITLAB_EDITOR_A", "identity")
+    monkeypatch.setenv("MTEDITLAB_LORA_B", "some/adapter")
+    monkeypatch.setenv("MTEDITLAB_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("MTEDITLAB_ADMIN", "root:toor")
+    monkeypatch.setenv("MTEDITLAB_ANONYMOUS", "0")
+    config = config_from_args([])
+    assert config.side_a.editor == "identity" and config.side_b.lora == "some/adapter"
+    assert config.resolved_data_dir() == tmp_path / "env" and config.admins.check("root", "toor")
+    assert not config.anonymous
+    assert config_from_args(["--editor-a", "oracle"]).side_a.editor == "oracle"  # flags win
+
+    monkeypatch.setenv("MTEDITLAB_EDITOR_B", "photoshop")
+    with pytest.raises(ConfigError, match="unknown editor"):
+        config_from_args([])
+    monkeypatch.delenv("MTEDITLAB_EDITOR_B")
+    with pytest.raises(ConfigError, match="port"):
+        config_from_args(["--port", "70000"])
+
+
+def test_credentials(tmp_path):
+    digest = hashlib.sha256(b"s3cret").hexdigest()
+    creds = Credentials.parse(f"alice:pw1, bob:sha256:{digest}\n# comment\ncarol:a:b", "x")
+    assert creds.names == ["alice", "bob", "carol"]
+    assert creds.check("alice", "pw1") and not creds.check("alice", "pw2")
+    assert creds.check("bob", "s3cret") and not creds.check("bob", digest)
+    assert creds.check("carol", "a:b") and not creds.check("dave", "pw1")
+    assert not creds.check(None, None)
+    file = tmp_path / "annotators.txt"
+    file.write_text("erin:one\nfrank:two\n")
+    assert Credentials.parse(f"@{file}", "x").check("frank", "two")
+    with pytest.raises(ConfigError, match="expected name:password"):
+        Credentials.parse("just-a-name", "--annotators")
+    with pytest.raises(ConfigError, match="cannot read"):
+        Credentials.parse(f"@{tmp_path / 'missing'}", "--annotators")
+
+
+def test_fallbacks_when_weights_are_missing(tmp_path):
+    from mteditlab.app.engine import load_sides
+
+    empty = tmp_path / "no-checkpoint"
+    empty.mkdir()
+    config = AppConfig(side_a=SideSpec("mini", None, str(empty)),
+                       side_b=SideSpec("mini", str(tmp_path / "no-adapter"), str(empty)))
+    a, b, notices = load_sides(config)
+    assert (a.model, b.model) == ("identity", "oracle") and len(notices) == 2
+    assert all("could not be loaded" in n for n in notices)
+    with pytest.raises(Exception, match="checkpoint"):
+        load_sides(AppConfig(side_a=config.side_a, side_b=config.side_b, strict=True))
+    a, b, notices = load_sides(AppConfig(side_a=SideSpec("oracle"), side_b=SideSpec("oracle")))
+    assert (a.model, b.model) == ("oracle", "identity") and "same-model" in notices[0]
+
+
+def test_missing_adapter_falls_back_to_the_oracle_on_side_b(tmp_path):
+    from mteditlab.app.build import _notice
+    from mteditlab.app.context import AppContext
+    from mteditlab.app.engine import load_sides
+    from mteditlab.editors.mini import MiniEditor
+
+    checkpoint = tmp_path / "mini"
+    MiniEditor.from_config(seed=1).denoiser.save_pretrained(checkpoint)
+    config = AppConfig(side_a=SideSpec("mini", None, str(checkpoint)),
+                       side_b=SideSpec("mini", str(tmp_path / "grpo"), str(checkpoint)),
+                       data_dir=tmp_path / "data")
+    a, b, notices = load_sides(config)
+    assert a.editor_name == f"mini@{checkpoint}" and a.adapter is None
+    assert b.model == "oracle" and "oracle" in notices[0] and "LoRA" in notices[0]
+    from mteditlab.app.engine import Engine
+
+    ctx = AppContext.create(config, engine=Engine(a, b, notices))
+    try:
+        text = _notice(ctx)
+        assert "⚠️" in text and "could not be loaded" in text
+        assert ctx.engine.size == 32 and ctx.engine.world
+    finally:
+        ctx.close()
+
+
+def test_fresh_clone_default_config_builds(tmp_path):
+    """The defaults build whether or not the trained checkpoints are present."""
+    from mteditlab.app.build import build_app
+
+    demo = build_app(AppConfig(data_dir=tmp_path / "data"))
+    ctx = demo.mteditlab_ctx
+    try:
+        models = {side.model for side in ctx.engine.sides.values()}
+        base = (REPO / "checkpoints/mini/base/config.json").is_file()
+        lora = (REPO / DEFAULT_ADAPTER / "pytorch_lora_weights.safetensors").is_file()
+        if base and lora:
+            assert models == {"mini", f"mini+lora:{DEFAULT_ADAPTER}"} and not ctx.engine.notices
+        elif base:
+            assert models == {"mini", "oracle"} and len(ctx.engine.notices) == 1
+        else:
+            assert models == {"identity", "oracle"} and ctx.engine.notices
+        assert (tmp_path / "data" / "labels.duckdb").exists()
+    finally:
+        ctx.close()
