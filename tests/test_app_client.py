@@ -252,11 +252,28 @@ def test_labeling_an_item_stores_exactly_its_judgments(app):
     assert "Flagged" in out[-1]
     assert [e["kind"] for e in ctx.events()] == ["flag"]
     assert len(judgments(ctx, "alice")) == 3
+    # another annotator skips: the skipped item is released and never comes back to them
+    b = client(url)
+    out = b.predict("bob", "builder", api_name="/label_sign_in")
+    assert "item **1 of 3**" in out[0], out[0]
+    first = ctx.store.query("SELECT comparison_id FROM assignments a JOIN annotators n "
+                            "USING (annotator_id) WHERE n.name = 'bob'")["comparison_id"].tolist()
+    out = b.predict(api_name="/label_skip")
+    assert "Skipped" in out[-1] and "Item loaded" in out[-1] and "item **1 of 2**" in out[0]
+    shown = ctx.store.query("SELECT comparison_id, assigned_at FROM assignments a JOIN annotators n "
+                            "USING (annotator_id) WHERE n.name = 'bob' ORDER BY assignment_id")
+    assert shown["comparison_id"].iloc[-1] not in first and len(shown) == 2
+    assert [e["kind"] for e in ctx.events()] == ["flag", "skip"]
+    assert judgments(ctx, "bob").empty
 
 
 def test_leaderboard_and_admin_views(app):
     url, ctx = app
     c = client(url, download_files=True)
+    c.predict("Example 4", api_name="/start_example")           # two votes of its own:
+    for k, text in enumerate(["change the background to black", "change the background to white"]):
+        c.predict(text, 0, 10, api_name="/edit")
+        assert "Vote stored" in status(c.predict(k + 1, "overall", api_name="/vote_left"))
     out = c.predict("all human votes", False, "all criteria", api_name="/leaderboard")
     assert "human votes" in out[0] and out[1] is not None          # summary and ratings plot
     everyone = int(re.search(r"\*\*(\d+)\*\* human votes", out[0]).group(1))
