@@ -29,6 +29,7 @@ Storage (DuckDB, through :class:`labeling.store.LabelStore`)
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import re
 import time
@@ -43,6 +44,7 @@ from .images import ImageInputError, load_upload, prepare_source
 from .worldview import (IntentStep, format_verdict, random_test_scene, read_world_scene,
                         resolve_turn, test_scene, verdict)
 
+log = logging.getLogger("mteditlab.app")
 PICKS = ("left", "right", "tie", "both_bad")
 CRITERIA = ("overall", "instruction", "consistency", "quality")
 MAX_INSTRUCTION_CHARS = 500
@@ -296,7 +298,12 @@ class Arena:
         vote (see the module docstring)."""
         if state.source is None or state.n <= state.saved_prefix or not state.votes:
             return
-        self._store_sessions(state, state.n, {"blind": None, "unvoted_tail": True})
+        try:
+            self._store_sessions(state, state.n, {"blind": None, "unvoted_tail": True})
+        except Exception:  # noqa: BLE001 - votes are stored already; never block undo / reset
+            log.exception("could not store the unvoted turns of arena session %s",
+                          state.arena_id)
+            return
         state.saved_prefix = state.n
 
     # ------------------------------------------------------------------ undo / fork / reset

@@ -276,5 +276,9 @@ def on_spaces() -> bool:
 
 
 def oauth_available() -> bool:
-    """HF OAuth is wired (a Space with ``hf_oauth: true`` sets OAUTH_CLIENT_ID)."""
-    return on_spaces() and bool(os.environ.get("OAUTH_CLIENT_ID"))
+    """HF OAuth can work: a Space with ``hf_oauth: true`` (it sets OAUTH_CLIENT_ID) and
+    gradio's OAuth extra installed (``authlib``; ``gradio[oauth]`` in the requirements)."""
+    import importlib.util
+
+    return (on_spaces() and bool(os.environ.get("OAUTH_CLIENT_ID"))
+            and importlib.util.find_spec("authlib") is not None)

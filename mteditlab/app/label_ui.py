@@ -60,6 +60,9 @@ def build_label_tab(ctx, labeling: Labeling, demo: gr.Blocks) -> None:
         sign_out = gr.Button("Sign out", scale=1, elem_id="label-sign-out")
         hf_login = gr.LoginButton(scale=1) if oauth_available() and ctx.config.hf_annotators \
             else None
+    if ctx.config.hf_annotators and hf_login is None:
+        gr.Markdown("*Hugging Face sign-in is configured but unavailable here: it needs a Space "
+                    "with `hf_oauth: true` and `gradio[oauth]` installed.*")
     header = gr.Markdown("Sign in to start labeling.", elem_id="label-header")
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=240):
