@@ -290,3 +290,33 @@ def test_leaderboard_and_admin_views(app):
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
     assert "parquet/labels.parquet" in names and any(n.startswith("images/") for n in names)
+
+
+def test_concurrent_clients_are_batched_and_every_vote_is_stored(app):
+    import threading
+
+    url, ctx = app
+    clients = [client(url) for _ in range(4)]
+    errors = []
+    before = {k: w.items for k, w in ctx.engine.workers.items()}
+
+    def play(c):
+        try:
+            c.predict(api_name="/start_random")
+            for k, text in enumerate(["change the background to black",
+                                      "change the background to white"]):
+                assert c.predict(text, k, 10, api_name="/edit")[TURN] == k + 1
+                assert "Vote stored" in status(c.predict(k + 1, "overall", api_name="/vote_tie"))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=play, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    for c in clients:
+        frame = judgments(ctx, voter(c))
+        assert list(frame["turn"]) == [0, 1] and set(frame["choice"]) == {"tie"}
+    assert all(w.items - before[k] == 8 for k, w in ctx.engine.workers.items())
