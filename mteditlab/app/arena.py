@@ -367,28 +367,26 @@ class Arena:
             return f"### {name} · `{self._model(state, screen)}`"
         return f"### {name}" + (" · *hidden until you vote*" if state.anonymous else "")
 
-    def strip(self, state: ArenaState, screen: str) -> list[tuple[Image.Image, str]]:
-        """History strip of one screen side: the source, then every turn with its caption."""
-        from .images import for_display
-
+    def strip(self, state: ArenaState, screen: str) -> list[tuple[str, str]]:
+        """History strip of one screen side: the source, then every turn with its caption
+        (display files, see :class:`~mteditlab.app.images.DisplayFiles`)."""
         if state.source is None:
             return []
         side = state.side_on(screen)
-        items = [(for_display(self.bank.get(state.source), 128), "source")]
+        show = self.ctx.display.path
+        items = [(show(state.source, 128), "source")]
         for k, t in enumerate(state.turns):
             caption = f"T{k + 1}"
             if state.show_verdict and state.scene is not None:
                 v = t.verdicts.get(side)
                 caption += "" if v is None else (" ✅" if v["success"] else " ❌")
-            items.append((for_display(self.bank.get(t.outputs[side]), 128), caption))
+            items.append((show(t.outputs[side], 128), caption))
         return items
 
-    def current(self, state: ArenaState, screen: str) -> Image.Image | None:
-        from .images import for_display
-
+    def current(self, state: ArenaState, screen: str) -> str | None:
         if state.source is None:
             return None
-        return for_display(self.bank.get(state.latest_of(state.side_on(screen))))
+        return self.ctx.display.path(state.latest_of(state.side_on(screen)))
 
     def history(self, state: ArenaState) -> str:
         """The session's turns, oldest first: instruction, intent, verdicts, vote."""

@@ -114,13 +114,11 @@ def build_arena_tab(ctx, arena: Arena) -> None:
     def render(st: ArenaState, clear_instruction: bool = False, images: bool = True) -> list:
         """All outputs from the state; ``images=False`` leaves the pictures as they are on
         screen (votes and refusals change none), which keeps those answers small."""
-        from .images import for_display
-
         latest = st.turns[-1] if st.turns else None
         can_vote = latest is not None and latest.vote is None
         options = list(dict.fromkeys(st.suggestions))
         if images:
-            pictures = [for_display(ctx.bank.get(st.source)) if st.source else None,
+            pictures = [ctx.display.path(st.source) if st.source else None,
                         arena.current(st, "left"), arena.current(st, "right"),
                         arena.strip(st, "left"), arena.strip(st, "right")]
         else:

@@ -93,7 +93,8 @@ def launch(demo: gr.Blocks, config: AppConfig, **overrides):
     networking.url_ok = _patient_url_ok
     kwargs = dict(demo.launch_kwargs)
     kwargs.update(server_name=config.host, server_port=config.port, share=config.share,
-                  max_file_size="20mb", show_error=True)
+                  max_file_size="20mb", show_error=True,
+                  allowed_paths=[str(demo.mteditlab_ctx.display_dir)])
     if config.auth:
         kwargs["auth"] = config.auth.check
         kwargs["auth_message"] = "MT-EditLab: sign in"

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from .config import AppConfig
-from .images import ImageBank
+from .images import DisplayFiles, ImageBank
 
 log = logging.getLogger("mteditlab.app")
 _STRIPES = 64
@@ -29,6 +31,8 @@ class AppContext:
         self.owns_store = owns_store
         self.data_dir = Path(store.path).parent
         self.bank = ImageBank(fallback=store.image_bytes)
+        self.display_dir = Path(tempfile.mkdtemp(prefix="mteditlab-display-"))
+        self.display = DisplayFiles(self.bank, self.display_dir)
         self._locks = [threading.RLock() for _ in range(_STRIPES)]
         self._annotators: set[str] = set()
         self._annotator_lock = threading.Lock()
@@ -91,3 +95,4 @@ class AppContext:
             self.engine.close()
         if self.owns_store:
             self.store.close()
+        shutil.rmtree(self.display_dir, ignore_errors=True)

@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 import struct
+import tempfile
 import threading
 import warnings
 
@@ -209,3 +210,33 @@ class ImageBank:
             return sha in self._data
 
 
+
+
+class DisplayFiles:
+    """Display-size PNG files of bank images, written once and atomically.
+
+    The UI hands gradio *file paths*, not PIL images: gradio re-encodes a returned PIL image and
+    rewrites its cache file in place on every response (``write_bytes``), so a browser fetching
+    an image that another response is rewriting at that moment (the same source thumbnail is in
+    every response of a session, and equal images are shared between users) can get a broken
+    file.  Paths are copied into gradio's cache atomically and only once."""
+
+    def __init__(self, bank: ImageBank, directory: str | os.PathLike):
+        self.bank = bank
+        self.directory = os.fspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+
+    def path(self, sha: str, size: int = DISPLAY_SIZE) -> str:
+        target = os.path.join(self.directory, f"{sha[:32]}-{size}.png")
+        if not os.path.exists(target):
+            image = for_display(self.bank.get(sha), size)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    image.save(fh, format="PNG")
+                os.replace(tmp, target)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        return target

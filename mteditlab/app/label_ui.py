@@ -98,8 +98,6 @@ def build_label_tab(ctx, labeling: Labeling, demo: gr.Blocks) -> None:
                *radios, overall, status]
 
     def render(st: LabelState) -> list:
-        from .images import for_display
-
         item = st.item if st.item and not st.item.get("done") else None
         if st.annotator:
             done, total = labeling.progress(st)
@@ -113,7 +111,7 @@ def build_label_tab(ctx, labeling: Labeling, demo: gr.Blocks) -> None:
         if item:
             left = item["left"]
             right = "B" if left == "A" else "A"
-            src = for_display(ctx.store.get_image(item["source"]), 180)
+            src = ctx.display.path(item["source"], 192)
             lines = [f"{k + 1}. {text}" for k, text in enumerate(item["instructions"])]
             updates += [src, "**Instructions, in order**\n\n" + "\n".join(lines)]
         else:
@@ -126,7 +124,7 @@ def build_label_tab(ctx, labeling: Labeling, demo: gr.Blocks) -> None:
                 if k < n:
                     side = item["left"] if side_key == "left" else \
                         ("B" if item["left"] == "A" else "A")
-                    updates.append(for_display(ctx.store.get_image(item["outputs"][side][k]), 160))
+                    updates.append(ctx.display.path(item["outputs"][side][k], 160))
                 else:
                     updates.append(None)
         updates += [gr.update(value=None) for _ in range(MAX_LABEL_TURNS)]

@@ -80,6 +80,16 @@ def wait_text(page, selector: str, text: str, timeout: float = 60_000) -> None:
         " return !!el && el.innerText.includes(text); }", arg=[selector, text], timeout=timeout)
 
 
+IMAGES_LOADED = ("sel => [...document.querySelectorAll(sel)].every("
+                 "i => i.complete && i.naturalWidth > 0)")
+
+
+def wait_images(page, selector: str = "#arena-strip-left img, #arena-strip-right img, "
+                "#arena-img-left img, #arena-img-right img") -> None:
+    """Wait until every image under ``selector`` has loaded (thumbnails load lazily)."""
+    page.wait_for_function(IMAGES_LOADED, arg=selector)
+
+
 def gallery_count(page, selector: str) -> int:
     return page.evaluate(f"document.querySelectorAll('{selector} img').length")
 
@@ -101,6 +111,7 @@ def arena_session(page, url: str, instructions: list[str], picks: list[str],
         wait_text(page, "#arena-status", f"Turn {k + 1} done")
         page.wait_for_function(
             "n => document.querySelectorAll('#arena-strip-left img').length >= n", arg=k + 2)
+        wait_images(page)
         if shots is not None and k == len(instructions) - 1:
             page.screenshot(path=str(shots / "arena-before-vote.png"), full_page=True)
         assert page.locator(f"#arena-vote-{pick}").is_enabled()
@@ -113,6 +124,7 @@ def arena_session(page, url: str, instructions: list[str], picks: list[str],
                      "strip_left": gallery_count(page, "#arena-strip-left"),
                      "strip_right": gallery_count(page, "#arena-strip-right")})
     if shots is not None:
+        wait_images(page)
         page.screenshot(path=str(shots / "arena.png"), full_page=True)
     return seen
 
@@ -128,6 +140,7 @@ def label_item(page, name: str, password: str, keys: list[str],
     page.wait_for_selector("#label-item", state="visible")
     header = page.locator("#label-header").inner_text()
     page.locator("#label-rubric").click()       # focus out of the text boxes
+    wait_images(page, "#label-item img")
     for key in keys:
         page.keyboard.press(key)
         page.wait_for_timeout(150)
