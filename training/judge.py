@@ -593,7 +593,8 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, cell_logits: torch.Tenso
 
 
 def train(judge: MiniJudge, data: Examples, *, steps: int, batch_size: int, lr: float, warmup: int, seed: int,
-          intent_dropout: float = 0.4, cell_weight: float = 0.5, val: Examples | None = None, eval_every: int = 500,
+          intent_dropout: float = 0.4, cell_weight: float = 0.5, editor_weight: float = 1.0,
+          val: Examples | None = None, eval_every: int = 500,
           max_minutes: float | None = None, log_path: Path | None = None, progress: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -602,13 +603,15 @@ def train(judge: MiniJudge, data: Examples, *, steps: int, batch_size: int, lr: 
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     labels, cell_labels = torch.from_numpy(data.labels), torch.from_numpy(data.cells)
+    # sampling weights: editor rollouts (origin other than "synthetic") count ``editor_weight`` times
+    weights = torch.tensor([1.0 if m["origin"] == "synthetic" else editor_weight for m in data.meta], dtype=torch.double)
     started, history = time.time(), []
     bar = tqdm(range(steps), desc="train judge", disable=not progress)
     for step in bar:
         scale = min(1.0, (step + 1) / max(1, warmup)) * (0.5 * (1 + math.cos(math.pi * step / max(1, steps))) * 0.95 + 0.05)
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
-        idx = torch.randint(len(data), (batch_size,), generator=gen).numpy()
+        idx = torch.multinomial(weights, batch_size, replacement=True, generator=gen).numpy()
         segs = [data.segments(int(i), with_intent=rng.random() >= intent_dropout) for i in idx]
         logits, cell_logits = judge.logits(data.source[idx], data.edited[idx], segs, cells=True)
         loss = loss_fn(logits, labels[idx].to(judge.device), cell_logits, cell_labels[idx].to(judge.device),
@@ -638,14 +641,28 @@ def train(judge: MiniJudge, data: Examples, *, steps: int, batch_size: int, lr: 
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
+def editor_fingerprint(path: Path) -> str:
+    """Short content hash of a mini editor checkpoint (its config and weight files), so cached rollouts of
+    one checkpoint are never reused for another."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin")):
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def evaluation_set(args, work: Path, editor_available: bool) -> Examples:
     parts = [cached(work / f"v{DATA_VERSION}-test-synthetic-{args.eval_sessions}-s{args.seed}.npz",
                     lambda: synthetic_examples("test", args.eval_sessions, branches=6,
                                                forced=("correct", "identity"), seed=args.seed + 1))]
     if editor_available:
         from mteditlab.editors import get_editor
-        parts.append(cached(work / f"v{DATA_VERSION}-test-mini-{args.eval_editor_sessions}-s{args.seed}.npz",
-                            lambda: editor_examples(get_editor("mini", path=args.editor_path), "test",
+        path = Path(args.editor_path or MINI_EDITOR_CHECKPOINT)
+        tag = editor_fingerprint(path)
+        parts.append(cached(work / f"v{DATA_VERSION}-test-mini-{tag}-{args.eval_editor_sessions}-s{args.seed}.npz",
+                            lambda: editor_examples(get_editor("mini", path=path), "test",
                                                     args.eval_editor_sessions, seed=args.seed)))
     return Examples.concat(parts)
 
@@ -671,6 +688,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "outputs) or the evaluation mix DEFECTS")
     parser.add_argument("--editor-outputs", type=int, default=0,
                         help="also roll out the mini editor over this many train sessions (needs its checkpoint)")
+    parser.add_argument("--editor-weight", type=float, default=4.0,
+                        help="sampling weight of an editor-rollout example relative to a synthetic one")
     parser.add_argument("--editor-path", type=Path, default=None, help="mini editor checkpoint (default checkpoints/mini/base)")
     parser.add_argument("--val-sessions", type=int, default=100)
     parser.add_argument("--eval-sessions", type=int, default=300, help="test sessions of synthetic rollouts")
@@ -710,8 +729,9 @@ def main(argv: list[str] | None = None) -> dict:
         judge = MiniJudge.from_pretrained(args.judge or args.out)
         load_text_cache(judge.text_encoder, text_cache)
         examples = evaluation_set(args, work, editor_available)
-        report = run_eval(judge, examples, json_path, {"judge": str(args.judge or args.out),
-                                                        "command": "python -m training.judge --eval-only"})
+        report = run_eval(judge, examples, json_path, {
+            "judge": str(args.judge or args.out), "command": " ".join(["python -m training.judge", *(sys.argv[1:] if argv is None else argv)]),
+            "editor": {"path": str(editor_path), "fingerprint": editor_fingerprint(editor_path)} if editor_available else None})
         save_text_cache(judge.text_encoder, text_cache)
         return report
 
@@ -726,7 +746,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                weights=weights))]
     if args.editor_outputs:
         from mteditlab.editors import get_editor
-        parts.append(cached(work / f"v{DATA_VERSION}-train-mini-{args.editor_outputs}-s{args.seed}.npz",
+        parts.append(cached(work / f"v{DATA_VERSION}-train-mini-{editor_fingerprint(editor_path)}-{args.editor_outputs}"
+                                   f"-s{args.seed}.npz",
                             lambda: editor_examples(get_editor("mini", path=editor_path), "train",
                                                     args.editor_outputs, seed=args.seed, progress=progress)))
     data = Examples.concat(parts)
@@ -745,12 +766,14 @@ def main(argv: list[str] | None = None) -> dict:
     log_path = work / "train_log.jsonl"
     log_path.write_text("")
     stats = train(judge, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                  seed=args.seed, cell_weight=args.cell_weight, val=val, eval_every=args.eval_every, max_minutes=args.max_minutes,
+                  seed=args.seed, cell_weight=args.cell_weight, editor_weight=args.editor_weight, val=val, eval_every=args.eval_every, max_minutes=args.max_minutes,
                   log_path=log_path, progress=progress)
     origins = sorted({m["origin"] for m in data.meta})
     info = {"trained_with": " ".join(["python -m training.judge", *(sys.argv[1:] if argv is None else argv)]),
             "train_examples": len(data), "origins": origins, "sessions": args.sessions,
-            "editor_outputs": args.editor_outputs, "parameters": sum(p.numel() for p in judge.net.parameters()),
+            "editor_outputs": args.editor_outputs, "editor_weight": args.editor_weight,
+            "editor": ({"path": str(editor_path), "fingerprint": editor_fingerprint(editor_path)}
+                       if args.editor_outputs else None), "parameters": sum(p.numel() for p in judge.net.parameters()),
             **stats, "data_seconds": round(data_seconds, 1), "text_seconds": round(text_seconds, 1)}
     judge.save_pretrained(args.out, info)
     print(f"saved judge to {args.out}: {json.dumps(info)}", flush=True)
