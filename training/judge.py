@@ -595,7 +595,8 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, cell_logits: torch.Tenso
 def train(judge: MiniJudge, data: Examples, *, steps: int, batch_size: int, lr: float, warmup: int, seed: int,
           intent_dropout: float = 0.4, cell_weight: float = 0.5, editor_weight: float = 1.0,
           val: Examples | None = None, eval_every: int = 500,
-          max_minutes: float | None = None, log_path: Path | None = None, progress: bool = True) -> dict:
+          max_minutes: float | None = None, max_cpu_minutes: float | None = None, log_path: Path | None = None,
+          progress: bool = True) -> dict:
     from tqdm import tqdm
 
     net = judge.net.train()
@@ -605,10 +606,15 @@ def train(judge: MiniJudge, data: Examples, *, steps: int, batch_size: int, lr: 
     labels, cell_labels = torch.from_numpy(data.labels), torch.from_numpy(data.cells)
     # sampling weights: editor rollouts (origin other than "synthetic") count ``editor_weight`` times
     weights = torch.tensor([1.0 if m["origin"] == "synthetic" else editor_weight for m in data.meta], dtype=torch.double)
-    started, history = time.time(), []
+    started, cpu_started, history = time.time(), time.process_time(), []
     bar = tqdm(range(steps), desc="train judge", disable=not progress)
     for step in bar:
-        scale = min(1.0, (step + 1) / max(1, warmup)) * (0.5 * (1 + math.cos(math.pi * step / max(1, steps))) * 0.95 + 0.05)
+        # schedule progress: steps done, or the share of the CPU / wall budget spent, whichever is ahead,
+        # so a budget-capped run still anneals its learning rate before it stops
+        done = max(step / max(1, steps),
+                   (time.process_time() - cpu_started) / (60 * max_cpu_minutes) if max_cpu_minutes else 0.0,
+                   (time.time() - started) / (60 * max_minutes) if max_minutes else 0.0)
+        scale = min(1.0, (step + 1) / max(1, warmup)) * (0.5 * (1 + math.cos(math.pi * min(1.0, done))) * 0.95 + 0.05)
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
         idx = torch.multinomial(weights, batch_size, replacement=True, generator=gen).numpy()
@@ -622,7 +628,7 @@ def train(judge: MiniJudge, data: Examples, *, steps: int, batch_size: int, lr: 
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         row = {"step": step + 1, "loss": loss.item(), "lr": lr * scale, "seconds": round(time.time() - started, 1)}
-        last = step + 1 == steps or (max_minutes and time.time() - started > 60 * max_minutes)
+        last = step + 1 == steps or done >= 1.0
         if val is not None and len(val) and ((step + 1) % eval_every == 0 or last):
             metrics = evaluate_probs(val, predict_examples(judge, val))
             net.train()
@@ -637,6 +643,7 @@ def train(judge: MiniJudge, data: Examples, *, steps: int, batch_size: int, lr: 
             break
     net.eval()
     return {"steps": len(history), "seconds": round(time.time() - started, 1),
+            "cpu_seconds": round(time.process_time() - cpu_started, 1),
             "final_loss": float(np.mean([r["loss"] for r in history[-50:]]))}
 
 
@@ -702,7 +709,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--cell-weight", type=float, default=0.5, help="weight of the per-cell auxiliary loss")
     parser.add_argument("--eval-every", type=int, default=500)
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
+    parser.add_argument("--max-minutes", type=float, default=None, help="training wall-time budget (minutes)")
+    parser.add_argument("--max-cpu-minutes", type=float, default=None,
+                        help="training CPU-time budget (minutes of this process's CPU time); the learning-rate "
+                             "schedule follows whichever of steps / CPU / wall budget runs out first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--work", type=Path, default=Path("runs/judge"), help="data / text caches and logs")
@@ -767,6 +777,7 @@ def main(argv: list[str] | None = None) -> dict:
     log_path.write_text("")
     stats = train(judge, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                   seed=args.seed, cell_weight=args.cell_weight, editor_weight=args.editor_weight, val=val, eval_every=args.eval_every, max_minutes=args.max_minutes,
+                  max_cpu_minutes=args.max_cpu_minutes,
                   log_path=log_path, progress=progress)
     origins = sorted({m["origin"] for m in data.meta})
     info = {"trained_with": " ".join(["python -m training.judge", *(sys.argv[1:] if argv is None else argv)]),
