@@ -125,11 +125,15 @@ class Player(threading.Thread):
         from gradio_client import Client
 
         client = None
-        try:
-            client = Client(self.url, verbose=False, download_files=False,
-                            httpx_kwargs={"timeout": 300})
-        except Exception as exc:  # noqa: BLE001
-            self.errors.append(f"connect: {exc}")
+        for attempt in range(5):  # connecting is set-up, not load: retry it
+            try:
+                client = Client(self.url, verbose=False, download_files=False,
+                                httpx_kwargs={"timeout": 300})
+                break
+            except Exception as exc:  # noqa: BLE001
+                if attempt == 4:
+                    self.errors.append(f"connect: {exc}")
+                time.sleep(2 + 3 * attempt)
         try:
             self.ready.wait(timeout=600)
         except threading.BrokenBarrierError:

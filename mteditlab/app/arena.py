@@ -92,6 +92,7 @@ class ArenaState:
     use_intent: bool = True        # reconstruct the intent, show it and condition on it
     show_verdict: bool = False     # show the verifier's verdicts (world sources only)
     anonymous_next: bool = True    # anonymity of the next session started
+    arena_key: int | None = None   # which Arena (process-wide registry) owns this state
 
     @property
     def n(self) -> int:
@@ -135,10 +136,27 @@ def _int(value, name: str, low: int, high: int) -> int:
     return number
 
 
+_ARENAS: dict[int, "Arena"] = {}
+
+
+def finish_state(state) -> None:
+    """``gr.State`` delete callback: store the ended session's unvoted tail.
+
+    A module-level function on purpose: gradio deep-copies every component's constructor
+    arguments (``delete_callback`` included) on each page and config request, and a bound
+    method would drag the editors' weights into that copy (hundreds of MB per request)."""
+    arena = _ARENAS.get(getattr(state, "arena_key", None))
+    if arena is not None:
+        arena.finish(state)
+
+
 class Arena:
     """The arena operations on an :class:`ArenaState` (see the module docstring)."""
 
     def __init__(self, ctx):
+        _ARENAS[id(self)] = self
+        self.key = id(self)
+        ctx.closers.append(lambda: _ARENAS.pop(self.key, None))
         self.ctx = ctx
         self.engine = ctx.engine
         self.store = ctx.store

@@ -17,7 +17,7 @@ import logging
 
 import gradio as gr
 
-from .arena import CRITERIA, MAX_SEED, PICKS, Arena, ArenaError, ArenaState
+from .arena import CRITERIA, MAX_SEED, PICKS, Arena, ArenaError, ArenaState, finish_state
 from .worldview import EXAMPLES, GRAMMAR
 
 log = logging.getLogger("mteditlab.app")
@@ -37,8 +37,8 @@ def voter_name(request: gr.Request | None) -> str:
 def build_arena_tab(ctx, arena: Arena) -> None:
     engine = ctx.engine
     default_steps = ctx.config.steps or engine.default_steps()
-    state = gr.State(ArenaState(anonymous_next=ctx.config.anonymous),
-                     delete_callback=arena.finish)
+    state = gr.State(ArenaState(anonymous_next=ctx.config.anonymous, arena_key=arena.key),
+                     delete_callback=finish_state)
 
     if engine.world:
         with gr.Accordion("What the mini editor understands (grammar)", open=False):

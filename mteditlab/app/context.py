@@ -37,6 +37,7 @@ class AppContext:
         self._annotators: set[str] = set()
         self._annotator_lock = threading.Lock()
         self._events_lock = threading.Lock()
+        self.closers: list = []   # called by close()
 
     @classmethod
     def create(cls, config: AppConfig, *, engine=None, store=None) -> "AppContext":
@@ -91,6 +92,8 @@ class AppContext:
         return out
 
     def close(self) -> None:
+        for closer in self.closers:
+            closer()
         if self.engine is not None:
             self.engine.close()
         if self.owns_store:
