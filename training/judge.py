@@ -695,6 +695,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "outputs) or the evaluation mix DEFECTS")
     parser.add_argument("--editor-outputs", type=int, default=0,
                         help="also roll out the mini editor over this many train sessions (needs its checkpoint)")
+    parser.add_argument("--extra-examples", type=Path, nargs="*", default=[],
+                        help="more training examples: .npz files written by this script (e.g. cached rollouts of "
+                             "an earlier editor checkpoint from <work>/v2-train-mini-<fingerprint>-*.npz)")
     parser.add_argument("--editor-weight", type=float, default=4.0,
                         help="sampling weight of an editor-rollout example relative to a synthetic one")
     parser.add_argument("--editor-path", type=Path, default=None, help="mini editor checkpoint (default checkpoints/mini/base)")
@@ -760,6 +763,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    f"-s{args.seed}.npz",
                             lambda: editor_examples(get_editor("mini", path=editor_path), "train",
                                                     args.editor_outputs, seed=args.seed, progress=progress)))
+    for path in args.extra_examples:
+        parts.append(Examples.load(path))
     data = Examples.concat(parts)
     val = cached(work / f"v{DATA_VERSION}-val-synthetic-{args.val_sessions}-s{args.seed}.npz",
                  lambda: synthetic_examples("val", args.val_sessions, branches=args.branches, seed=args.seed + 2))
@@ -783,6 +788,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = {"trained_with": " ".join(["python -m training.judge", *(sys.argv[1:] if argv is None else argv)]),
             "train_examples": len(data), "origins": origins, "sessions": args.sessions,
             "editor_outputs": args.editor_outputs, "editor_weight": args.editor_weight,
+            "extra_examples": [p.name for p in args.extra_examples],
             "editor": ({"path": str(editor_path), "fingerprint": editor_fingerprint(editor_path)}
                        if args.editor_outputs else None), "parameters": sum(p.numel() for p in judge.net.parameters()),
             **stats, "data_seconds": round(data_seconds, 1), "text_seconds": round(text_seconds, 1)}
