@@ -6,7 +6,8 @@
 Launches the app on a temporary data directory, fills the labeling queue with a few world test
 sessions, plays a 3-turn arena session with votes, labels one item with the keyboard and opens
 the leaderboard, saving ``arena.png``, ``arena-before-vote.png``, ``label.png`` and
-``leaderboard.png`` here.
+``leaderboard.png`` here.  The votes follow the exact verifier (the side whose turn succeeded
+wins; both or neither: tie / both bad), so the leaderboard in the pictures is not noise.
 """
 
 from __future__ import annotations
@@ -18,6 +19,47 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
+
+
+def verifier_pick(status: str) -> str:
+    """Arena vote from the verdict line the status shows (verifier display switched on)."""
+    line = next(l for l in status.splitlines() if l.startswith("Verifier"))
+    a_ok = "Model A ✅" in line
+    b_ok = "Model B ✅" in line
+    return {(True, False): "left", (False, True): "right", (True, True): "tie"}.get(
+        (a_ok, b_ok), "both_bad")
+
+
+def verifier_keys(ctx, annotator: str) -> list[str]:
+    """Keyboard answers for the annotator's next item, by the verifier (1 left, 2 right, 3 tie,
+    4 both bad), per turn and then for the whole session (success rate)."""
+    import json
+
+    from mteditlab.world import generate_session, score_turn
+
+    ctx.ensure_annotator(annotator)
+    item = ctx.store.next_assignment(annotator)  # the UI resumes this same assignment
+    info = ctx.store.get_comparison(item.comparison_id)
+    meta = json.loads(ctx.store.query("SELECT meta FROM sessions WHERE session_id = ?",
+                                      [info["A"]["session_id"]])["meta"].iloc[0])
+    session = generate_session("test", meta["index"], turns=len(info["instructions"]))
+    ok = {}
+    for side in "AB":
+        images = [ctx.store.get_image(info["source_sha"])] + [ctx.store.get_image(s)
+                                                              for s in info[side]["outputs"]]
+        ok[side] = [score_turn(session, k, images[k], images[k + 1]).success
+                    for k in range(len(images) - 1)]
+    left = item.left
+    right = "B" if left == "A" else "A"
+
+    def key(l_ok, r_ok):
+        return {(True, False): "1", (False, True): "2", (True, True): "3"}.get((l_ok, r_ok), "4")
+
+    keys = [key(a, b) for a, b in zip(ok[left], ok[right])]
+    l_rate, r_rate = sum(ok[left]), sum(ok[right])
+    keys.append("1" if l_rate > r_rate else "2" if r_rate > l_rate else
+                ("3" if l_rate else "4"))
+    return keys
 
 
 def main() -> int:
@@ -48,8 +90,9 @@ def main() -> int:
             page.wait_for_timeout(1000)
             page.locator("#arena-settings").get_by_text("Settings").click()
             testing.arena_session(page, url, [t.instruction for t in session.turns[:3]],
-                                  ["left", "right", "tie"], args.out, reload=False)
-            testing.label_item(page, "alice", "wonderland", ["2", "1", "3", "2"], args.out)
+                                  verifier_pick, args.out, reload=False)
+            testing.label_item(page, "alice", "wonderland", verifier_keys(ctx, "alice"),
+                               args.out)
             testing.leaderboard(page, args.out)
     print(f"screenshots in {args.out}")
     return 0

@@ -94,24 +94,26 @@ def gallery_count(page, selector: str) -> int:
     return page.evaluate(f"document.querySelectorAll('{selector} img').length")
 
 
-def arena_session(page, url: str, instructions: list[str], picks: list[str],
+def arena_session(page, url: str, instructions: list[str], picks,
                   shots: Path | None = None, example: str = "Example 2",
                   reload: bool = True) -> list[dict]:
     """Click through an arena session in the browser: pick an example, one edit and one vote
-    per instruction; returns what the screen showed after each vote."""
+    per instruction (``picks``: a list, or a function of the status text returning the pick);
+    returns what the screen showed after each vote."""
     if reload:
         page.goto(url)
     page.locator("#arena-example input").click()
     page.get_by_role("option", name=example).click()
     wait_text(page, "#arena-status", "New session on example")
     seen = []
-    for k, (text, pick) in enumerate(zip(instructions, picks)):
+    for k, text in enumerate(instructions):
         page.locator("#arena-instruction textarea").fill(text)
         page.locator("#arena-edit").click()
         wait_text(page, "#arena-status", f"Turn {k + 1} done")
         page.wait_for_function(
             "n => document.querySelectorAll('#arena-strip-left img').length >= n", arg=k + 2)
         wait_images(page)
+        pick = picks(page.locator("#arena-status").inner_text()) if callable(picks) else picks[k]
         if shots is not None and k == len(instructions) - 1:
             page.screenshot(path=str(shots / "arena-before-vote.png"), full_page=True)
         assert page.locator(f"#arena-vote-{pick}").is_enabled()
