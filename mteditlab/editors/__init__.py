@@ -10,9 +10,10 @@ EDITORS = ("mini", "kontext", "qwen-edit", "oracle", "identity")
 
 
 def get_editor(name: str, *, lora: str | Path | None = None, path: str | Path | None = None,
-               device: str | None = None) -> Editor:
-    """Build editor ``name``; ``lora`` loads an RL-tuned adapter on top; ``path`` overrides the base
-    weights (a mini checkpoint directory, or a model id / local directory for the real backends)."""
+               device: str | None = None, fuse: bool = True) -> Editor:
+    """Build editor ``name``; ``lora`` loads an RL-tuned adapter on top (merged into the weights when
+    ``fuse``, so it costs nothing at inference); ``path`` overrides the base weights (a mini checkpoint
+    directory, or a model id / local directory for the real backends)."""
     if name == "mini":
         from .mini import MiniEditor
         editor = MiniEditor.from_pretrained(path, device=device or "cpu")
@@ -34,6 +35,8 @@ def get_editor(name: str, *, lora: str | Path | None = None, path: str | Path | 
         if editor.denoiser is None:
             raise EditorError(f"The {name} editor has no weights to put a LoRA adapter on.")
         editor.load_lora(lora)
+        if fuse:
+            editor.fuse_lora()
     return editor
 
 

@@ -144,6 +144,12 @@ class Editor:
         (directory / "adapter_info.json").write_text(json.dumps({"editor": self.name, **(metadata or {})}, indent=2))
         return directory
 
+    def fuse_lora(self) -> None:
+        """Merge the active adapter into the base weights (W ← W + α/r·B·A) and drop it: inference then
+        costs what the base costs. Irreversible on this instance: for the app and benchmarks only."""
+        self.denoiser.fuse_lora()
+        self.denoiser.unload_lora()
+
     def load_lora(self, directory: str | Path) -> None:
         """Load an adapter saved by ``save_lora`` (or by diffusers) as the active ``default`` adapter."""
         path = Path(directory) / "pytorch_lora_weights.safetensors"
