@@ -1,8 +1,13 @@
 """Train and evaluate the world's learned ``judge`` (:mod:`mteditlab.rewards.mini_judge`).
 
     python -m training.judge                               # train on synthetic rollouts, evaluate on test
-    python -m training.judge --editor-outputs 400          # + the mini editor's own rollouts (needs checkpoints/mini/base)
-    python -m training.judge --eval-only                   # evaluate the committed judge: table + JSON
+    python -m training.judge --editor-outputs 300          # + the mini editor's own rollouts (needs its checkpoint)
+    python -m training.judge --steps 3000 --max-cpu-minutes 11 --editor-outputs 300 --editor-path DIR
+                                                           # how the committed judge was trained (see its card)
+    python -m training.judge --eval-only [--eval-editor none]   # evaluate the committed judge: table + JSON
+
+Caches (data, editor rollouts keyed by the checkpoint's fingerprint, MiniLM token states) live in
+``--work`` (``runs/judge``); reruns reuse them.
 
 **Data.** Every example is one turn: (image fed to the turn, image produced, the turn's instruction, its
 reconstructed intent, the earlier instructions) with labels from the exact verifier
@@ -39,7 +44,8 @@ decay. ``val`` sessions monitor training; ``test`` sessions are only evaluated.
 forced ``correct`` and ``identity`` branches at each turn) and, when its checkpoint exists, by the mini
 editor. Per sub-score: the verifier's positive rate, accuracy at threshold 0.5, AUC; quality: MAE and
 Pearson r; errors sliced by op, referential vs explicit turns, defect type and origin; how often the
-correct edit out-scores the identity. Prints a table, writes JSON.
+correct edit out-scores the identity, and how often, among outputs of the same turn, one the verifier
+passes out-scores one it fails. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
