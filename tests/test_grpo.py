@@ -166,8 +166,7 @@ def test_resume_after_sigkill_continues_and_matches_an_uninterrupted_run(tmp_pat
     proc.wait()
     done = len(_metrics(killed))
     assert done < 4
-    result = subprocess.run(_train_cmd(killed, checkpoint, 4), cwd=ROOT, env=ENV, check=True,
-                            capture_output=True, text=True)
+    subprocess.run(_train_cmd(killed, checkpoint, 4), cwd=ROOT, env=ENV, check=True, capture_output=True)
     rows, reference = _metrics(killed), _metrics(straight)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
     assert any(r["loss"] != 0 for r in reference)  # real updates happened

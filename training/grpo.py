@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import time
@@ -43,7 +42,7 @@ from mteditlab.editors import Editor, get_editor
 from mteditlab.flow import gaussian_log_prob, ode_step, sde_step_stats
 from mteditlab.intent import INTENT_MODES, turn_seed, turn_text
 from mteditlab.rewards.base import EditSample
-from mteditlab.world import Session, generate_session, render, score_turn
+from mteditlab.world import Session, generate_session, render
 from mteditlab.world import sessions as make_sessions
 from training.credit import FUSIONS, TURN_AGGREGATIONS, compute_advantages
 
@@ -150,8 +149,9 @@ def rollout(editor: Editor, sessions: list[Session], cfg: GRPOConfig, iteration:
 # ---- 2. rewards ------------------------------------------------------------------------------------
 
 def score_rollouts(records: list[TurnRecord], sessions: list[Session], cfg: GRPOConfig, reward_models: dict,
-                   iteration: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict]:
-    """Per-reward overall ``[S, G, T]``, gold success ``[S, G, T]``, IF-passed mask and sub-score means."""
+                   gold_model, iteration: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict]:
+    """Per-reward overall ``[S, G, T]``, gold success ``[S, G, T]``, IF-passed mask and sub-score means.
+    ``gold_model`` is the world's verifier; it scores each turn once, also when it is a reward."""
     S, G, T = len(sessions), cfg.num_generations, cfg.turns
     items = [(s, g) for s in sessions for g in range(G)]
     scores = {name: np.zeros((S * G, T)) for name in reward_models}
@@ -161,11 +161,10 @@ def score_rollouts(records: list[TurnRecord], sessions: list[Session], cfg: GRPO
     for k, rec in enumerate(records):
         samples = [EditSample(b, a, t[0], [x.instruction for x in s.turns[:k]], t[1], {"session": s, "turn": k})
                    for (s, _), b, a, t in zip(items, rec.before, rec.after, rec.texts)]
-        verdicts = [score_turn(s, k, b, a) for (s, _), b, a in zip(items, rec.before, rec.after)]
-        gold[:, k] = [v.success for v in verdicts]
-        gold_if[:, k] = [v.if_ for v in verdicts]
+        gold_out = gold_model.score(samples)
+        gold[:, k], gold_if[:, k] = gold_out.overall == 1, gold_out.scores["if"] == 1
         for name, model in reward_models.items():
-            out = model.score(samples, seed=cfg.seed * 100_003 + iteration * 31 + k)
+            out = gold_out if model is gold_model else model.score(samples, seed=cfg.seed * 100_003 + iteration * 31 + k)
             scores[name][:, k] = out.overall
             for sub, values in out.scores.items():
                 if np.isfinite(values).any():
@@ -340,6 +339,7 @@ def train(cfg: GRPOConfig) -> Path:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=1e-4)
     reward_models = {name: get_reward(name) for name in cfg.reward_weights}
+    gold_model = reward_models.get("verifier") or get_reward("verifier")
     proxies = [n for n in reward_models if n != "verifier"]
     start = load_state(out, editor, optimizer)
     metrics_path = out / "metrics.jsonl"
@@ -365,11 +365,10 @@ def train(cfg: GRPOConfig) -> Path:
         timings["rollout_s"] = time.time() - t0
 
         t0 = time.time()
-        rewards, gold, gold_if, sub_means = score_rollouts(records, sessions, cfg, reward_models, iteration)
-        if_passed = gold_if
+        rewards, gold, gold_if, sub_means = score_rollouts(records, sessions, cfg, reward_models, gold_model, iteration)
         advantages, credit_stats = compute_advantages(
             rewards, cfg.reward_weights, turn_aggregation=cfg.turn_aggregation, fusion=cfg.fusion,
-            broadcast=cfg.broadcast, trajectory_filter=cfg.trajectory_filter, if_passed=if_passed,
+            broadcast=cfg.broadcast, trajectory_filter=cfg.trajectory_filter, if_passed=gold_if,
             clip_max=cfg.adv_clip_max, gamma=cfg.discount)
         adv = torch.from_numpy(advantages.reshape(-1, cfg.turns)).float()   # [S·G, T]
         timings["reward_s"] = time.time() - t0

@@ -13,7 +13,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from .scene import BACKGROUNDS, CELLS, COLOURS, SHAPES, SIZES, Obj, Scene, neighbour
+from .scene import BACKGROUNDS, CELLS, COLOURS, SHAPES, Obj, Scene, neighbour
 
 OPS = ("add", "remove", "recolour", "move", "resize", "swap", "background")
 DIRECTIONS = ("left", "right", "up", "down")
