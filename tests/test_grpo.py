@@ -18,7 +18,8 @@ from mteditlab.editors.mini import MiniEditor
 from mteditlab.flow import gaussian_log_prob, sde_step, sde_step_stats
 from mteditlab.world import generate_session
 from training.credit import aggregate_turns, compute_advantages
-from training.grpo import GRPOConfig, encode_subset, grpo_loss, nft_loss, parse_args, rollout
+from mteditlab.rewards import get_reward
+from training.grpo import GRPOConfig, encode_subset, grpo_loss, nft_loss, parse_args, rollout, score_rollouts
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--sessions-per-step", "2", "--num-generations", "4", "--turns", "2", "--steps", "3", "--sde-window", "1",
@@ -73,7 +74,7 @@ def test_recomputed_log_prob_equals_the_rollouts(tiny_editor):
 
 
 def test_nft_loss_prefers_positive_samples(tiny_editor):
-    cfg = GRPOConfig(algo="nft", num_generations=2, turns=1, steps=3, sde_window=1, beta=1.0)
+    cfg = GRPOConfig(algo="nft", num_generations=2, turns=1, steps=3, sde_window=1, nft_beta=1.0)
     from peft import LoraConfig
     if "old" not in tiny_editor.denoiser.peft_config:
         tiny_editor.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(tiny_editor.lora_target_modules)),
@@ -85,6 +86,22 @@ def test_nft_loss_prefers_positive_samples(tiny_editor):
     losses = [nft_loss(tiny_editor, records[0], cond, idx, torch.full((2,), a), cfg, torch.Generator().manual_seed(0))[1]
               for a in (5.0, -5.0, 0.0)]
     assert [l["nft_positive_weight"] for l in losses] == [1.0, 0.0, 0.5]
+
+
+def test_reward_terms_address_overalls_and_sub_scores(tiny_editor):
+    cfg = GRPOConfig(num_generations=2, turns=2, steps=3, sde_window=1, reward="verifier=1.0,verifier.quality=0.5,verifier.ga=1")
+    sessions = [generate_session("train", i, 2) for i in range(2)]
+    records = rollout(tiny_editor, sessions, cfg, iteration=0)
+    verifier = get_reward("verifier")
+    scores, gold, _, subs = score_rollouts(records, sessions, cfg, {"verifier": verifier}, verifier, iteration=0)
+    assert set(scores) == {"verifier", "verifier.quality", "verifier.ga"}
+    assert (scores["verifier"] == gold).all()
+    assert (scores["verifier.ga"][..., 0] == 1.0).all()          # GA does not apply at turn 1: satisfied
+    quality = scores["verifier.quality"]
+    assert ((quality >= 0) & (quality <= 1)).all() and quality.mean() == pytest.approx(subs["verifier/quality"])
+    bad = GRPOConfig(num_generations=2, turns=2, steps=3, sde_window=1, reward="verifier.style=1")
+    with pytest.raises(ValueError, match="no sub-score 'style'"):
+        score_rollouts(records, sessions, bad, {"verifier": verifier}, verifier, iteration=0)
 
 
 def test_turn_aggregations():

@@ -68,13 +68,14 @@ class GRPOConfig:
     # objective
     learning_rate: float = 3e-4
     clip_range: float = 2e-3
-    beta: float = 0.01                    # KL to the reference (adapter disabled); NFT: guidance strength β
+    beta: float = 0.01                    # GRPO: weight of the KL to the reference (adapter disabled)
+    nft_beta: float = 1.0                 # NFT: guidance strength β of the implicit positive / negative policies
     adv_clip_max: float = 5.0
     num_minibatches: int = 2              # optimizer steps per batch of rollouts
     max_grad_norm: float = 1.0
     ema_decay: float = 0.9                # NFT old-policy EMA
     # multi-turn credit
-    reward: str = "verifier=1.0"          # NAME=WEIGHT,... over registered reward models
+    reward: str = "verifier=1.0"          # TERM=WEIGHT,...; TERM = a reward model's overall (NAME) or sub-score (NAME.SUB)
     turn_aggregation: str = "mean"
     fusion: str = "advantage"
     broadcast: bool = True
@@ -150,11 +151,15 @@ def rollout(editor: Editor, sessions: list[Session], cfg: GRPOConfig, iteration:
 
 def score_rollouts(records: list[TurnRecord], sessions: list[Session], cfg: GRPOConfig, reward_models: dict,
                    gold_model, iteration: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict]:
-    """Per-reward overall ``[S, G, T]``, gold success ``[S, G, T]``, IF-passed mask and sub-score means.
-    ``gold_model`` is the world's verifier; it scores each turn once, also when it is a reward."""
+    """Per-reward-term scores ``[S, G, T]``, gold success ``[S, G, T]``, IF-passed mask and sub-score means.
+
+    A term ``NAME`` is model ``NAME``'s overall; ``NAME.SUB`` its sub-score ``SUB``, where a sub-score
+    that does not apply to a scored item (NaN, e.g. ``ga`` at turn 1) counts as satisfied (1.0); items
+    the model failed on stay NaN. ``gold_model`` is the world's verifier; it scores each turn once,
+    also when it is a reward."""
     S, G, T = len(sessions), cfg.num_generations, cfg.turns
     items = [(s, g) for s in sessions for g in range(G)]
-    scores = {name: np.zeros((S * G, T)) for name in reward_models}
+    scores = {term: np.zeros((S * G, T)) for term in cfg.reward_weights}
     gold = np.zeros((S * G, T), dtype=bool)
     gold_if = np.zeros((S * G, T), dtype=bool)
     sub_means: dict[str, list[float]] = {}
@@ -163,9 +168,18 @@ def score_rollouts(records: list[TurnRecord], sessions: list[Session], cfg: GRPO
                    for (s, _), b, a, t in zip(items, rec.before, rec.after, rec.texts)]
         gold_out = gold_model.score(samples)
         gold[:, k], gold_if[:, k] = gold_out.overall == 1, gold_out.scores["if"] == 1
-        for name, model in reward_models.items():
-            out = gold_out if model is gold_model else model.score(samples, seed=cfg.seed * 100_003 + iteration * 31 + k)
-            scores[name][:, k] = out.overall
+        outputs = {name: gold_out if model is gold_model else model.score(samples, seed=cfg.seed * 100_003 + iteration * 31 + k)
+                   for name, model in reward_models.items()}
+        for term in scores:
+            name, _, sub = term.partition(".")
+            out = outputs[name]
+            if not sub:
+                scores[term][:, k] = out.overall
+            elif sub in out.scores:
+                scores[term][:, k] = np.where(out.valid & np.isnan(out.scores[sub]), 1.0, out.scores[sub])
+            else:
+                raise ValueError(f"reward term {term!r}: {name} has no sub-score {sub!r} (it has {sorted(out.scores)})")
+        for name, out in outputs.items():
             for sub, values in out.scores.items():
                 if np.isfinite(values).any():
                     sub_means.setdefault(f"{name}/{sub}", []).append(float(np.nanmean(values)))
@@ -210,8 +224,8 @@ def nft_loss(editor: Editor, rec: TurnRecord, cond, idx: torch.Tensor, adv: torc
     v_theta = editor.velocity(x_t, t.flatten(), cond)
     with torch.no_grad(), _old_policy(editor):
         v_old = editor.velocity(x_t, t.flatten(), cond)
-    v_pos = cfg.beta * v_theta + (1 - cfg.beta) * v_old
-    v_neg = (1 + cfg.beta) * v_old - cfg.beta * v_theta
+    v_pos = cfg.nft_beta * v_theta + (1 - cfg.nft_beta) * v_old
+    v_neg = (1 + cfg.nft_beta) * v_old - cfg.nft_beta * v_theta
     err_pos = ((x_t - t * v_pos - x0) ** 2).flatten(1).mean(1)
     err_neg = ((x_t - t * v_neg - x0) ** 2).flatten(1).mean(1)
     weight = 1 / ((x_t - t * v_old - x0).abs().flatten(1).mean(1) + 1e-3)   # adaptive, no gradient
@@ -338,9 +352,9 @@ def train(cfg: GRPOConfig) -> Path:
     for p in trainable:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=1e-4)
-    reward_models = {name: get_reward(name) for name in cfg.reward_weights}
+    reward_models = {name: get_reward(name) for name in dict.fromkeys(t.partition(".")[0] for t in cfg.reward_weights)}
     gold_model = reward_models.get("verifier") or get_reward("verifier")
-    proxies = [n for n in reward_models if n != "verifier"]
+    proxies = [t for t in cfg.reward_weights if t.partition(".")[0] != "verifier"]
     start = load_state(out, editor, optimizer)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
