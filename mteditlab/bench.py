@@ -5,6 +5,9 @@
 Per turn k it reports IF, CC, GA and success; ``overall_k`` = fraction of sessions whose turns 1..k
 all succeeded; ``marginal_k`` = P(turn k succeeds | turns 1..k−1 succeeded); ``exposure_gap_k`` =
 success of turn k fed the *true* previous scene minus success fed the editor's own output.
+It also reports how the outputs look, whatever their content (:mod:`mteditlab.rewards.features`):
+``quality`` (1 = a pixel-exact render of the scene the image shows) and ``tint_255`` (the distance of
+the background from the nearest palette colour, in 0–255 units: what tint-averse people notice).
 """
 
 from __future__ import annotations
@@ -41,13 +44,18 @@ def run_benchmark(editor: Editor, sessions: Sequence[Session], *, seed: int = 0,
     scene; return the metrics dictionary (see module docstring)."""
     turns = len(sessions[0].turns)
     current = [render(s.source) for s in sessions]
+    from mteditlab.rewards.features import TINT_SCALE, image_features
+
     own = np.zeros((len(sessions), turns, 4))  # if, cc, ga, success
+    looks = np.zeros((len(sessions), turns, 2))  # quality, tint
     forced = np.zeros((len(sessions), turns))
     for k in tqdm(range(turns), desc=f"bench {editor.name}", disable=not progress):
         items = [(s, k) for s in sessions]
         outputs = _edit_all(editor, current, items, seed=seed, steps=steps, intent=intent, batch_size=batch_size)
         for i, (s, before, after) in enumerate(zip(sessions, current, outputs)):
             own[i, k] = list(score_turn(s, k, before, after).as_dict().values())
+            features = image_features(after)
+            looks[i, k] = features["quality"], features["tint"] * TINT_SCALE * 255
         if k == 0:
             forced[:, 0] = own[:, 0, 3]
         else:
@@ -67,13 +75,14 @@ def run_benchmark(editor: Editor, sessions: Sequence[Session], *, seed: int = 0,
             "marginal": float(all_ok[:, k].sum() / prior) if prior else 0.0,
             "teacher_forced_success": float(forced[:, k].mean()),
             "exposure_gap": float(forced[:, k].mean() - own[:, k, 3].mean()),
+            "quality": float(looks[:, k, 0].mean()), "tint_255": float(looks[:, k, 1].mean()),
         })
     return {"editor": editor.name, "split": sessions[0].split, "sessions": len(sessions), "turns": turns,
             "seed": seed, "steps": steps or editor.default_steps, "intent": intent, "per_turn": per_turn}
 
 
 def markdown_table(result: dict) -> str:
-    keys = ["if", "cc", "ga", "success", "overall", "marginal", "exposure_gap"]
+    keys = ["if", "cc", "ga", "success", "overall", "marginal", "exposure_gap", "quality", "tint_255"]
     lines = ["| turn | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for row in result["per_turn"]:
         lines.append(f"| {row['turn']} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")

@@ -14,6 +14,7 @@ def test_oracle_succeeds_at_every_turn_and_writes_json_and_plot(tmp_path):
     for row in result["per_turn"]:
         assert row["overall"] == row["success"] == row["marginal"] == 1.0
         assert row["exposure_gap"] == 0.0
+        assert row["quality"] > 0.99 and row["tint_255"] < 0.5   # clean renders on the palette
     assert (tmp_path / "r.png").stat().st_size > 1000
 
 

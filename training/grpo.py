@@ -76,6 +76,7 @@ class GRPOConfig:
     ema_decay: float = 0.9                # NFT old-policy EMA
     # multi-turn credit
     reward: str = "verifier=1.0"          # TERM=WEIGHT,...; TERM = a reward model's overall (NAME) or sub-score (NAME.SUB)
+    reward_paths: str = ""                # NAME=DIR,...: where a reward model's artifact lives (e.g. calibrated=data/calibrated)
     turn_aggregation: str = "mean"
     fusion: str = "advantage"
     broadcast: bool = True
@@ -90,6 +91,7 @@ class GRPOConfig:
     seed: int = 0
     out: str = "runs/grpo"
     reward_weights: dict = field(default_factory=dict)
+    reward_path_of: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.algo not in ("grpo", "nft"):
@@ -99,6 +101,7 @@ class GRPOConfig:
         if not 1 <= self.sde_window <= self.steps - 1:
             raise ValueError("--sde-window must be in [1, steps − 1] (the σ = 1 step is always an ODE step)")
         self.reward_weights = {k: float(v) for k, v in (p.split("=") for p in self.reward.split(","))}
+        self.reward_path_of = dict(p.split("=", 1) for p in self.reward_paths.split(",") if p)
 
 
 # ---- 1. rollouts ----------------------------------------------------------------------------------
@@ -352,7 +355,8 @@ def train(cfg: GRPOConfig) -> Path:
     for p in trainable:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=1e-4)
-    reward_models = {name: get_reward(name) for name in dict.fromkeys(t.partition(".")[0] for t in cfg.reward_weights)}
+    reward_models = {name: get_reward(name, **({"path": cfg.reward_path_of[name]} if name in cfg.reward_path_of else {}))
+                     for name in dict.fromkeys(t.partition(".")[0] for t in cfg.reward_weights)}
     gold_model = reward_models.get("verifier") or get_reward("verifier")
     proxies = [t for t in cfg.reward_weights if t.partition(".")[0] != "verifier"]
     start = load_state(out, editor, optimizer)
@@ -454,7 +458,7 @@ def parse_args(argv: list[str] | None = None) -> GRPOConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (the only mode)")
     for f in fields(GRPOConfig):
-        if f.name in ("reward_weights", "broadcast"):
+        if f.name in ("reward_weights", "reward_path_of", "broadcast"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
