@@ -1,6 +1,6 @@
 """Cost of one multi-turn GRPO / NFT iteration on the mini editor, split by phase.
 
-    python bench/grpo_step.py [--iterations 5] [--algo grpo] [--json out/bench/grpo_step.json]
+    python bench/grpo_step.py [--iterations 5] [--algo nft|grpo] [--json out/bench/grpo_step.json]
 
 Runs the real trainer (``training.grpo.train``) for a few iterations with the default configuration
 into a scratch directory and reports medians of seconds per iteration (rollout / reward / update),
@@ -26,7 +26,7 @@ from training.grpo import GRPOConfig, train  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--algo", default="grpo", choices=["grpo", "nft"])
+    parser.add_argument("--algo", default=GRPOConfig.algo, choices=["grpo", "nft"])
     parser.add_argument("--json", type=Path, default=Path("out/bench/grpo_step.json"))
     args = parser.parse_args()
 

@@ -1,7 +1,7 @@
 """Multi-turn RL of a LoRA adapter on a flow-matching editor: Flow-GRPO and DiffusionNFT.
 
-    python -m training.grpo --lora                       # mini editor, verifier reward, defaults below
-    python -m training.grpo --lora --algo nft --reward judge=1.0
+    python -m training.grpo --lora                       # NFT on the mini editor, verifier (+ quality) reward
+    python -m training.grpo --lora --algo grpo --learning-rate 3e-4 --reward judge=1.0
     accelerate launch --num_processes 2 -m training.grpo --lora   # data-parallel, gradients all-reduced
 
 One iteration, top to bottom:
@@ -54,28 +54,28 @@ class GRPOConfig:
     # model
     editor: str = "mini"
     editor_path: str | None = None
-    algo: str = "grpo"                    # grpo | nft
+    algo: str = "nft"                     # nft | grpo
     lora_rank: int = 16
     lora_alpha: float = 32.0
     # sampling
     num_generations: int = 8              # G rollouts per session (the group)
-    sessions_per_step: int = 4
+    sessions_per_step: int = 8
     turns: int = 3
     steps: int = 10                       # denoising steps per turn
     sde_window: int = 2                   # SDE (trained) steps per turn; ODE elsewhere
     noise_level: float = 0.7              # a in std = a·sqrt(σ / (1 − σ))
     intent: str = "reconstruct"           # none | concat | reconstruct
     # objective
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-3
     clip_range: float = 2e-3
     beta: float = 0.01                    # GRPO: weight of the KL to the reference (adapter disabled)
     nft_beta: float = 1.0                 # NFT: guidance strength β of the implicit positive / negative policies
     adv_clip_max: float = 5.0
-    num_minibatches: int = 2              # optimizer steps per batch of rollouts
+    num_minibatches: int = 1              # optimizer steps per batch of rollouts
     max_grad_norm: float = 1.0
     ema_decay: float = 0.9                # NFT old-policy EMA
     # multi-turn credit
-    reward: str = "verifier=1.0"          # TERM=WEIGHT,...; TERM = a reward model's overall (NAME) or sub-score (NAME.SUB)
+    reward: str = "verifier=1.0,verifier.quality=0.5"  # TERM=WEIGHT,...; TERM = a reward model's overall (NAME) or sub-score (NAME.SUB)
     reward_paths: str = ""                # NAME=DIR,...: where a reward model's artifact lives (e.g. calibrated=data/calibrated)
     turn_aggregation: str = "mean"
     fusion: str = "advantage"
@@ -84,8 +84,8 @@ class GRPOConfig:
     discount: float = 0.8
     # operations
     iterations: int = 300
-    eval_every: int = 25
-    eval_sessions: int = 48
+    eval_every: int = 20
+    eval_sessions: int = 64
     save_every: int = 10
     hacking_window: int = 20
     seed: int = 0
