@@ -19,7 +19,7 @@ from mteditlab.flow import gaussian_log_prob, sde_step, sde_step_stats
 from mteditlab.world import generate_session
 from training.credit import aggregate_turns, compute_advantages
 from mteditlab.rewards import get_reward
-from training.grpo import GRPOConfig, encode_subset, grpo_loss, nft_loss, parse_args, rollout, score_rollouts
+from training.grpo import GRPOConfig, ema_update, encode_subset, grpo_loss, nft_loss, parse_args, rollout, score_rollouts
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--sessions-per-step", "2", "--num-generations", "4", "--turns", "2", "--steps", "3", "--sde-window", "1",
@@ -86,6 +86,18 @@ def test_nft_loss_prefers_positive_samples(tiny_editor):
     losses = [nft_loss(tiny_editor, records[0], cond, idx, torch.full((2,), a), cfg, torch.Generator().manual_seed(0))[1]
               for a in (5.0, -5.0, 0.0)]
     assert [l["nft_positive_weight"] for l in losses] == [1.0, 0.0, 0.5]
+
+    # a session's rollouts share the forward-process draw: two identical samples with opposite
+    # advantages pull equally both ways (zero gradient at θ = old); equal advantages do not
+    ema_update(tiny_editor, decay=0.0)
+    records[0].x0 = records[0].x0[[0, 0]]
+    grads = []
+    for advantages in ([2.0, -2.0], [2.0, 2.0]):
+        tiny_editor.denoiser.zero_grad()
+        nft_loss(tiny_editor, records[0], cond, idx, torch.tensor(advantages), cfg, torch.Generator().manual_seed(0))[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in tiny_editor.lora_parameters() if p.grad is not None]).norm())
+    tiny_editor.denoiser.zero_grad()
+    assert grads[0] < 1e-4 * grads[1] and grads[1] > 0
 
 
 def test_reward_terms_address_overalls_and_sub_scores(tiny_editor):

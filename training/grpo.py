@@ -19,7 +19,8 @@ One iteration, top to bottom:
    the reference being the same model with its adapter disabled. NFT: on the forward process,
        r = clamp(A / (2·A_max) + ½, 0, 1),  v⁺ = β·v_θ + (1 − β)·v_old,  v⁻ = (1 + β)·v_old − β·v_θ,
        L = r·‖x̂0(v⁺) − x0‖² + (1 − r)·‖x̂0(v⁻) − x0‖²,  x̂0(v) = x_t − t·v,
-   weighted by 1 / mean|x̂0(v_old) − x0| (adaptive), the old policy being an EMA copy of the adapter.
+   weighted by 1 / mean|x̂0(v_old) − x0| (adaptive), the old policy being an EMA copy of the adapter and
+   (t, ε) shared by the G rollouts of a session.
 5. **Operations.** JSONL metrics, plots, evaluation on ``val``, atomic checkpoints, exact resume.
 """
 
@@ -218,11 +219,16 @@ def grpo_loss(editor: Editor, rec: TurnRecord, cond, idx: torch.Tensor, adv: tor
 
 def nft_loss(editor: Editor, rec: TurnRecord, cond, idx: torch.Tensor, adv: torch.Tensor, cfg: GRPOConfig,
              generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """DiffusionNFT's negative-aware loss on the forward process of the turn's final samples."""
+    """DiffusionNFT's negative-aware loss on the forward process of the turn's final samples.
+
+    The G rollouts of a session share their forward-process draw (t, ε) (common random numbers): the
+    positive / negative pull between them then comes from their samples x0, not from the draw."""
     x0 = rec.x0[idx]
     r = torch.clamp(adv / (2 * cfg.adv_clip_max) + 0.5, 0, 1)
-    t = torch.rand(len(idx), generator=generator).view(-1, *[1] * (x0.dim() - 1))
-    noise = torch.randn(x0.shape, generator=generator)
+    group = idx // cfg.num_generations
+    n_groups = rec.x0.shape[0] // cfg.num_generations
+    t = torch.rand(n_groups, generator=generator)[group].view(-1, *[1] * (x0.dim() - 1))
+    noise = torch.randn((n_groups, *x0.shape[1:]), generator=generator)[group]
     x_t = (1 - t) * x0 + t * noise
     v_theta = editor.velocity(x_t, t.flatten(), cond)
     with torch.no_grad(), _old_policy(editor):
