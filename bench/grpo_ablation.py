@@ -1,6 +1,6 @@
 """Ablation of the multi-turn credit-assignment choices of ``training.grpo`` on the mini editor.
 
-    python bench/grpo_ablation.py [--iterations 30] [--jobs 2] [--test-sessions 100] [--arms reference,per-turn]
+    python bench/grpo_ablation.py [--iterations 24] [--jobs 2] [--test-sessions 100] [--arms reference,per-turn]
 
 Every arm is the shipped configuration (``GRPOConfig`` defaults) with one choice flipped; each is
 trained for the same number of iterations by the real command (``python -m training.grpo --lora``,
@@ -125,8 +125,8 @@ def plot(summaries: list[dict], base_val: float, target: float, path: Path) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=30)
-    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=24)
+    parser.add_argument("--eval-every", type=int, default=8)
     parser.add_argument("--eval-sessions", type=int, default=64)
     parser.add_argument("--test-sessions", type=int, default=100)
     parser.add_argument("--target-gain", type=float, default=0.05)
