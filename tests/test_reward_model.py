@@ -83,7 +83,7 @@ def test_calibrated_reward_loads_the_artifact_and_scores_edit_samples(fitted):
     o = result.overall[:3]
     assert ((o >= 0) & (o <= 1)).all()
     assert o[0] > o[1] > o[2]  # the annotators' taste: clean > tinted (the verifier: equal) > wrong
-    assert set(result.scores) == {"if", "cc", "quality", "ga"}
+    assert {"if", "cc", "quality", "ga"} <= set(result.scores)
     verifier = get_reward("verifier").score(samples[:2])
     assert verifier.overall[0] == verifier.overall[1] == 1.0
 

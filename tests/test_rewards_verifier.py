@@ -36,7 +36,7 @@ def test_sub_scores_match_score_turn_on_oracle_and_identity_outputs():
     samples = rollout_samples()
     out = get_reward("verifier").score(samples)
     assert isinstance(out, RewardOutput) and out.n_failures == 0
-    assert set(out.scores) == {"if", "cc", "ga", "quality"}
+    assert set(out.scores) == {"if", "cc", "ga", "quality", "match"}
     for i, sample in enumerate(samples):
         k = sample.meta["turn"]
         truth = score_turn(sample.meta["session"], k, sample.source, sample.edited)
@@ -49,6 +49,7 @@ def test_sub_scores_match_score_turn_on_oracle_and_identity_outputs():
         assert out.overall[i] == float(truth.success)
     oracle, identity = out.overall[0::2], out.overall[1::2]
     assert oracle.mean() == 1.0 and identity.mean() == 0.0  # the oracle passes, a no-op fails IF
+    assert (out.scores["match"][0::2] > 0.99).all() and (out.scores["match"][1::2] < 0.99).all()  # dense success
     assert (out.scores["cc"][1::2] == 1.0).all()
 
 

@@ -16,6 +16,10 @@ Sub-scores (each 0.0 or 1.0 except ``quality``):
 * ``quality`` — ``1 − min(1, RMS(edited − render(parse(edited))) / 0.25)``: how close the image is
   to a clean render of the scene it shows (1 = pixel-exact; blur, noise, a background tint or junk
   lower it). See :mod:`mteditlab.rewards.features`.
+* ``match`` — ``1 − min(1, RMS(edited − render(intended)) / 0.25)`` with ``intended`` the true scene
+  after the turn: a dense version of success (1 = the pixel-exact intended image), for RL
+  (``--reward verifier.match=W``). It needs the ground truth, so it is not a rubric sub-score: a
+  reward model fit on the verifier's sub-scores (``training.reward_model``) never sees it.
 
 ``overall`` = success = IF ∧ CC ∧ GA (1.0 or 0.0); it ignores ``quality`` — the verifier judges
 content, not looks.
@@ -34,7 +38,11 @@ import PIL.Image
 
 from mteditlab.rewards.base import CC, GA, IF, QUALITY, EditSample, RewardModel, RewardOutput
 from mteditlab.rewards.features import image_features, parse_cached
-from mteditlab.world import Session, score_turn
+from mteditlab.world import Session, render_array, score_turn
+from mteditlab.world.verifier import to_array
+
+MATCH = "match"
+MATCH_RMS_SCALE = 0.25
 
 
 def _check(sample: EditSample) -> str | None:
@@ -56,11 +64,11 @@ class VerifierReward(RewardModel):
     """The exact verifier as a reward backend (see the module docstring)."""
 
     name = "verifier"
-    sub_scores = (IF, CC, QUALITY, GA)
+    sub_scores = (IF, CC, QUALITY, GA)   # the rubric; ``match`` is reported besides them, for RL only
 
     def score(self, samples: Sequence[EditSample], *, seed: int = 0) -> RewardOutput:
         n = len(samples)
-        scores = {key: np.full(n, np.nan) for key in self.sub_scores}
+        scores = {key: np.full(n, np.nan) for key in (*self.sub_scores, MATCH)}
         overall = np.full(n, np.nan)
         failures: list[str | None] = []
         for i, sample in enumerate(samples):
@@ -73,6 +81,9 @@ class VerifierReward(RewardModel):
                     scores[IF][i], scores[CC][i] = float(verdict.if_), float(verdict.cc)
                     scores[GA][i] = float(verdict.ga) if k > 0 else np.nan
                     scores[QUALITY][i] = image_features(sample.edited, scene=after)["quality"]
+                    edited = to_array(sample.edited, sample.edited.width)
+                    intended = render_array(sample.meta["session"].turns[k].after, sample.edited.width)
+                    scores[MATCH][i] = 1.0 - min(1.0, float(np.sqrt(((edited - intended) ** 2).mean())) / MATCH_RMS_SCALE)
                     overall[i] = float(verdict.success)
                 except Exception as exc:  # an unreadable image: report it, never a number
                     reason = f"verifier failed: {type(exc).__name__}: {exc}"
