@@ -19,7 +19,7 @@ from mteditlab.flow import gaussian_log_prob, sde_step, sde_step_stats
 from mteditlab.world import generate_session
 from training.credit import aggregate_turns, compute_advantages
 from mteditlab.rewards import get_reward
-from training.grpo import GRPOConfig, ema_update, encode_subset, grpo_loss, nft_loss, parse_args, rollout, score_rollouts
+from training.grpo import GRPOConfig, ema_update, encode_subset, hacking_alarm, grpo_loss, nft_loss, parse_args, rollout, score_rollouts
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--sessions-per-step", "2", "--num-generations", "4", "--turns", "2", "--steps", "3", "--sde-window", "1",
@@ -114,6 +114,18 @@ def test_reward_terms_address_overalls_and_sub_scores(tiny_editor):
     bad = GRPOConfig(num_generations=2, turns=2, steps=3, sde_window=1, reward="verifier.style=1")
     with pytest.raises(ValueError, match="no sub-score 'style'"):
         score_rollouts(records, sessions, bad, {"verifier": verifier}, verifier, iteration=0)
+
+
+def test_reward_hacking_alarm_fires_when_the_proxy_rises_and_the_gold_falls():
+    def history(proxy_slope, gold_slope):
+        return [{"reward/judge": 0.5 + proxy_slope * i, "gold_success": 0.7 + gold_slope * i} for i in range(20)]
+
+    alarm = hacking_alarm(history(0.005, -0.005), window=20, proxy_names=["judge"])
+    assert alarm is True and json.dumps({"reward_hacking": alarm})      # a plain bool, written to the JSONL
+    assert hacking_alarm(history(0.005, 0.005), 20, ["judge"]) is False      # both rise: learning
+    assert hacking_alarm(history(0.0, -0.005), 20, ["judge"]) is False       # gold falls alone: no proxy to blame
+    assert hacking_alarm(history(0.005, -0.005)[:10], 20, ["judge"]) is False  # window not full yet
+    assert hacking_alarm(history(0.005, -0.005), 20, []) is False            # verifier-only training
 
 
 def test_turn_aggregations():

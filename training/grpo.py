@@ -283,7 +283,7 @@ def hacking_alarm(history: list[dict], window: int, proxy_names: list[str]) -> b
     def trend(key):
         return np.polyfit(xs, [h[key] for h in recent], 1)[0] * window
 
-    return trend("gold_success") < -0.02 and any(trend(f"reward/{n}") > 0.02 for n in proxy_names)
+    return bool(trend("gold_success") < -0.02 and any(trend(f"reward/{n}") > 0.02 for n in proxy_names))
 
 
 def save_state(out: Path, editor: Editor, optimizer, iteration: int, cfg: GRPOConfig) -> None:
