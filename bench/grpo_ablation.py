@@ -54,21 +54,21 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     """Train one arm (resuming if interrupted) and benchmark its adapter on the test split."""
     out = args.out / slug(arm)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-    log = (args.out / f"{slug(arm)}.log").open("a")
-    if not (out / "adapter").exists():
-        subprocess.run([sys.executable, "-m", "training.grpo", "--lora", *ARMS[arm], "--iterations", str(args.iterations),
-                        "--eval-every", str(args.eval_every), "--eval-sessions", str(args.eval_sessions),
-                        "--seed", str(args.seed), "--out", str(out)], cwd=ROOT, env=env, stdout=log, stderr=log,
-                       check=True)
     test_json = out / "test.json"
-    if not test_json.exists():
-        subprocess.run([sys.executable, "-m", "mteditlab.bench", "--editor", "mini", "--lora", str(out / "adapter"),
-                        "--sessions", str(args.test_sessions), "--turns", "5", "--json", str(test_json)],
-                       cwd=ROOT, env=env, stdout=log, stderr=log, check=True)
+    with (args.out / f"{slug(arm)}.log").open("a") as log:
+        if not (out / "adapter").exists():
+            subprocess.run([sys.executable, "-m", "training.grpo", "--lora", *ARMS[arm], "--iterations",
+                            str(args.iterations), "--eval-every", str(args.eval_every), "--eval-sessions",
+                            str(args.eval_sessions), "--seed", str(args.seed), "--out", str(out)],
+                           cwd=ROOT, env=env, stdout=log, stderr=log, check=True)
+        if not test_json.exists():
+            subprocess.run([sys.executable, "-m", "mteditlab.bench", "--editor", "mini", "--lora", str(out / "adapter"),
+                            "--sessions", str(args.test_sessions), "--turns", "5", "--json", str(test_json)],
+                           cwd=ROOT, env=env, stdout=log, stderr=log, check=True)
     return summarize(arm, out)
 
 
-def summarize(arm: str, out: Path, target: float | None = None) -> dict:
+def summarize(arm: str, out: Path) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     test = json.loads((out / "test.json").read_text())
     return {"arm": arm, "flags": " ".join(ARMS[arm]) or "(defaults)",

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from mteditlab.editors import EDITORS, Editor, get_editor
 from mteditlab.intent import INTENT_MODES, turn_seed, turn_text
+from mteditlab.rewards.features import TINT_SCALE, image_features, parse_cached
 from mteditlab.world import Session, render, score_turn, sessions as make_sessions
 
 
@@ -44,8 +45,6 @@ def run_benchmark(editor: Editor, sessions: Sequence[Session], *, seed: int = 0,
     scene; return the metrics dictionary (see module docstring)."""
     turns = len(sessions[0].turns)
     current = [render(s.source) for s in sessions]
-    from mteditlab.rewards.features import TINT_SCALE, image_features
-
     own = np.zeros((len(sessions), turns, 4))  # if, cc, ga, success
     looks = np.zeros((len(sessions), turns, 2))  # quality, tint
     forced = np.zeros((len(sessions), turns))
@@ -53,8 +52,9 @@ def run_benchmark(editor: Editor, sessions: Sequence[Session], *, seed: int = 0,
         items = [(s, k) for s in sessions]
         outputs = _edit_all(editor, current, items, seed=seed, steps=steps, intent=intent, batch_size=batch_size)
         for i, (s, before, after) in enumerate(zip(sessions, current, outputs)):
-            own[i, k] = list(score_turn(s, k, before, after).as_dict().values())
-            features = image_features(after)
+            scene = parse_cached(after, after.width)  # parsed once: the verdict, the looks, the next turn
+            own[i, k] = list(score_turn(s, k, parse_cached(before, before.width), scene).as_dict().values())
+            features = image_features(after, after.width, scene=scene)
             looks[i, k] = features["quality"], features["tint"] * TINT_SCALE * 255
         if k == 0:
             forced[:, 0] = own[:, 0, 3]

@@ -16,7 +16,7 @@ Sub-scores (each 0.0 or 1.0 except ``quality``):
 * ``quality`` — ``1 − min(1, RMS(edited − render(parse(edited))) / 0.25)``: how close the image is
   to a clean render of the scene it shows (1 = pixel-exact; blur, noise, a background tint or junk
   lower it). See :mod:`mteditlab.rewards.features`.
-* ``match`` — ``1 − min(1, RMS(edited − render(intended)) / 0.25)`` with ``intended`` the true scene
+* ``match`` — ``1 − min(1, RMS(edited − render(intended)) / 0.25)`` (the quality scale) with ``intended`` the true scene
   after the turn: a dense version of success (1 = the pixel-exact intended image), for RL
   (``--reward verifier.match=W``). It needs the ground truth, so it is not a rubric sub-score: a
   reward model fit on the verifier's sub-scores (``training.reward_model``) never sees it.
@@ -37,12 +37,11 @@ import numpy as np
 import PIL.Image
 
 from mteditlab.rewards.base import CC, GA, IF, QUALITY, EditSample, RewardModel, RewardOutput
-from mteditlab.rewards.features import image_features, parse_cached
+from mteditlab.rewards.features import QUALITY_RMS_SCALE, image_features, parse_cached
 from mteditlab.world import Session, render_array, score_turn
 from mteditlab.world.verifier import to_array
 
 MATCH = "match"
-MATCH_RMS_SCALE = 0.25
 
 
 def _check(sample: EditSample) -> str | None:
@@ -83,7 +82,7 @@ class VerifierReward(RewardModel):
                     scores[QUALITY][i] = image_features(sample.edited, scene=after)["quality"]
                     edited = to_array(sample.edited, sample.edited.width)
                     intended = render_array(sample.meta["session"].turns[k].after, sample.edited.width)
-                    scores[MATCH][i] = 1.0 - min(1.0, float(np.sqrt(((edited - intended) ** 2).mean())) / MATCH_RMS_SCALE)
+                    scores[MATCH][i] = 1.0 - min(1.0, float(np.sqrt(((edited - intended) ** 2).mean())) / QUALITY_RMS_SCALE)
                     overall[i] = float(verdict.success)
                 except Exception as exc:  # an unreadable image: report it, never a number
                     reason = f"verifier failed: {type(exc).__name__}: {exc}"
