@@ -6,6 +6,13 @@ Loss (rectified flow): x_σ = (1 − σ)·x0 + σ·ε, σ ~ logit-normal, L = �
 Each example is one turn of a ``train``-split session: input = the true scene before the turn, target =
 the true scene after it, text = the explicit intent or (for non-referential turns, half the time) the
 instruction as phrased. Resumable: rerun the same command and it continues from ``--work``.
+
+Continue a released checkpoint to convergence (weights and EMA start from ``--init-from``, the learning
+rate warms up again and decays on a cosine to ``--min-lr``; every ``--eval-every`` steps the EMA is
+scored on ``val`` sessions, 3 turns on its own outputs, into ``eval.jsonl``):
+
+    python -m training.pretrain --init-from checkpoints/mini/base --steps 4000 --schedule cosine \
+        --eval-every 500 --work runs/pretrain-continue --out checkpoints/mini/base
 """
 
 from __future__ import annotations
@@ -17,11 +24,15 @@ import random
 import time
 from pathlib import Path
 
+import math
+
 import torch
+from diffusers import UNet2DConditionModel
 from tqdm import tqdm
 
+from mteditlab.bench import run_benchmark
 from mteditlab.editors.mini import MiniEditor, images_to_tensor
-from mteditlab.world import generate_session, render
+from mteditlab.world import generate_session, render, sessions
 
 
 def build_pool(num_sessions: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str | None]]]:
@@ -41,6 +52,28 @@ def save_checkpoint(path: Path, step: int, editor: MiniEditor, ema, optimizer) -
                 "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                 "py_rng": random.getstate()}, tmp)
     tmp.replace(path)  # atomic: a kill mid-save leaves the previous checkpoint intact
+
+
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant or a cosine from ``lr`` down to ``min_lr``."""
+    warm = min(1.0, (step + 1) / args.warmup)
+    if args.schedule == "constant":
+        return args.lr * warm
+    progress = min(1.0, step / max(1, args.steps))
+    return warm * (args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress)))
+
+
+def evaluate(editor: MiniEditor, denoiser, num_sessions: int, turns: int = 3) -> dict:
+    """Turn-k success and overall of ``denoiser`` on the first ``num_sessions`` ``val`` sessions."""
+    trained = editor.denoiser
+    editor.denoiser = denoiser
+    try:
+        result = run_benchmark(editor, sessions("val", num_sessions, turns), progress=False)
+    finally:
+        editor.denoiser = trained
+    rows = result["per_turn"]
+    return {"success": [r["success"] for r in rows], "overall": [r["overall"] for r in rows],
+            "exposure_gap": [r["exposure_gap"] for r in rows]}
 
 
 def plot_losses(log_path: Path, out_path: Path) -> None:
@@ -66,7 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    parser.add_argument("--min-lr", type=float, default=1e-5, help="end of the cosine schedule")
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--init-from", type=Path, help="start model and EMA from this checkpoint directory")
+    parser.add_argument("--eval-every", type=int, default=0, help="score the EMA on val every N steps (0 = never)")
+    parser.add_argument("--eval-sessions", type=int, default=300)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--sessions", type=int, default=4000, help="train sessions in the data pool (5 turns each)")
     parser.add_argument("--resolution", type=int, default=32)
@@ -83,12 +121,13 @@ def main(argv: list[str] | None = None) -> None:
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    editor = MiniEditor.from_config(args.resolution, seed=args.seed)
+    editor = (MiniEditor(UNet2DConditionModel.from_pretrained(args.init_from)) if args.init_from
+              else MiniEditor.from_config(args.resolution, seed=args.seed))
     model = editor.denoiser.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     args.work.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = args.work / "checkpoint.pt", args.work / "loss.jsonl"
+    ckpt_path, log_path, eval_path = args.work / "checkpoint.pt", args.work / "loss.jsonl", args.work / "eval.jsonl"
     start = 0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
@@ -102,12 +141,15 @@ def main(argv: list[str] | None = None) -> None:
     kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else [])
             if json.loads(line)["step"] <= start]
     log_path.write_text("".join(line + "\n" for line in kept))  # drop steps logged after the checkpoint
+    kept = [line for line in (eval_path.read_text().splitlines() if eval_path.exists() else [])
+            if json.loads(line)["step"] <= start]
+    eval_path.write_text("".join(line + "\n" for line in kept))
 
     before, after, texts = build_pool(args.sessions, args.resolution)
     started = time.time()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain")
     for step in bar:
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        lr = learning_rate(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(texts), (args.batch_size,))
@@ -131,6 +173,13 @@ def main(argv: list[str] | None = None) -> None:
         with log_path.open("a") as log:
             log.write(json.dumps({"step": step + 1, "loss": loss.item(), "lr": lr,
                                   "seconds": time.time() - started}) + "\n")
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            scores = evaluate(editor, ema, args.eval_sessions)
+            ema.save_pretrained(args.work / "snapshots" / f"step-{step + 1}")
+            with eval_path.open("a") as log:
+                log.write(json.dumps({"step": step + 1, "seconds": time.time() - started, **scores}) + "\n")
+            bar.write(f"step {step + 1}: val success {scores['success']} overall {scores['overall']}")
+            model.train()
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(ckpt_path, step + 1, editor, ema, optimizer)
 
