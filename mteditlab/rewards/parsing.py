@@ -1,14 +1,20 @@
-"""Strict parsing of a judge's final "Score: N" line.
+"""Strict parsing of a judge's answer line, and the two ways a judge's answer becomes a number.
 
-A reply that does not state exactly one valid score is a :class:`ScoreParseError` with a short
+A reply that does not state exactly one valid answer is a :class:`ScoreParseError` with a short
 reason — never a default number (VIEScore's silent random fallback is what this avoids).
+
+* :func:`parse_score` / :func:`parse_choice`: the final ``Score: N`` (or ``LABEL: N``) line;
+* :func:`digit_expectation`: direct mode's expected value over the digit tokens' probabilities;
+* :func:`average_votes`: thinking mode's mean over the votes that parse, failures counted.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from collections import Counter
+from typing import Callable, Sequence
 
-_SCORE_STATEMENT = re.compile(r"\bscore\s*[:=]\s*(?P<value>[^\n]*)", re.IGNORECASE)
 _VALUE = re.compile(r"(?P<num>[+-]?[0-9]+(?:\.[0-9]+)?)(?:\s*(?:/|out of)\s*(?P<den>[0-9]+))?[\s.!]*",
                     re.IGNORECASE)
 _MARKUP = "*_`'\" \t"
@@ -18,7 +24,29 @@ class ScoreParseError(ValueError):
     """The reply holds no single valid score; ``str(err)`` is the reason."""
 
 
-def parse_score(reply: str, scale: int) -> float:
+@functools.cache
+def _statement_pattern(label: str) -> re.Pattern:
+    return re.compile(rf"\b{re.escape(label)}\s*[:=]\s*(?P<value>[^\n]*)", re.IGNORECASE)
+
+
+def answer_statement(reply: str | None, label: str = "Score") -> str:
+    """The value written after the reply's one ``LABEL: …`` statement (markup stripped).
+
+    Anything before the last ``</think>`` (a reasoning block) is ignored; case is ignored.
+    ``ScoreParseError``: empty reply, no statement, two or more statements.
+    """
+    text = (reply or "").rsplit("</think>", 1)[-1]
+    if not text.strip():
+        raise ScoreParseError("empty reply")
+    statements = [m.group("value").strip(_MARKUP) for m in _statement_pattern(label).finditer(text)]
+    if not statements:
+        raise ScoreParseError(f"no '{label}: N' statement")
+    if len(statements) > 1:
+        raise ScoreParseError(f"{len(statements)} {label.lower()} statements (ambiguous)")
+    return statements[0]
+
+
+def parse_score(reply: str | None, scale: int) -> float:
     """Return ``N / scale`` for a reply whose answer is one ``Score: N`` statement.
 
     Accepted: ``N`` a decimal number in ``[0, scale]`` (``7``, ``7.5``), optionally written
@@ -28,20 +56,57 @@ def parse_score(reply: str, scale: int) -> float:
     extra text instead of a number ("ten", "7 or 8"), a negative or too large number, a denominator
     other than ``scale``.
     """
-    text = (reply or "").rsplit("</think>", 1)[-1]
-    if not text.strip():
-        raise ScoreParseError("empty reply")
-    statements = [m.group("value").strip(_MARKUP) for m in _SCORE_STATEMENT.finditer(text)]
-    if not statements:
-        raise ScoreParseError("no 'Score: N' statement")
-    if len(statements) > 1:
-        raise ScoreParseError(f"{len(statements)} score statements (ambiguous)")
-    match = _VALUE.fullmatch(statements[0])
+    statement = answer_statement(reply, "Score")
+    match = _VALUE.fullmatch(statement)
     if match is None:
-        raise ScoreParseError(f"malformed score {statements[0][:40]!r}")
+        raise ScoreParseError(f"malformed score {statement[:40]!r}")
     value = float(match.group("num"))
     if match.group("den") is not None and int(match.group("den")) != scale:
         raise ScoreParseError(f"score out of {match.group('den')}, expected out of {scale}")
     if not 0 <= value <= scale:
         raise ScoreParseError(f"score {match.group('num')} outside [0, {scale}]")
     return value / scale
+
+
+def parse_choice(reply: str | None, label: str, choices: Sequence[str]) -> str:
+    """The one ``LABEL: C`` statement's ``C``, which must be one of ``choices`` (trailing ``.``/``!``
+    ignored); ``ScoreParseError`` otherwise."""
+    value = answer_statement(reply, label).rstrip(".! ")
+    if value not in choices:
+        raise ScoreParseError(f"{label.lower()} {value[:40]!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def digit_expectation(probs: Sequence[float], min_mass: float) -> tuple[float, str | None, float]:
+    """Direct-mode score from ``probs[k]`` = probability of the digit token ``k``, ``k = 0..scale``:
+    ``m = Σ_k p_k``, ``score = Σ_k k · p_k / m / scale`` (Edit-R1's expected value in [0, 1]).
+
+    Returns ``(score, None, m)``, or ``(nan, reason, m)`` when a probability is not finite or
+    ``m < min_mass`` (the judge was not answering with a score)."""
+    scale = len(probs) - 1
+    mass = float(sum(probs))
+    if mass != mass or any(p != p or p in (float("inf"), float("-inf")) for p in probs):
+        return float("nan"), "non-finite probabilities", mass
+    if not mass > 0 or mass < min_mass:
+        return float("nan"), f"score tokens hold {mass:.3f} < {min_mass} of the probability", mass
+    value = sum(k * p for k, p in enumerate(probs)) / mass / scale
+    return min(max(value, 0.0), 1.0), None, mass
+
+
+def average_votes(replies: Sequence[str | None], parse: Callable[[str | None], float]) -> tuple[float, str | None, int]:
+    """Thinking-mode score of one chat: the mean of ``parse(reply)`` over the replies that parse.
+
+    Returns ``(mean, None, failed)``, or ``(nan, reason, failed)`` when no reply parses; the
+    reason lists each distinct parse error once with its count (prefixed ``all n votes failed``
+    when there were several votes)."""
+    votes, reasons = [], []
+    for reply in replies:
+        try:
+            votes.append(parse(reply))
+        except ScoreParseError as err:
+            reasons.append(str(err))
+    if votes:
+        return sum(votes) / len(votes), None, len(reasons)
+    counts = "; ".join(f"{reason} ×{k}" if k > 1 else reason for reason, k in Counter(reasons).items())
+    error = counts if len(replies) == 1 else f"all {len(replies)} votes failed: {counts}"
+    return float("nan"), error, len(reasons)

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import functools
 import os
-from collections import Counter
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from mteditlab.rewards.base import GA, OVERALL_RULES, SUB_SCORES, EditSample, RewardModel, RewardOutput
-from mteditlab.rewards.parsing import ScoreParseError, parse_score
+from mteditlab.rewards.parsing import average_votes, digit_expectation, parse_score
 from mteditlab.rewards.prompts import DIRECT_PREFILL, build_messages
 
 DEFAULT_JUDGE_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -136,18 +135,8 @@ class QwenVLJudge(RewardModel):
     def _direct(self, inputs) -> list[tuple[float, str | None, float]]:
         """(score, error, score-token mass) per chat from the next-token distribution."""
         logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
-        probs = logits.softmax(-1)[:, self.score_token_ids]
-        mass = probs.sum(-1)
-        values = probs @ torch.arange(self.scale + 1, dtype=probs.dtype, device=probs.device) / mass / self.scale
-        results = []
-        for finite, m, v in zip(torch.isfinite(logits).all(-1).tolist(), mass.tolist(), values.tolist()):
-            if not finite:
-                results.append((np.nan, "non-finite logits", m))
-            elif not m > 0 or m < self.min_score_mass:
-                results.append((np.nan, f"score tokens hold {m:.3f} < {self.min_score_mass} of the probability", m))
-            else:
-                results.append((v, None, m))
-        return results
+        probs = logits.softmax(-1)[:, self.score_token_ids].double()
+        return [digit_expectation(row, self.min_score_mass) for row in probs.tolist()]
 
     def _thinking(self, inputs) -> list[tuple[float, str | None, tuple[list[str], int]]]:
         """(mean valid vote, error, (replies, failed votes)) per chat."""
@@ -159,20 +148,12 @@ class QwenVLJudge(RewardModel):
             top_p=1.0 if sampled else None,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
         replies = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        parse = functools.partial(parse_score, scale=self.scale)
         results = []
         for start in range(0, len(replies), self.votes):  # generate repeats each chat `votes` times in a row
-            chat_replies, votes, reasons = replies[start:start + self.votes], [], []
-            for reply in chat_replies:
-                try:
-                    votes.append(parse_score(reply, self.scale))
-                except ScoreParseError as err:
-                    reasons.append(str(err))
-            if votes:
-                results.append((float(np.mean(votes)), None, (chat_replies, len(reasons))))
-            else:
-                counts = "; ".join(f"{reason} ×{k}" if k > 1 else reason for reason, k in Counter(reasons).items())
-                error = counts if self.votes == 1 else f"all {self.votes} votes failed: {counts}"
-                results.append((np.nan, error, (chat_replies, len(reasons))))
+            chat_replies = replies[start:start + self.votes]
+            value, error, failed = average_votes(chat_replies, parse)
+            results.append((value, error, (chat_replies, failed)))
         return results
 
 
