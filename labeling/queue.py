@@ -16,6 +16,9 @@ functions on the store's single writer thread, so two annotators never race for 
 * **Randomised display order.** Which session is shown on the left is drawn at random and
   recorded with the assignment; :meth:`LabelStore.record_judgment` rejects a vote whose
   ``left`` disagrees with the annotator's assignment.
+* **Labeling items only.** Arena battles (comparisons whose sessions carry meta
+  ``origin: arena``) are votes people cast in the arena, not work for annotators: the SQL that
+  picks the next item never selects them, so they get no assignment rows.
 * **Resume.** An annotator who asks again before judging their open assignment gets the same
   one back (a page refresh does not burn items).
 
@@ -59,6 +62,11 @@ class Assignment:
     assigned_at: dt.datetime
 
 
+ARENA_ORIGIN = "arena"
+LABELING_ITEM = (  # SQL condition on comparisons ``c``: not an arena battle
+    "c.session_a NOT IN (SELECT session_id FROM sessions "
+    f"WHERE json_extract_string(meta, '$.origin') = '{ARENA_ORIGIN}')"
+)
 _JUDGED = (
     "EXISTS (SELECT 1 FROM judgments j "
     "WHERE j.annotator_id = a.annotator_id AND j.comparison_id = a.comparison_id)"
@@ -85,6 +93,7 @@ def pick_comparison(
 ) -> int | None:
     """Choose the next comparison id for ``annotator_id`` under ``policy`` (None: nothing left).
 
+    Only labeling items are candidates (never arena battles, see :data:`LABELING_ITEM`).
     Gold is drawn with probability ``policy.gold_rate`` when an unseen gold item exists;
     otherwise the open ordinary comparison nearest to full overlap. When no ordinary work is
     left the queue is empty: gold alone is never served.
@@ -99,7 +108,7 @@ def pick_comparison(
                 GROUP BY a.comparison_id)
             SELECT c.comparison_id FROM comparisons c
             LEFT JOIN holders h USING (comparison_id)
-            WHERE NOT c.is_gold AND coalesce(h.n, 0) < ? AND {unseen}
+            WHERE NOT c.is_gold AND coalesce(h.n, 0) < ? AND {unseen} AND {LABELING_ITEM}
             ORDER BY coalesce(h.n, 0) DESC, c.comparison_id LIMIT 1""",
         [expired_before, policy.overlap, annotator_id],
     ).fetchall()
@@ -107,10 +116,18 @@ def pick_comparison(
         return None
     if rng.random() < policy.gold_rate:
         gold = cur.execute(
-            f"""SELECT c.comparison_id FROM comparisons c WHERE c.is_gold AND {unseen}
+            f"""SELECT c.comparison_id FROM comparisons c
+                WHERE c.is_gold AND {unseen} AND {LABELING_ITEM}
                 ORDER BY c.comparison_id""",
             [annotator_id],
         ).fetchall()
         if gold:
             return rng.choice(gold)[0]
     return ordinary[0][0]
+
+
+def release(cur, annotator_id: int, comparison_id: int, when: dt.datetime) -> None:
+    """Expire the annotator's assignment of ``comparison_id`` as of ``when``: it stops counting
+    against the overlap, and (its row staying) is never served to this annotator again."""
+    cur.execute("UPDATE assignments SET assigned_at = ? WHERE annotator_id = ? "
+                "AND comparison_id = ?", [when, annotator_id, comparison_id])

@@ -53,7 +53,8 @@ import pandas as pd
 import pyarrow as pa
 from PIL import Image
 
-from labeling.queue import Assignment, AssignmentPolicy, open_assignment, pick_comparison
+from labeling.queue import (Assignment, AssignmentPolicy, open_assignment, pick_comparison,
+                            release)
 
 CHOICES = ("A", "B", "tie", "both_bad")
 SIDES = ("A", "B")
@@ -776,6 +777,18 @@ class LabelStore:
             return assignment
 
         return self._call(body)
+
+    def release_assignment(self, annotator: str, comparison_id: int) -> None:
+        """Give an assignment back (skip / flag): it no longer counts against the overlap and
+        is never served to this annotator again."""
+
+        def body(tx: _Tx) -> None:
+            if annotator not in self._annotators:
+                raise KeyError(f"unknown annotator {annotator!r}")
+            expired = _now() - dt.timedelta(seconds=self.policy.ttl_s + 1)
+            release(tx.cur, self._annotators[annotator][0], int(comparison_id), expired)
+
+        self._call(body)
 
     # ------------------------------------------------------------------------------- reads
     def _cursor(self) -> duckdb.DuckDBPyConnection:

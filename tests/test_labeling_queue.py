@@ -93,3 +93,49 @@ def test_policy_validation():
     for bad in (dict(overlap=0), dict(gold_rate=1.5), dict(ttl_s=0)):
         with pytest.raises(ValueError):
             AssignmentPolicy(**bad)
+
+
+def add_arena_battles(store, n: int) -> list[int]:
+    """``n`` arena battles (sessions with meta ``origin: arena``), as the arena stores votes."""
+    from tests.test_labeling_store import tiny
+
+    source = store.put_image(tiny(9000))
+    outputs = [store.put_image(tiny(9001)), store.put_image(tiny(9002))]
+    ids = []
+    for k in range(n):
+        sides = [store.add_session("mini", adapter, k, source,
+                                   [{"instruction": "add a red circle", "output_sha": out}],
+                                   {"origin": "arena", "arena_id": f"a{k}"})
+                 for adapter, out in ((None, outputs[0]), ("lora:x", outputs[1]))]
+        ids.append(store.add_comparison(*sides))
+    return ids
+
+
+def test_the_queue_serves_labeling_items_never_arena_battles(tmp_path):
+    policy = AssignmentPolicy(overlap=1, gold_rate=0.5, seed=1)
+    store, comparisons, golds = build_store(tmp_path / "l.duckdb", n_sources=2, gold=1,
+                                            policy=policy)
+    with store:
+        arena = add_arena_battles(store, 300)        # stored before and after the items
+        store.add_annotator("ann")
+        served = drain(store, ["ann"])
+        ids = sorted(job.comparison_id for job in served)
+        assert ids == sorted(comparisons + golds)
+        assigned = set(store.table("assignments")["comparison_id"])
+        assert not assigned & set(arena)             # no assignment row for any battle
+        assert store.next_assignment("ann") is None
+
+
+def test_a_released_item_frees_its_slot_and_never_returns(tmp_path):
+    policy = AssignmentPolicy(overlap=1, gold_rate=0.0)
+    store, comparisons, _ = build_store(tmp_path / "l.duckdb", n_sources=2, policy=policy)
+    with store:
+        for name in ("x", "y"):
+            store.add_annotator(name)
+        first = store.next_assignment("x")
+        store.release_assignment("x", first.comparison_id)
+        second = store.next_assignment("x")
+        assert second.comparison_id != first.comparison_id
+        assert store.next_assignment("y").comparison_id == first.comparison_id
+        with pytest.raises(KeyError):
+            store.release_assignment("nobody", first.comparison_id)

@@ -4,9 +4,8 @@
   time), or Hugging Face OAuth on a Space (``hf:<username>``, allowed by ``--hf-annotators``).
   The signed-in name lives in the server-side ``gr.State``: API calls cannot forge it.
 * **Queue**: :meth:`labeling.store.LabelStore.next_assignment` (k-way overlap, gold mixed in,
-  no repeats, randomised left side, resume).  Arena battles (sessions with ``origin: arena``)
-  are not labeling items: when the queue hands one out it is released at once (see
-  :func:`release_assignment`) and the next one is asked for.
+  no repeats, randomised left side, resume).  It serves labeling items only: arena battles
+  (sessions with ``origin: arena``) are never selected.
 * **Judgments**: one per turn and one for the whole session (turn ``None``), criterion
   ``overall``, all required, recorded together; each carries the milliseconds from the item
   appearing to that choice being made.  Gold items look like any other and are scored silently
@@ -20,16 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import time
+
+from labeling.queue import LABELING_ITEM
 
 log = logging.getLogger("mteditlab.app")
 MAX_LABEL_TURNS = 8
 LABEL_CRITERION = "overall"
 RESERVED_PREFIXES = ("arena:", "judge:", "reward:", "hf:")
-ARENA_SKIP_LIMIT = 200
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 RUBRIC = """### Rubric
 Judge each **turn** (that turn's output, given everything asked so far) and then the **whole
@@ -60,37 +58,6 @@ class LabelState:
     choice_times: dict = dataclasses.field(default_factory=dict)
     submitted: int = 0
     message: str = ""
-
-
-def release_assignment(store, annotator: str, comparison_id: int) -> None:
-    """Give an assignment back: it no longer counts against the overlap and is never served
-    to this annotator again.  Uses ``LabelStore.release_assignment`` when the store has one;
-    otherwise expires the row through the store's writer thread (the store's own queue code
-    treats expired assignments exactly so)."""
-    release = getattr(store, "release_assignment", None)
-    if release is not None:
-        release(annotator, comparison_id)
-        return
-
-    def body(tx):
-        tx.cur.execute(
-            "UPDATE assignments SET assigned_at = ? WHERE comparison_id = ? AND annotator_id = "
-            "(SELECT annotator_id FROM annotators WHERE name = ?)",
-            [EPOCH, int(comparison_id), annotator])
-
-    store._call(body)  # noqa: SLF001 - see the docstring
-
-
-def is_arena_comparison(store, comparison_id: int) -> bool:
-    frame = store.query(
-        "SELECT s.meta FROM comparisons c JOIN sessions s ON s.session_id = c.session_a "
-        "WHERE c.comparison_id = ?", [int(comparison_id)])
-    if frame.empty:
-        return False
-    try:
-        return json.loads(frame["meta"].iloc[0]).get("origin") == "arena"
-    except (ValueError, AttributeError):
-        return False
 
 
 class Labeling:
@@ -143,17 +110,10 @@ class Labeling:
     # ------------------------------------------------------------------------------- queue
     def next_item(self, state: LabelState) -> str:
         annotator = self._require(state)
-        for _ in range(ARENA_SKIP_LIMIT):
-            assignment = self.store.next_assignment(annotator)
-            if assignment is None:
-                state.item = None
-                return "The queue is empty for you: nothing left to label. Thank you!"
-            if not is_arena_comparison(self.store, assignment.comparison_id):
-                break
-            release_assignment(self.store, annotator, assignment.comparison_id)
-        else:
+        assignment = self.store.next_assignment(annotator)
+        if assignment is None:
             state.item = None
-            return "The queue holds only arena battles right now; nothing to label."
+            return "The queue is empty for you: nothing left to label. Thank you!"
         info = self.store.get_comparison(assignment.comparison_id)
         n_turns = len(info["instructions"])
         state.item = {
@@ -176,20 +136,18 @@ class Labeling:
         policy = self.store.policy
         expired = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=policy.ttl_s)
         frame = self.store.query(
-            """WITH me AS (SELECT annotator_id FROM annotators WHERE name = ?),
+            f"""WITH me AS (SELECT annotator_id FROM annotators WHERE name = ?),
                judged AS (SELECT DISTINCT comparison_id FROM judgments
                           WHERE annotator_id = (SELECT annotator_id FROM me)),
                holders AS (SELECT a.comparison_id, count(*) AS n FROM assignments a
                            WHERE a.assigned_at > ? OR EXISTS (SELECT 1 FROM judgments j
                              WHERE j.annotator_id = a.annotator_id
                                AND j.comparison_id = a.comparison_id)
-                           GROUP BY a.comparison_id),
-               arena AS (SELECT session_id FROM sessions
-                         WHERE json_extract_string(meta, '$.origin') = 'arena')
+                           GROUP BY a.comparison_id)
                SELECT (SELECT count(*) FROM judged) AS done,
                       (SELECT count(*) FROM comparisons c LEFT JOIN holders h USING (comparison_id)
                        WHERE NOT c.is_gold AND coalesce(h.n, 0) < ?
-                         AND c.session_a NOT IN (SELECT session_id FROM arena)
+                         AND {LABELING_ITEM}
                          AND c.comparison_id NOT IN (SELECT comparison_id FROM assignments
                              WHERE annotator_id = (SELECT annotator_id FROM me))) AS available""",
             [state.annotator, expired, policy.overlap])
@@ -238,7 +196,7 @@ class Labeling:
         item = state.item
         if item is None or item.get("done"):
             raise LabelError("No item to skip.")
-        release_assignment(self.store, annotator, item["comparison_id"])
+        self.store.release_assignment(annotator, item["comparison_id"])
         self.ctx.log_event("skip", annotator=annotator, comparison_id=item["comparison_id"])
         return "Skipped. " + self.next_item(state)
 
@@ -248,7 +206,7 @@ class Labeling:
         if item is None or item.get("done"):
             raise LabelError("No item to flag.")
         reason = " ".join(str(reason or "").split())[:500] or "(no reason given)"
-        release_assignment(self.store, annotator, item["comparison_id"])
+        self.store.release_assignment(annotator, item["comparison_id"])
         self.ctx.log_event("flag", annotator=annotator, comparison_id=item["comparison_id"],
                            reason=reason)
         return "Flagged for review and skipped. " + self.next_item(state)
