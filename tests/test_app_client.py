@@ -43,8 +43,8 @@ def client(url: str, download_files: bool = False) -> Client:
     return Client(url, verbose=False, download_files=download_files)
 
 
-def voter(c: Client) -> str:
-    return f"arena:anon-{c.session_hash[:12]}"
+def voter(ctx, c: Client) -> str:
+    return ctx.voter(c.session_hash)
 
 
 def judgments(ctx, annotator: str):
@@ -78,7 +78,7 @@ def test_three_turn_arena_session_with_votes_lands_in_duckdb(app):
         if k == 0:  # anonymous: names revealed after the first vote
             left = left_model(status(out))
             assert "`" in out[TITLE_L] and left in out[TITLE_L]
-    frame = judgments(ctx, voter(c))
+    frame = judgments(ctx, voter(ctx, c))
     assert list(frame["turn"]) == [0, 1, 2]
     side_of_left = "A" if left == "oracle" else "B"
     expected = {"left": side_of_left, "right": "B" if side_of_left == "A" else "A", "tie": "tie"}
@@ -116,13 +116,13 @@ def test_forged_repeated_and_out_of_order_votes_are_rejected_and_not_stored(app)
     for turn, criterion in [(1, "bribery"), ("1; DROP TABLE judgments", "overall")]:
         with pytest.raises(Exception):
             c.predict(turn, criterion, api_name="/vote_tie")
-    assert judgments(ctx, voter(c)).empty
+    assert judgments(ctx, voter(ctx, c)).empty
     assert "Vote stored" in status(c.predict(1, "quality", api_name="/vote_both_bad"))
     for pick in ("left", "both_bad"):
         assert "already has a vote" in status(c.predict(1, "overall", api_name=f"/vote_{pick}"))
     c.predict("change the background to white", 0, 10, api_name="/edit")
     assert "is for turn 1" in status(c.predict(1, "overall", api_name="/vote_right"))
-    frame = judgments(ctx, voter(c))
+    frame = judgments(ctx, voter(ctx, c))
     assert len(frame) == 1 and frame["choice"].iloc[0] == "both_bad"
     assert frame["criterion"].iloc[0] == "quality"
 
@@ -211,7 +211,7 @@ def test_undo_fork_reset_and_the_unvoted_tail_is_stored(app):
     # one vote; the branch cut by the fork had no unvoted turns beyond the vote (3 turns, voted
     # at 3), the branch ended by the reset had turn 2 unvoted -> stored as a comparison without
     # a judgment
-    frame = judgments(ctx, voter(c))
+    frame = judgments(ctx, voter(ctx, c))
     assert len(frame) == 1
     sessions = ctx.store.query("SELECT session_id, n_turns, json_extract_string(meta, '$.arena_id') "
                                "AS arena, json_extract(meta, '$.unvoted_tail')::VARCHAR AS tail "
@@ -317,6 +317,6 @@ def test_concurrent_clients_are_batched_and_every_vote_is_stored(app):
         t.join(timeout=120)
     assert not errors
     for c in clients:
-        frame = judgments(ctx, voter(c))
+        frame = judgments(ctx, voter(ctx, c))
         assert list(frame["turn"]) == [0, 1] and set(frame["choice"]) == {"tie"}
     assert all(w.items - before[k] == 8 for k, w in ctx.engine.workers.items())

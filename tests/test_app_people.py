@@ -40,3 +40,53 @@ def test_an_annotator_gets_a_labeling_item_among_hundreds_of_arena_battles(app):
     assert "Item loaded: 2 turns" in out[-1] and "item **1 of 2**" in out[0], (out[0], out[-1])
     assigned = set(ctx.store.table("assignments")["comparison_id"])
     assert len(assigned) == 1 and not assigned & battles
+
+
+def everything_stored(ctx) -> str:
+    """Every value of every table of the store, as text."""
+    from labeling.store import TABLES
+
+    return "\n".join(ctx.store.table(name).to_csv() for name in TABLES)
+
+
+def test_no_stored_exported_or_displayed_value_holds_the_session_hash(app, tmp_path):
+    import os
+    import stat
+    import zipfile
+
+    import pyarrow.parquet as pq
+
+    url, ctx = app
+    c = Client(url, verbose=False, download_files=str(tmp_path))
+    token = c.session_hash
+    c.predict("Example 2", api_name="/start_example")
+    c.predict("change the background to black", 0, 10, api_name="/edit")
+    assert "Vote stored" in c.predict(1, "overall", api_name="/vote_left")[STATUS]
+    voter = ctx.voter(token)
+    assert voter.startswith("arena:anon-") and token not in voter
+    frame = ctx.store.judgments_frame(include_simulated=True)
+    assert (frame["annotator"] == voter).sum() == 1
+    shown = [c.predict("all human votes", False, "all criteria", api_name="/leaderboard"),
+             c.predict("root", "secret", api_name="/admin_sign_in"),
+             c.predict(api_name="/admin_refresh")]
+    export = c.predict(api_name="/admin_export")
+    with zipfile.ZipFile(export) as zf:
+        zf.extractall(tmp_path / "export")
+    exported = [pq.read_table(p).to_pandas().to_csv()
+                for p in (tmp_path / "export").rglob("*.parquet")]
+    assert any(voter in text for text in exported)
+    texts = [everything_stored(ctx), repr(shown), *exported]
+    texts += [p.read_text(errors="replace") for p in ctx.data_dir.glob("*.jsonl")]
+    for prefix in (token, token[:11], token[:8]):
+        assert not any(prefix in text for text in texts), prefix
+    key = ctx.data_dir / "voter_secret.key"
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600 and len(key.read_bytes()) == 32
+
+
+def test_the_voter_secret_is_made_once_and_kept(tmp_path):
+    from mteditlab.app.context import server_secret, voter_id
+
+    first = server_secret(tmp_path)
+    assert server_secret(tmp_path) == first
+    assert voter_id(first, "abc") == voter_id(server_secret(tmp_path), "abc")
+    assert voter_id(first, "abc") != voter_id(b"x" * 32, "abc")

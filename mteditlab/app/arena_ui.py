@@ -25,13 +25,13 @@ VOTE_LABELS = {"left": "👈 A is better", "right": "👉 B is better", "tie": "
                "both_bad": "👎 Both bad"}
 
 
-def voter_name(request: gr.Request | None) -> str:
-    """Arena voters: the signed-in user, else one anonymous id per browser session."""
+def voter_name(ctx, request: gr.Request | None) -> str:
+    """Arena voters: the signed-in user, else one anonymous id per browser session (a keyed
+    hash of its session hash, never the hash itself: see :mod:`mteditlab.app.context`)."""
     username = getattr(request, "username", None) if request is not None else None
     if username:
         return f"arena:{username}"
-    session = getattr(request, "session_hash", None) if request is not None else None
-    return f"arena:anon-{(session or 'unknown')[:12]}"
+    return ctx.voter(getattr(request, "session_hash", None) if request is not None else None)
 
 
 def build_arena_tab(ctx, arena: Arena) -> None:
@@ -168,7 +168,7 @@ def build_arena_tab(ctx, arena: Arena) -> None:
 
     def make_vote(pick):
         def on_vote(st, turn, crit, request: gr.Request):
-            return run(lambda s, t, c: arena.vote(s, pick, t, c, voter_name(request)), st,
+            return run(lambda s, t, c: arena.vote(s, pick, t, c, voter_name(ctx, request)), st,
                        request, turn, crit, images=False)
         on_vote.__name__ = f"vote_{pick}"
         return on_vote

@@ -3,12 +3,22 @@
 One :class:`AppContext` per process.  It owns the single :class:`labeling.store.LabelStore`
 (DuckDB allows one read-write process; the store serialises writes on its own thread and any
 number of gradio worker threads may call it).
+
+Anonymous arena voters are named ``arena:anon-<HMAC-SHA256(server secret, session hash)>``
+(first 24 hex digits): stable for one browser session, unlinkable to it without the secret.
+The session hash itself is a live credential (whoever holds it can act in that session), so it
+is never stored, exported or shown.  The secret is 32 random bytes generated once in
+``<data dir>/voter_secret.key`` (mode 0600) and kept across restarts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -21,6 +31,36 @@ from .images import DisplayFiles, ImageBank
 
 log = logging.getLogger("mteditlab.app")
 _STRIPES = 64
+SECRET_FILENAME = "voter_secret.key"
+ANON_PREFIX = "arena:anon-"
+
+
+def server_secret(data_dir: Path) -> bytes:
+    """The server's voter secret in ``data_dir``: read it, or create it once (mode 0600)."""
+    path = Path(data_dir) / SECRET_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        secret = path.read_bytes()
+        if len(secret) < 32:
+            raise ValueError(f"{path} holds {len(secret)} bytes, expected a 32-byte secret; "
+                             "remove it to generate a new one") from None
+        return secret
+    secret = secrets.token_bytes(32)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secret)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return secret
+
+
+def voter_id(secret: bytes, session_hash: str | None) -> str:
+    """The stored name of an anonymous arena voter: a keyed hash of the session hash."""
+    digest = hmac.new(secret, (session_hash or "").encode("utf-8", "replace"), hashlib.sha256)
+    return ANON_PREFIX + digest.hexdigest()[:24]
 
 
 class AppContext:
@@ -30,6 +70,7 @@ class AppContext:
         self.store = store
         self.owns_store = owns_store
         self.data_dir = Path(store.path).parent
+        self.secret = server_secret(self.data_dir)
         self.bank = ImageBank(fallback=store.image_bytes)
         self.display_dir = Path(tempfile.mkdtemp(prefix="mteditlab-display-"))
         self.display = DisplayFiles(self.bank, self.display_dir)
@@ -55,6 +96,10 @@ class AppContext:
                 store.close()
             raise
         return cls(config, engine, store, owns_store=owns)
+
+    def voter(self, session_hash: str | None) -> str:
+        """Anonymous arena voter id of a browser session (see the module docstring)."""
+        return voter_id(self.secret, session_hash)
 
     def lock_for(self, key: str) -> threading.RLock:
         """A lock serialising the events of one user session (striped by key)."""
