@@ -7,6 +7,10 @@ answer is always a line ``Score: N`` with N an integer in ``0..scale``:
 * direct mode: the assistant turn is prefilled with :data:`DIRECT_PREFILL`, so the next token is the
   score digit (the judge reads its probabilities);
 * thinking mode: a short rationale first, then the ``Score: N`` line (parsed by ``parsing.py``).
+
+Pairwise chats (:func:`build_pair_messages`, Pref-GRPO) show two edits of the same turn, each as its
+input then its output, and ask how the FIRST compares on a 0..2 scale (0 worse, 1 as good, 2 better),
+so the same ``Score: N`` machinery reads it and its expected value / 2 is P(FIRST wins), a tie half.
 """
 
 from __future__ import annotations
@@ -111,3 +115,33 @@ def build_messages(sample: EditSample, criterion: str, *, mode: str, scale: int)
             {"type": "text", "text": "\n\n".join(parts)},
         ]},
     ]
+
+
+PAIR_SYSTEM = (
+    "You are a meticulous judge of instruction-based image editing. You compare two edits of the same "
+    "request, each shown as its input image then its output image, strictly by the rubric."
+)
+PAIR_SCALE = 2  # 0: the FIRST edit is worse, 1: as good (a tie), 2: better
+PAIR_RUBRIC = (
+    "Criterion: WHICH EDIT IS BETTER. Two editing models each carried out this turn of the session, "
+    "each on its own input image. Compare the FIRST edit with the SECOND, judging in this order: the "
+    "current instruction is carried out; nothing else changed relative to the edit's own input; what "
+    "the earlier instructions of the session set still holds; the result is clean and natural.\n"
+    "2: the FIRST edit is better.\n"
+    "1: both are equally good, or equally bad.\n"
+    "0: the SECOND edit is better."
+)
+PAIR_LABELS = ("FIRST edit, input image:", "FIRST edit, output image:",
+               "SECOND edit, input image:", "SECOND edit, output image:")
+
+
+def build_pair_messages(first: EditSample, second: EditSample, *, mode: str) -> list[dict]:
+    """Chat messages comparing two edits of the same turn (same instruction and history, taken from
+    ``first``); the four ``{"type": "image"}`` entries stand for ``first.source``, ``first.edited``,
+    ``second.source``, ``second.edited``. The answer is ``Score: N`` on the :data:`PAIR_SCALE` scale."""
+    answer = {"direct": DIRECT_FORMAT, "thinking": THINKING_FORMAT}[mode].format(scale=PAIR_SCALE)
+    content = []
+    for label in PAIR_LABELS:
+        content += [{"type": "text", "text": label}, {"type": "image"}]
+    content.append({"type": "text", "text": "\n\n".join([context_text(first), PAIR_RUBRIC, answer])})
+    return [{"role": "system", "content": PAIR_SYSTEM}, {"role": "user", "content": content}]

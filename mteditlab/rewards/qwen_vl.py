@@ -50,17 +50,7 @@ class QwenVLJudge(RewardModel):
     def __init__(self, model, processor, *, mode: str = "direct", votes: int = 1, max_new_tokens: int = 256,
                  scale: int = 9, temperature: float = 0.7, batch_size: int = 8, min_score_mass: float = 0.5,
                  sub_scores: Sequence[str] | None = None, overall: str = "mean"):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if votes < 1 or (mode == "direct" and votes != 1):
-            raise ValueError("votes must be >= 1, and 1 in direct mode (no sampling there)")
-        if scale < 1 or (mode == "direct" and scale > 9):
-            raise ValueError("scale must be >= 1, and <= 9 in direct mode (one digit token per score)")
-        if overall not in OVERALL_RULES:
-            raise ValueError(f"overall must be one of {OVERALL_RULES}, got {overall!r}")
-        self.sub_scores = tuple(sub_scores or SUB_SCORES)
-        if unknown := set(self.sub_scores) - set(SUB_SCORES):
-            raise ValueError(f"unknown sub-scores {sorted(unknown)}; known: {SUB_SCORES}")
+        self.sub_scores = check_judge_options(mode, votes, scale, overall, sub_scores)
         self.model, self.processor = model.eval(), processor
         self.mode, self.votes, self.max_new_tokens, self.scale = mode, votes, max_new_tokens, scale
         self.temperature, self.batch_size, self.min_score_mass, self.overall = (
@@ -107,30 +97,14 @@ class QwenVLJudge(RewardModel):
         Deterministic for given samples, ``seed`` and ``batch_size``; the global RNG is left as is.
         ``details``: ``score_mass`` (direct: probability on the score tokens), or ``replies`` and
         ``failed_votes`` (thinking), each keyed by sub-score, per item."""
-        n = len(samples)
-        jobs = [(i, crit) for i, sample in enumerate(samples) for crit in self.sub_scores
-                if crit != GA or sample.history]
-        scores = {crit: np.full(n, np.nan) for crit in self.sub_scores}
-        errors: list[list[str]] = [[] for _ in range(n)]
-        details = ({"score_mass": {c: np.full(n, np.nan) for c in self.sub_scores}} if self.mode == "direct" else
-                   {"replies": {c: [[] for _ in range(n)] for c in self.sub_scores},
-                    "failed_votes": {c: np.zeros(n, dtype=int) for c in self.sub_scores}})
+        jobs = judge_jobs(samples, self.sub_scores)
+        judged = []
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
             for start in range(0, len(jobs), self.batch_size):
-                chunk = jobs[start:start + self.batch_size]
-                inputs = self.prepare([(samples[i], crit) for i, crit in chunk])
-                judged = self._direct(inputs) if self.mode == "direct" else self._thinking(inputs)
-                for (i, crit), (value, error, extra) in zip(chunk, judged):
-                    scores[crit][i] = value
-                    if error is not None:
-                        errors[i].append(f"{crit}: {error}")
-                    if self.mode == "direct":
-                        details["score_mass"][crit][i] = extra
-                    else:
-                        details["replies"][crit][i], details["failed_votes"][crit][i] = extra
-        failures = ["; ".join(e) if e else None for e in errors]
-        return RewardOutput.from_scores(scores, failures, rule=self.overall, details=details)
+                inputs = self.prepare([(samples[i], crit) for i, crit in jobs[start:start + self.batch_size]])
+                judged += self._direct(inputs) if self.mode == "direct" else self._thinking(inputs)
+        return judge_output(len(samples), self.sub_scores, jobs, judged, mode=self.mode, rule=self.overall)
 
     def _direct(self, inputs) -> list[tuple[float, str | None, float]]:
         """(score, error, score-token mass) per chat from the next-token distribution."""
@@ -155,6 +129,54 @@ class QwenVLJudge(RewardModel):
             value, error, failed = average_votes(chat_replies, parse)
             results.append((value, error, (chat_replies, failed)))
         return results
+
+
+def check_judge_options(mode: str, votes: int, scale: int, overall: str,
+                        sub_scores: Sequence[str] | None) -> tuple[str, ...]:
+    """Validate a judge's options (any backend); returns the sub-scores to judge (default all four)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if votes < 1 or (mode == "direct" and votes != 1):
+        raise ValueError("votes must be >= 1, and 1 in direct mode (no sampling there)")
+    if scale < 1 or (mode == "direct" and scale > 9):
+        raise ValueError("scale must be >= 1, and <= 9 in direct mode (one digit token per score)")
+    if overall not in OVERALL_RULES:
+        raise ValueError(f"overall must be one of {OVERALL_RULES}, got {overall!r}")
+    sub_scores = tuple(sub_scores or SUB_SCORES)
+    if unknown := set(sub_scores) - set(SUB_SCORES):
+        raise ValueError(f"unknown sub-scores {sorted(unknown)}; known: {SUB_SCORES}")
+    return sub_scores
+
+
+def judge_jobs(samples: Sequence[EditSample], sub_scores: Sequence[str]) -> list[tuple[int, str]]:
+    """The (item, sub-score) chats to judge: every sub-score of every item, ``ga`` only with history."""
+    return [(i, crit) for i, sample in enumerate(samples) for crit in sub_scores if crit != GA or sample.history]
+
+
+def judge_output(n: int, sub_scores: Sequence[str], jobs: Sequence[tuple[int, str]], judged: Sequence[tuple],
+                 *, mode: str, rule: str, details: dict | None = None) -> RewardOutput:
+    """A :class:`RewardOutput` from one ``(value, error, extra)`` per job (``extra``: the score-token
+    mass in direct mode, ``(replies, failed votes)`` in thinking mode). An item fails with the
+    ``"crit: error"`` reasons of its failed chats. ``details`` gain ``score_mass`` (direct) or
+    ``replies`` and ``failed_votes`` (thinking), keyed by sub-score, per item."""
+    scores = {crit: np.full(n, np.nan) for crit in sub_scores}
+    errors: list[list[str]] = [[] for _ in range(n)]
+    details = dict(details or {})
+    if mode == "direct":
+        details["score_mass"] = {c: np.full(n, np.nan) for c in sub_scores}
+    else:
+        details["replies"] = {c: [[] for _ in range(n)] for c in sub_scores}
+        details["failed_votes"] = {c: np.zeros(n, dtype=int) for c in sub_scores}
+    for (i, crit), (value, error, extra) in zip(jobs, judged, strict=True):
+        scores[crit][i] = value
+        if error is not None:
+            errors[i].append(f"{crit}: {error}")
+        if mode == "direct":
+            details["score_mass"][crit][i] = extra
+        else:
+            details["replies"][crit][i], details["failed_votes"][crit][i] = extra
+    failures = ["; ".join(e) if e else None for e in errors]
+    return RewardOutput.from_scores(scores, failures, rule=rule, details=details)
 
 
 def digit_token_ids(tokenizer) -> list[int]:
