@@ -38,6 +38,7 @@ FEATURES = datasets.Features({
     "left": datasets.Value("string"),
     "annotator": datasets.Value("string"),
     "simulated": datasets.Value("bool"),
+    "blind": datasets.Value("bool"),
     "gold": datasets.Value("bool"),
     "model_a": datasets.Value("string"),
     "model_b": datasets.Value("string"),

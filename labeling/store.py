@@ -15,6 +15,10 @@ Durability ("acknowledged" contract)
     that queue up while it commits into one transaction (group commit): durability per call at
     the throughput of batched inserts.  Judgments are append-only.
 
+Blind votes
+    Every judgment records ``blind``: whether the judge did not know which model was on which
+    side.  Label judgments always are; arena votes are while the names stay hidden.
+
 Identity rules
     A judgment is keyed by (comparison, annotator, turn, criterion).  Re-sending the same
     choice for a key returns the existing id (safe client retries); a different choice raises
@@ -131,6 +135,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             assigned_at TIMESTAMPTZ NOT NULL,
             UNIQUE (annotator_id, comparison_id))""",
     ),
+    (  # 2: judgments record whether the judge saw the model names (blind = did not)
+        "ALTER TABLE judgments ADD COLUMN blind BOOLEAN NOT NULL DEFAULT true",
+        """UPDATE judgments SET blind = false WHERE comparison_id IN (
+            SELECT c.comparison_id FROM comparisons c
+            JOIN sessions s ON s.session_id = c.session_a
+            WHERE json_extract_string(s.meta, '$.origin') = 'arena'
+              AND json_extract_string(s.meta, '$.blind') = 'false')""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 TABLES = ("annotators", "images", "sessions", "turns", "comparisons", "gold_items",
@@ -143,6 +155,7 @@ _JUDGMENT_SCHEMA = pa.schema([
     ("turn_index", pa.int32()), ("criterion", pa.string()), ("choice", pa.string()),
     ("left_side", pa.string()), ("latency_ms", pa.float64()),
     ("created_at", pa.timestamp("us", tz="UTC")), ("simulated", pa.bool_()),
+    ("blind", pa.bool_()),
 ])
 _PANDAS_TYPES = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}
 
@@ -249,6 +262,7 @@ class _JudgmentRequest:
     left: str
     latency_ms: float | None
     simulated: bool | None
+    blind: bool
     created_at: dt.datetime
     future: concurrent.futures.Future
 
@@ -526,7 +540,7 @@ class LabelStore:
                     schema=_JUDGMENT_SCHEMA)
                 tx.cur.register("_judgment_batch", table)
                 try:
-                    tx.cur.execute("INSERT INTO judgments SELECT * FROM _judgment_batch")
+                    tx.cur.execute("INSERT INTO judgments BY NAME SELECT * FROM _judgment_batch")
                 finally:
                     tx.cur.unregister("_judgment_batch")
                 tx.on_commit.append(lambda: self._judged.update(batch_keys))
@@ -572,7 +586,7 @@ class LabelStore:
             return key, None
         jid = self._take_id("judgments")
         return key, (jid, req.comparison_id, annotator_id, req.turn, req.criterion, req.choice,
-                     req.left, req.latency_ms, req.created_at, annotator_simulated)
+                     req.left, req.latency_ms, req.created_at, annotator_simulated, req.blind)
 
     def _take_id(self, table: str) -> int:
         value = self._next_id[table]
@@ -731,12 +745,14 @@ class LabelStore:
 
     def record_judgment(self, comparison_id: int, annotator: str, turn: int | None,
                         criterion: str, choice: str, left: str,
-                        latency_ms: float | None = None, simulated: bool | None = None) -> int:
+                        latency_ms: float | None = None, simulated: bool | None = None,
+                        blind: bool = True) -> int:
         """Append one judgment; returns its id once committed (the acknowledgement).
 
         ``turn``: 0-based turn index, or None for the whole session.  ``choice`` names the
         session (see module docstring); ``left`` the session shown on the left.  ``simulated``
-        defaults to the annotator's flag and must agree with it.
+        defaults to the annotator's flag and must agree with it.  ``blind``: the judge did not
+        see which model was on which side (labeling always; the arena until names are shown).
         """
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
@@ -748,10 +764,12 @@ class LabelStore:
             raise TypeError(f"turn must be an int or None, got {turn!r}")
         if latency_ms is not None and not latency_ms >= 0:
             raise ValueError(f"latency_ms must be >= 0, got {latency_ms!r}")
+        if not isinstance(blind, bool):
+            raise TypeError(f"blind must be a bool, got {blind!r}")
         return self._submit(_JudgmentRequest(
             int(comparison_id), annotator, turn, criterion, choice, left,
             None if latency_ms is None else float(latency_ms),
-            None if simulated is None else bool(simulated), _now(),
+            None if simulated is None else bool(simulated), blind, _now(),
             concurrent.futures.Future()))
 
     def next_assignment(self, annotator: str) -> Assignment | None:
@@ -860,15 +878,15 @@ class LabelStore:
         """Judgments joined with annotator and model names, filtered per :class:`LabelSelection`.
 
         Columns: judgment_id, comparison_id, annotator, simulated, turn (<NA> = overall),
-        criterion, choice, left, latency_ms, created_at, gold, session_a, session_b, model_a,
-        model_b.  Callers that report counts resolve the selection first with
+        criterion, choice, left, latency_ms, created_at, blind, gold, session_a, session_b,
+        model_a, model_b.  Callers that report counts resolve the selection first with
         :meth:`label_selection` and pass its ``include_simulated`` here.
         """
         selection = self.label_selection(include_simulated)
         return self.query(
             """SELECT j.judgment_id, j.comparison_id, an.name AS annotator, j.simulated,
                       j.turn_index AS turn, j.criterion, j.choice, j.left_side AS "left",
-                      j.latency_ms, j.created_at, c.is_gold AS gold, c.session_a, c.session_b,
+                      j.latency_ms, j.created_at, j.blind, c.is_gold AS gold, c.session_a, c.session_b,
                       sa.model AS model_a, sb.model AS model_b
                FROM judgments j
                JOIN annotators an USING (annotator_id)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from labeling import cli
-from labeling.store import LabelStore
+from labeling.store import SCHEMA_VERSION, LabelStore
 from tests.test_labeling_queue import THREE_MODELS
 from tests.test_labeling_store import REPO, build_store, vote
 
@@ -39,7 +39,7 @@ def run(capsys, *argv):
 
 def test_init_uses_the_data_directory_flag_and_environment(tmp_path, monkeypatch, capsys):
     code, out, _ = run(capsys, "--data-dir", tmp_path / "d1", "init")
-    assert code == 0 and (tmp_path / "d1" / "labels.duckdb").is_file() and "schema v1" in out
+    assert code == 0 and (tmp_path / "d1" / "labels.duckdb").is_file() and f"schema v{SCHEMA_VERSION}" in out
     monkeypatch.setenv("MTEDITLAB_DATA", str(tmp_path / "d2"))
     assert run(capsys, "init")[0] == 0 and (tmp_path / "d2" / "labels.duckdb").is_file()
     monkeypatch.delenv("MTEDITLAB_DATA")

@@ -35,6 +35,7 @@ def test_dataset_rows_show_what_was_judged(labelled):
     ds = export.to_dataset(store)
     assert ds.features == export.FEATURES
     assert len(ds) == 2 * 2 * 4 + 1 and not any(ds["simulated"])  # human only by default
+    assert all(ds["blind"])  # every judgment records whether the judge saw the names
     info = {cid: store.get_comparison(cid) for cid in comparisons + golds}
     turns = store.table("turns").set_index(["session_id", "turn_index"])
     for row in ds:

@@ -366,3 +366,37 @@ def test_acknowledged_judgments_survive_sigkill(populated):
         reopened.add_annotator("after")
         after = reopened.record_judgment(comparisons[0], "after", None, "overall", "A", "A")
         assert after > max(present)
+
+
+def test_judgments_record_blind_and_version_1_databases_are_migrated(tmp_path):
+    path = tmp_path / "labels.duckdb"
+    con = duckdb.connect(str(path))  # a version-1 database with one label and two arena votes
+    con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    for statement in MIGRATIONS[0]:
+        con.execute(statement)
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    now = "2026-01-01 00:00:00+00"
+    con.execute(f"INSERT INTO annotators VALUES (1, 'ann', false, '{now}')")
+    sessions = [(1, '{"k": 1}'), (2, '{"k": 1}'), (3, '{"origin": "arena", "blind": true}'),
+                (4, '{"origin": "arena", "blind": true}'), (5, '{"origin": "arena", "blind": false}'),
+                (6, '{"origin": "arena", "blind": false}')]
+    for sid, meta in sessions:
+        con.execute("INSERT INTO sessions VALUES (?, 'mini', ?, 'm' || ?, 0, 's', 1, ?, ?)",
+                    [sid, None, sid % 2, meta, now])
+    for cid, (a, b) in enumerate([(1, 2), (3, 4), (5, 6)], start=1):
+        con.execute(f"INSERT INTO comparisons VALUES (?, ?, ?, 's', 1, false, '{now}')",
+                    [cid, a, b])
+        con.execute(f"INSERT INTO judgments VALUES (?, ?, 1, 0, 'overall', 'A', 'A', 1.0, "
+                    f"'{now}', false)", [cid, cid])
+    con.close()
+    with LabelStore.open(path) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        frame = store.judgments_frame()
+        assert list(frame["blind"]) == [True, True, False]
+        store.add_annotator("voter")
+        store.record_judgment(3, "voter", 0, "overall", "B", "A", blind=False)
+        store.record_judgment(2, "voter", 0, "overall", "B", "A")
+        frame = store.judgments_frame().set_index("judgment_id")
+        assert frame.loc[4, "blind"] == False and frame.loc[5, "blind"] == True  # noqa: E712
+        with pytest.raises(TypeError, match="blind"):
+            store.record_judgment(1, "voter", 0, "overall", "B", "A", blind="no")
