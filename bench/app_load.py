@@ -6,7 +6,7 @@
 The app is launched as its own process (``python app.py`` on a free port, a temporary data
 directory).  Each client (``gradio_client``, its own session) loops: a random test scene, then
 3–5 turns of the scene's scripted instructions, each followed by a vote (random pick, random
-criterion), and sometimes an undo.  Turn latency = wall time of the ``/edit`` call as the client
+criterion), sometimes an undo, and "End session" (which shows the model names).  Turn latency = wall time of the ``/edit`` call as the client
 sees it (both sides edited; queueing included).
 
 After the run the app is stopped and the database opened read-only: every acknowledged vote
@@ -112,7 +112,7 @@ class Player(threading.Thread):
         self.acked: list[dict] = []      # acknowledged votes, in order
         self.errors: list[str] = []
         self.sessions = 0
-        self.voter = None
+        self.session_hash = None         # the app stores a keyed hash of it as the voter
 
     def call(self, client, *args, api_name):
         try:
@@ -141,7 +141,7 @@ class Player(threading.Thread):
         self.start_signal.wait()
         if client is None:
             return
-        self.voter = f"arena:anon-{client.session_hash[:12]}"
+        self.session_hash = client.session_hash
         while time.time() < self.deadline:
             out = self.call(client, api_name="/start_random")
             if out is None or "New session" not in out[STATUS]:
@@ -150,8 +150,8 @@ class Player(threading.Thread):
             self.sessions += 1
             update = next(o for o in out if isinstance(o, dict) and "choices" in o)
             script = [c[1] if isinstance(c, (list, tuple)) else c for c in update["choices"]]
-            left_model = right_model = None
             turns = 0
+            first_vote = len(self.acked)
             for text in script[: self.rng.randint(3, 5)]:
                 if time.time() >= self.deadline:
                     break
@@ -176,12 +176,8 @@ class Player(threading.Thread):
                     self.errors.append(f"vote refused: {out[STATUS][:200]}")
                     break
                 self.vote_s.append(time.perf_counter() - t0)
-                found = re.search(r"Model A was \*\*(.+?)\*\*, Model B was \*\*(.+?)\*\*",
-                                  out[STATUS])
-                if found:
-                    left_model, right_model = found.groups()
                 self.acked.append({"turn": turns - 1, "criterion": criterion, "pick": pick,
-                                   "left_model": left_model, "right_model": right_model})
+                                   "left_model": None, "right_model": None})
                 if self.rng.random() < 0.1 and turns > 1:  # sometimes undo and redo
                     out = self.call(client, api_name="/undo")
                     if out is None or "Undid" not in out[STATUS]:
@@ -190,11 +186,28 @@ class Player(threading.Thread):
                     turns -= 1
                     self.call(client, text, 1, 10, api_name="/edit")
                     turns += 1
+            self.end_session(client, first_vote)
+
+    def end_session(self, client, first_vote: int) -> None:
+        """End the session (the names are shown only then) and note them on its votes."""
+        out = self.call(client, api_name="/end_session")
+        found = out and re.search(r"Model A was \*\*(.+?)\*\*, Model B was \*\*(.+?)\*\*",
+                                  out[STATUS])
+        if not found:
+            self.errors.append(f"end session: {out and out[STATUS][:200]}")
+            return
+        for vote in self.acked[first_vote:]:
+            vote["left_model"], vote["right_model"] = found.groups()
 
 
 def verify(db: Path, players: list[Player]) -> dict:
     from labeling.store import LabelStore
 
+    from mteditlab.app.context import server_secret, voter_id
+
+    secret = server_secret(db.parent)
+    for p in players:
+        p.voter = voter_id(secret, p.session_hash)
     with LabelStore.open(db, read_only=True) as store:
         frame = store.judgments_frame(include_simulated=True)
         counts = store.counts()

@@ -32,10 +32,14 @@ def test_arena_and_labeling_in_a_real_browser(tmp_path):
         with testing.browser_page() as page:
             seen = testing.arena_session(page, url, [t.instruction for t in session.turns[:3]],
                                          ["left", "tie", "right"], shots)
-            # anonymous until the first vote, then both names are on screen
-            assert "Model A was" in seen[0]["status"]
-            names = {seen[0]["title_left"].split("·")[-1].strip(),
-                     seen[0]["title_right"].split("·")[-1].strip()}
+            # anonymous through every vote; ending the session shows both names
+            for shown in seen:
+                text = " ".join(shown[k] for k in ("status", "title_left", "title_right"))
+                assert "oracle" not in text and "identity" not in text
+            ended = testing.end_session(page)
+            assert "Model A was" in ended["status"]
+            names = {ended["title_left"].split("·")[-1].strip(),
+                     ended["title_right"].split("·")[-1].strip()}
             assert names == {"oracle", "identity"}
             assert [s["strip_left"] for s in seen] == [2, 3, 4] == [s["strip_right"] for s in seen]
             label = testing.label_item(page, "alice", "wonderland", ["1", "3", "2"], shots)
@@ -48,7 +52,7 @@ def test_arena_and_labeling_in_a_real_browser(tmp_path):
     assert list(arena["turn"]) == [0, 1, 2]
     left = arena["left"].iloc[0]
     right = "B" if left == "A" else "A"
-    assert list(arena["choice"]) == [left, "tie", right]
+    assert list(arena["choice"]) == [left, "tie", right] and arena["blind"].all()
     alice = frame[frame["annotator"] == "alice"]
     assert list(alice["turn"].astype("Float64").fillna(-1)) == [0, 1, -1]
     a_left = alice["left"].iloc[0]

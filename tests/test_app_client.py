@@ -75,10 +75,13 @@ def test_three_turn_arena_session_with_votes_lands_in_duckdb(app):
         assert len(out[GAL_L]) == len(out[GAL_R]) == k + 2     # source + every turn
         out = c.predict(k + 1, "overall", api_name=f"/vote_{picks[k]}")
         assert f"Vote stored for turn {k + 1}" in status(out), status(out)
-        if k == 0:  # anonymous: names revealed after the first vote
-            left = left_model(status(out))
-            assert "`" in out[TITLE_L] and left in out[TITLE_L]
+        shown = " ".join(str(o) for o in out)
+        assert "oracle" not in shown and "identity" not in shown   # hidden until the end
+    out = c.predict(api_name="/end_session")
+    left = left_model(status(out))
+    assert "`" in out[TITLE_L] and left in out[TITLE_L]
     frame = judgments(ctx, voter(ctx, c))
+    assert frame["blind"].all()
     assert list(frame["turn"]) == [0, 1, 2]
     side_of_left = "A" if left == "oracle" else "B"
     expected = {"left": side_of_left, "right": "B" if side_of_left == "A" else "A", "tie": "tie"}
@@ -270,7 +273,8 @@ def test_labeling_an_item_stores_exactly_its_judgments(app):
 def test_leaderboard_and_admin_views(app):
     url, ctx = app
     c = client(url, download_files=True)
-    c.predict("Example 4", api_name="/start_example")           # two votes of its own:
+    c.predict(True, False, False, api_name="/settings")          # names shown from the start
+    c.predict("Example 4", api_name="/start_example")           # two non-blind votes:
     for k, text in enumerate(["change the background to black", "change the background to white"]):
         c.predict(text, 0, 10, api_name="/edit")
         assert "Vote stored" in status(c.predict(k + 1, "overall", api_name="/vote_left"))
@@ -279,7 +283,8 @@ def test_leaderboard_and_admin_views(app):
     everyone = int(re.search(r"\*\*(\d+)\*\* human votes", out[0]).group(1))
     blind = c.predict("arena votes", True, "all criteria", api_name="/leaderboard")
     blind_n = int(re.search(r"\*\*(\d+)\*\* human votes", blind[0]).group(1))
-    assert 0 < blind_n < everyone      # votes after the names were revealed are left out
+    assert 0 < blind_n < everyone      # votes cast with the names shown are left out
+    assert not judgments(ctx, voter(ctx, c))["blind"].any()
     assert {"oracle", "identity"} <= set(out[3]["data"][i][0] for i in range(len(out[3]["data"])))
     assert c.predict(api_name="/admin_export") is None               # not signed in
     out = c.predict("root", "wrong", api_name="/admin_sign_in")

@@ -90,3 +90,50 @@ def test_the_voter_secret_is_made_once_and_kept(tmp_path):
     assert server_secret(tmp_path) == first
     assert voter_id(first, "abc") == voter_id(server_secret(tmp_path), "abc")
     assert voter_id(first, "abc") != voter_id(b"x" * 32, "abc")
+
+
+def test_names_stay_hidden_until_the_session_ends(app):
+    url, ctx = app
+    c = client(url)
+    c.predict("Example 3", api_name="/start_example")
+    for k, text in enumerate(["change the background to black", "change the background to white"]):
+        out = c.predict(text, 0, 10, api_name="/edit")
+        out = c.predict(k + 1, "overall", api_name="/vote_right")
+        shown = " ".join(map(str, out))
+        assert "Vote stored" in out[STATUS] and "oracle" not in shown and "identity" not in shown
+    out = c.predict("change the background to gray", 0, 10, api_name="/edit")  # left unvoted
+    out = c.predict(api_name="/end_session")
+    assert "Session ended" in out[STATUS] and "oracle" in out[STATUS] and "identity" in out[STATUS]
+    for call in [("make it red", 0, 10, "/edit"), (3, "overall", "/vote_left"), ("/undo",),
+                 (1, "/fork")]:
+        assert "has ended" in c.predict(*call[:-1], api_name=call[-1])[STATUS]
+    assert "already ended" in c.predict(api_name="/end_session")[STATUS]
+    frame = ctx.store.judgments_frame(include_simulated=True)
+    mine = frame[frame["annotator"] == ctx.voter(c.session_hash)]
+    assert len(mine) == 2 and mine["blind"].all()
+    tail = ctx.store.query("SELECT count(*) AS n FROM sessions WHERE json_extract_string(meta, "
+                           "'$.unvoted_tail') = 'true' AND n_turns = 3")
+    assert tail["n"].iloc[0] == 2                     # ending stored the unvoted third turn
+    out = c.predict(api_name="/reset")                # a new session on the same source
+    assert out[TURN] == 0 and "hidden" in out[2]
+
+
+def test_the_leaderboard_counts_blind_votes_unless_asked(app):
+    import re
+
+    url, ctx = app
+    c = client(url)
+    c.predict(True, False, False, api_name="/settings")          # anonymity off: not blind
+    c.predict("Example 1", api_name="/start_example")
+    c.predict("change the background to black", 0, 10, api_name="/edit")
+    assert "Vote stored" in c.predict(1, "overall", api_name="/vote_left")[STATUS]
+    mine = ctx.store.judgments_frame(include_simulated=True)
+    assert not mine[mine["annotator"] == ctx.voter(c.session_hash)]["blind"].any()
+
+    def count(*args):
+        out = c.predict(*args, api_name="/leaderboard")
+        return int(re.search(r"\*\*(\d+)\*\* human votes", out[0]).group(1))
+
+    human = mine[~mine["annotator"].str.startswith(("judge:", "reward:")) & ~mine["simulated"]]
+    assert count("all human votes", True, "all criteria") == human["blind"].sum()
+    assert count("all human votes", False, "all criteria") == len(human)

@@ -10,6 +10,13 @@ Multi-turn
     Each side edits **its own** previous output; both sides get the same instruction, the same
     reconstructed intent (when enabled) and the same seed, ``turn_seed(seed, 0, k)``.
 
+Anonymity (as in FastChat's arena)
+    In an anonymous session the sides are shuffled and the model names stay hidden through
+    every turn and vote, until the person ends the session (:meth:`Arena.end_session`), which
+    reveals them and closes the session: later edits and votes are refused until a new session
+    (or a reset) starts.  So every vote of an anonymous session is blind; a session started
+    with anonymity off shows the names from the start and its votes are stored ``blind=False``.
+
 Votes and the server-side re-check
     A vote names the turn it is for (the turn shown on screen).  It is accepted only if that is
     the session's latest turn, nobody voted on it yet, the pick and criterion are known values
@@ -21,7 +28,8 @@ Storage (DuckDB, through :class:`labeling.store.LabelStore`)
     ``sessions`` row each, meta ``origin: arena`` with the arena id, branch, blindness, seeds and
     steps), a comparison of the two (A = the configured side A) and the judgment (turn k, the
     criterion, choice naming sessions, which side was on the left, ms from display to vote).
-    The vote is acknowledged only after the judgment committed.  Ending a session with turns
+    The judgment records ``blind``.  The vote is acknowledged only after the judgment
+    committed.  Ending a session with turns
     nobody voted on (reset, new source, fork or undo past them) stores the whole session as a
     comparison without judgments, so every arena session lands in the database.
 """
@@ -110,6 +118,9 @@ class ArenaState:
 
     def names_visible(self) -> bool:
         return not self.anonymous or self.revealed
+
+    def can_vote(self) -> bool:
+        return bool(self.turns) and self.turns[-1].vote is None and not self.revealed
 
 
 def clean_instruction(text) -> str:
@@ -212,9 +223,15 @@ class Arena:
                f"{self.engine.size}×{self.engine.size}). {note}"
 
     # ------------------------------------------------------------------------------- edit
+    def _require_open(self, state: ArenaState) -> None:
+        if state.revealed:
+            raise ArenaError("This session has ended and the names are shown: start a new "
+                             "session (random scene, example, upload) or reset this one.")
+
     def edit(self, state: ArenaState, instruction, seed, steps) -> str:
         if state.source is None:
             raise ArenaError("Start a session first: a random scene, an example or an upload.")
+        self._require_open(state)
         text = clean_instruction(instruction)
         if state.n >= MAX_TURNS:
             raise ArenaError(f"This session has {MAX_TURNS} turns, the most one session keeps; "
@@ -255,6 +272,7 @@ class Arena:
             raise ArenaError(f"Unknown criterion {criterion!r}; one of {', '.join(CRITERIA)}.")
         if state.n == 0:
             raise ArenaError("Nothing to vote on yet: make an edit first.")
+        self._require_open(state)
         turn = _int(turn_shown, "Turn", 1, MAX_TURNS)
         if turn != state.n:
             raise ArenaError(f"Vote refused: it is for turn {turn}, but the turn on screen is "
@@ -270,7 +288,8 @@ class Arena:
         comparison = self._store_sessions(state, turn, {"blind": blind})
         self.ctx.ensure_annotator(voter)
         jid = self.store.record_judgment(comparison, voter, turn - 1, criterion, choice,
-                                         state.left, latency_ms=latency_ms, simulated=False)
+                                         state.left, latency_ms=latency_ms, simulated=False,
+                                         blind=blind)
         record.vote = {"pick": pick, "choice": choice, "criterion": criterion,
                        "judgment_id": int(jid), "comparison_id": int(comparison),
                        "blind": blind}
@@ -280,12 +299,20 @@ class Arena:
         text = {"left": "Model A is better", "right": "Model B is better", "tie": "a tie",
                 "both_bad": "both are bad"}[pick]
         message = f"Vote stored for turn {turn}: {text} ({criterion})."
-        if state.anonymous and not state.revealed:
-            state.revealed = True
-            message += (f" Model A was **{self._model(state, 'left')}**, Model B was "
-                        f"**{self._model(state, 'right')}**. Later votes in this session are "
-                        "recorded as not blind.")
+        if blind:
+            message += " Keep editing, or end the session to see which model was which."
         return message
+
+    def end_session(self, state: ArenaState) -> str:
+        """End the session: store its unvoted turns, reveal the names, refuse further turns."""
+        if state.source is None:
+            raise ArenaError("No session to end: start one first.")
+        if state.revealed:
+            raise ArenaError("This session has already ended.")
+        self._finish_branch(state)
+        state.revealed = True
+        return (f"Session ended. Model A was **{self._model(state, 'left')}**, Model B was "
+                f"**{self._model(state, 'right')}**. Start a new session to keep going.")
 
     def _store_sessions(self, state: ArenaState, upto: int, extra_meta: dict) -> int:
         """Store both sides' sessions up to turn ``upto`` (1-based) and their comparison."""
@@ -328,6 +355,7 @@ class Arena:
     def undo(self, state: ArenaState) -> str:
         if state.n == 0:
             raise ArenaError("Nothing to undo.")
+        self._require_open(state)
         self._finish_branch(state)
         state.turns.pop()
         state.branch += 1
@@ -337,6 +365,7 @@ class Arena:
     def fork(self, state: ArenaState, turn) -> str:
         if state.n == 0:
             raise ArenaError("Nothing to fork from: make an edit first.")
+        self._require_open(state)
         keep = _int(turn, "Fork turn", 0, state.n)
         if keep == state.n:
             raise ArenaError(f"Turn {keep} is already the latest; pick an earlier turn to fork.")
@@ -383,7 +412,8 @@ class Arena:
         name = "Model A" if screen == "left" else "Model B"
         if state.source is not None and state.names_visible():
             return f"### {name} · `{self._model(state, screen)}`"
-        return f"### {name}" + (" · *hidden until you vote*" if state.anonymous else "")
+        return f"### {name}" + (" · *hidden until you end the session*" if state.anonymous
+                                else "")
 
     def strip(self, state: ArenaState, screen: str) -> list[tuple[str, str]]:
         """History strip of one screen side: the source, then every turn with its caption
@@ -446,6 +476,6 @@ class Arena:
                 lines.append(f"**Verifier**, turn {state.n}: Model A "
                              f"{format_verdict(t.verdicts.get(state.side_on('left')))} · Model B "
                              f"{format_verdict(t.verdicts.get(state.side_on('right')))}")
-            if t.vote is None:
+            if t.vote is None and not state.revealed:
                 lines.append(f"Which side did turn {state.n} better?")
         return "\n\n".join(lines)

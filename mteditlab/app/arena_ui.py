@@ -7,7 +7,7 @@ the screen always shows exactly what the server holds.  Public API endpoints (fo
 * ``/start_random()``, ``/start_example(example)``, ``/start_upload(file)``
 * ``/edit(instruction, seed, steps)``
 * ``/vote_left|/vote_right|/vote_tie|/vote_both_bad(turn, criterion)``
-* ``/undo()``, ``/fork(turn)``, ``/reset()``
+* ``/undo()``, ``/fork(turn)``, ``/reset()``, ``/end_session()`` (reveals the names)
 * ``/settings(use_intent, show_verdict, anonymous)``
 """
 
@@ -91,6 +91,7 @@ def build_arena_tab(ctx, arena: Arena) -> None:
                             scale=1, min_width=120, elem_id="arena-fork-turn")
         fork_btn = gr.Button("🌿 Fork from that turn", elem_id="arena-fork", scale=2)
         reset_btn = gr.Button("🔄 Reset session", elem_id="arena-reset", scale=2)
+        end_btn = gr.Button("🏁 End session & reveal the models", elem_id="arena-end", scale=2)
     with gr.Accordion("Settings", open=False, elem_id="arena-settings"):
         with gr.Row():
             seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED,
@@ -103,8 +104,9 @@ def build_arena_tab(ctx, arena: Arena) -> None:
                                      "condition both editors on it", elem_id="arena-intent")
             show_verdict = gr.Checkbox(False, label="Show the verifier's verdict per turn "
                                        "(world scenes)", elem_id="arena-verdict")
-            anonymous = gr.Checkbox(ctx.config.anonymous, label="Anonymous: shuffle and hide "
-                                    "the models until the vote (applies to the next session)",
+            anonymous = gr.Checkbox(ctx.config.anonymous, label="Anonymous: shuffle the sides "
+                                    "and hide the models until you end the session (applies "
+                                    "to the next session)",
                                     elem_id="arena-anonymous")
 
     outputs = [state, source, columns["left"][0], columns["right"][0], columns["left"][1],
@@ -114,8 +116,7 @@ def build_arena_tab(ctx, arena: Arena) -> None:
     def render(st: ArenaState, clear_instruction: bool = False, images: bool = True) -> list:
         """All outputs from the state; ``images=False`` leaves the pictures as they are on
         screen (votes and refusals change none), which keeps those answers small."""
-        latest = st.turns[-1] if st.turns else None
-        can_vote = latest is not None and latest.vote is None
+        can_vote = st.can_vote()
         options = list(dict.fromkeys(st.suggestions))
         if images:
             pictures = [ctx.display.path(st.source) if st.source else None,
@@ -182,6 +183,9 @@ def build_arena_tab(ctx, arena: Arena) -> None:
     def on_reset(st, request: gr.Request):
         return run(arena.reset, st, request)
 
+    def on_end(st, request: gr.Request):
+        return run(arena.end_session, st, request, images=False)
+
     def on_settings(st, intent_on, verdict_on, anonymous_on, request: gr.Request):
         def apply(s, a, b, c):
             s.use_intent, s.show_verdict, s.anonymous_next = bool(a), bool(b), bool(c)
@@ -202,6 +206,7 @@ def build_arena_tab(ctx, arena: Arena) -> None:
     undo_btn.click(on_undo, [state], outputs, api_name="undo")
     fork_btn.click(on_fork, [state, fork_no], outputs, api_name="fork")
     reset_btn.click(on_reset, [state], outputs, api_name="reset")
+    end_btn.click(on_end, [state], outputs, api_name="end_session")
     settings_inputs = [state, use_intent, show_verdict, anonymous]
     gr.on([use_intent.input, show_verdict.input, anonymous.input], on_settings, settings_inputs,
           outputs, api_name="settings")

@@ -37,7 +37,7 @@ def _notice(ctx: AppContext) -> str:
     lines = [f"**MT-EditLab** — multi-turn image editing arena · labels in "
              f"`{ctx.store.path}`"]
     if ctx.config.anonymous:
-        lines.append("The two models are hidden and shuffled until you vote.")
+        lines.append("The two models are shuffled and hidden until you end the session.")
     else:
         lines.append(f"Side A: `{a.model}` · side B: `{b.model}`.")
     for note in engine.notices:

@@ -121,7 +121,7 @@ class AppConfig:
     admins: Credentials = Credentials()
     hf_annotators: tuple[str, ...] = ()   # HF usernames allowed to label ('*' = everyone)
     auth: Credentials = Credentials()     # basic auth in front of the whole app
-    anonymous: bool = True                # arena: hide and shuffle the sides until a vote
+    anonymous: bool = True                # arena: shuffle the sides, hide names until the end
     device: str | None = None
     steps: int | None = None              # default sampling steps (None: the editors' own)
     strict: bool = False                  # fail instead of falling back when an editor is missing
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default number of sampling steps (the UI can change it per turn)")
     g.add_argument("--no-anonymous", dest="anonymous", action="store_false",
                    default=_bool_env("MTEDITLAB_ANONYMOUS", True),
-                   help="show the model names from the start instead of after the vote "
+                   help="show the model names from the start instead of when the session ends "
                    "[MTEDITLAB_ANONYMOUS=0]")
 
     g = parser.add_argument_group("data and server")

@@ -3,8 +3,9 @@ vs human agreement, and the admin views (export, per-annotator accuracy, flags, 
 
 Which votes
     Human judgments only (simulated annotators are never mixed in here), from the arena
-    (annotators named ``arena:…``), from the Label tab (everyone else), or both.  "Blind only"
-    keeps arena votes cast before the model names were shown (label judgments are always blind).
+    (annotators named ``arena:…``), from the Label tab (everyone else), or both.  By default
+    only blind judgments count (``blind`` column: cast while the model names were hidden; label
+    judgments always are); non-blind arena votes are added on request.
 
 Judge and reward model vs humans
     Automatic raters record their pairwise verdicts in the same store as (simulated) annotators
@@ -37,7 +38,7 @@ def _machine(names: pd.Series) -> pd.Series:
     return names.astype(str).str.startswith(MACHINE_PREFIXES)
 
 
-def human_frame(store, source: str = SOURCES[0], blind_only: bool = False,
+def human_frame(store, source: str = SOURCES[0], blind_only: bool = True,
                 criterion: str | None = None) -> pd.DataFrame:
     frame = store.judgments_frame(include_simulated=True)
     frame = frame[~frame["simulated"].astype(bool) & ~_machine(frame["annotator"])]
@@ -46,11 +47,8 @@ def human_frame(store, source: str = SOURCES[0], blind_only: bool = False,
         frame = frame[arena]
     elif source == SOURCES[2]:
         frame = frame[~arena]
-    if blind_only and len(frame):
-        meta = store.query("SELECT session_id, "
-                           "json_extract(meta, '$.blind')::VARCHAR AS blind FROM sessions")
-        not_blind = set(meta.loc[meta["blind"].astype(str) == "false", "session_id"].astype(int))
-        frame = frame[~frame["session_a"].astype(int).isin(not_blind)]
+    if blind_only:
+        frame = frame[frame["blind"].astype(bool)]
     if criterion and criterion != CRITERIA_ALL:
         frame = frame[frame["criterion"] == criterion]
     return frame

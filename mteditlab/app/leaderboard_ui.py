@@ -32,7 +32,8 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
     with gr.Row():
         source = gr.Radio(list(lb.SOURCES), value=lb.SOURCES[0], label="Votes",
                           elem_id="lb-source")
-        blind = gr.Checkbox(False, label="Blind votes only (cast before the names were shown)",
+        blind = gr.Checkbox(True, label="Blind votes only (cast while the model names were "
+                            "hidden); untick to include non-blind arena votes",
                             elem_id="lb-blind")
         criterion = gr.Dropdown([lb.CRITERIA_ALL, *CRITERIA], value=lb.CRITERIA_ALL,
                                 label="Criterion", elem_id="lb-criterion")

@@ -131,6 +131,15 @@ def arena_session(page, url: str, instructions: list[str], picks,
     return seen
 
 
+def end_session(page) -> dict:
+    """Click "End session": returns the status and both titles (names now shown)."""
+    page.locator("#arena-end").click()
+    wait_text(page, "#arena-status", "Session ended")
+    return {"status": page.locator("#arena-status").inner_text(),
+            "title_left": page.locator("#arena-title-left").inner_text(),
+            "title_right": page.locator("#arena-title-right").inner_text()}
+
+
 def label_item(page, name: str, password: str, keys: list[str],
                shots: Path | None = None) -> dict:
     """Sign in on the Label tab and judge one item with the keyboard shortcuts."""
