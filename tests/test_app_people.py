@@ -137,3 +137,43 @@ def test_the_leaderboard_counts_blind_votes_unless_asked(app):
     human = mine[~mine["annotator"].str.startswith(("judge:", "reward:")) & ~mine["simulated"]]
     assert count("all human votes", True, "all criteria") == human["blind"].sum()
     assert count("all human votes", False, "all criteria") == len(human)
+
+
+HOSTILE = ["<b>x</b>", "![](http://127.0.0.1:9/pixel.png)", "**bold** _it_ `code`",
+           "[click](javascript:alert(1)) <img src=x onerror=alert(1)>", "# head | a | b |",
+           "www.example.com http://example.com a@b.co", "$$x^2$$ \\(y\\) 1. not a list &amp;"]
+
+
+def rendered(markdown: str) -> tuple[str, str]:
+    """(HTML, visible text) of ``markdown`` under CommonMark with raw HTML enabled."""
+    import html
+    import re
+
+    from markdown_it import MarkdownIt
+
+    out = MarkdownIt("commonmark", {"html": True, "linkify": False}).render(markdown)
+    return out, html.unescape(re.sub(r"<[^>]+>", "", out)).strip()
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_user_text_renders_literally(text):
+    from mteditlab.app.text import md_literal
+
+    out, visible = rendered(md_literal(text))
+    assert visible == text
+    assert not any(tag in out for tag in ("<b>", "<img", "<a ", "<em>", "<strong>", "<code>",
+                                          "<h1>", "<ol>"))
+
+
+def test_instructions_show_as_text_in_the_history(app):
+    url, ctx = app
+    c = client(url)
+    c.predict("Example 1", api_name="/start_example")
+    for text in HOSTILE[:2]:
+        out = c.predict(text, 0, 10, api_name="/edit")
+        assert "done" in out[STATUS], out[STATUS]
+    history = out[-1]
+    assert "<b>" not in history and "![](" not in history
+    html_out, visible = rendered(history)
+    assert "<img" not in html_out and "<b>" not in html_out
+    assert HOSTILE[0] in visible and HOSTILE[1] in visible

@@ -49,6 +49,7 @@ from mteditlab.intent import turn_seed
 
 from .engine import run_pair
 from .images import ImageInputError, load_upload, prepare_source
+from .text import md_literal
 from .worldview import (IntentStep, format_verdict, random_test_scene, read_world_scene,
                         resolve_turn, test_scene, verdict)
 
@@ -437,15 +438,16 @@ class Arena:
         return self.ctx.display.path(state.latest_of(state.side_on(screen)))
 
     def history(self, state: ArenaState) -> str:
-        """The session's turns, oldest first: instruction, intent, verdicts, vote."""
+        """The session's turns, oldest first: instruction, intent, verdicts, vote (Markdown;
+        the person's text shown literally, see :mod:`mteditlab.app.text`)."""
         if not state.turns:
             return ""
         picks = {"left": "A better", "right": "B better", "tie": "tie", "both_bad": "both bad"}
         lines = ["**History**"]
         for k, t in enumerate(state.turns):
-            line = f"{k + 1}. {t.instruction}"
+            line = f"{k + 1}. {md_literal(t.instruction)}"
             if state.use_intent and t.step.intent and t.step.intent != t.instruction:
-                line += f" → *{t.step.intent}*"
+                line += f" → *{md_literal(t.step.intent)}*"
             if state.show_verdict and state.scene is not None:
                 line += (f" · A {format_verdict(t.verdicts.get(state.side_on('left')))}"
                          f" · B {format_verdict(t.verdicts.get(state.side_on('right')))}")
@@ -469,7 +471,8 @@ class Arena:
         if state.n:
             t = state.turns[-1]
             if show_intent:
-                lines.append(f"**Reconstructed intent** of turn {state.n}: {t.step.note}"
+                lines.append(f"**Reconstructed intent** of turn {state.n}: "
+                             f"{md_literal(t.step.note)}"
                              + ("" if t.intent_used or t.step.edit is None else
                                 " (shown only: the editors got the raw instruction)"))
             if show_verdict and state.scene is not None:

@@ -18,6 +18,7 @@ import logging
 import gradio as gr
 
 from .arena import CRITERIA, MAX_SEED, PICKS, Arena, ArenaError, ArenaState, finish_state
+from .text import NO_LATEX
 from .worldview import EXAMPLES, GRAMMAR
 
 log = logging.getLogger("mteditlab.app")
@@ -75,7 +76,7 @@ def build_arena_tab(ctx, arena: Arena) -> None:
                                 scale=1, min_width=150, elem_id="arena-criterion")
     turn_no = gr.Number(value=0, precision=0, visible=False, label="turn")
     status = gr.Markdown("Start with **🎲 Random scene**, an **example** or **upload** an image.",
-                         elem_id="arena-status")
+                         elem_id="arena-status", latex_delimiters=NO_LATEX)
     with gr.Row():
         instruction = gr.Textbox(label="Instruction", scale=5, max_lines=2,
                                  placeholder="e.g. add a small red circle at the top left",
@@ -84,7 +85,7 @@ def build_arena_tab(ctx, arena: Arena) -> None:
     suggestions = gr.Dropdown([], value=None, label="Suggested instructions (from the scripted "
                               "test session)", allow_custom_value=False,
                               elem_id="arena-suggestions")
-    history = gr.Markdown(elem_id="arena-history")
+    history = gr.Markdown(elem_id="arena-history", latex_delimiters=NO_LATEX)
     with gr.Row():
         undo_btn = gr.Button("↩️ Undo last turn", elem_id="arena-undo", scale=2)
         fork_no = gr.Number(value=0, precision=0, minimum=0, label="Fork from turn (0 = source)",

@@ -13,6 +13,7 @@ import gradio as gr
 
 from .config import oauth_available
 from .label import MAX_LABEL_TURNS, RUBRIC, LabelError, Labeling, LabelState
+from .text import NO_LATEX, md_literal
 
 log = logging.getLogger("mteditlab.app")
 CHOICES = [("1 · Left better", "left"), ("2 · Right better", "right"), ("3 · Tie", "tie"),
@@ -71,11 +72,11 @@ def build_label_tab(ctx, labeling: Labeling, demo: gr.Blocks) -> None:
             with gr.Row(equal_height=False):
                 source = gr.Image(label="Source", interactive=False, height=180, format="png",
                                   buttons=[], elem_id="label-source", scale=1)
-                history = gr.Markdown(elem_id="label-history")
+                history = gr.Markdown(elem_id="label-history", latex_delimiters=NO_LATEX)
             rows, texts, lefts, rights, radios = [], [], [], [], []
             for k in range(MAX_LABEL_TURNS):
                 with gr.Row(visible=False, equal_height=True, elem_id=f"label-turn-{k}") as row:
-                    texts.append(gr.Markdown(min_width=180))
+                    texts.append(gr.Markdown(min_width=180, latex_delimiters=NO_LATEX))
                     lefts.append(gr.Image(label=f"Left · turn {k + 1}", interactive=False,
                                           height=160, format="png", buttons=[], min_width=160))
                     rights.append(gr.Image(label=f"Right · turn {k + 1}", interactive=False,
@@ -112,12 +113,12 @@ def build_label_tab(ctx, labeling: Labeling, demo: gr.Blocks) -> None:
             left = item["left"]
             right = "B" if left == "A" else "A"
             src = ctx.display.path(item["source"], 192)
-            lines = [f"{k + 1}. {text}" for k, text in enumerate(item["instructions"])]
+            lines = [f"{k + 1}. {md_literal(text)}" for k, text in enumerate(item["instructions"])]
             updates += [src, "**Instructions, in order**\n\n" + "\n".join(lines)]
         else:
             updates += [None, ""]
         updates += [gr.update(visible=k < n) for k in range(MAX_LABEL_TURNS)]
-        updates += [f"**Turn {k + 1}**\n\n{item['instructions'][k]}" if k < n else ""
+        updates += [f"**Turn {k + 1}**\n\n{md_literal(item['instructions'][k])}" if k < n else ""
                     for k in range(MAX_LABEL_TURNS)]
         for side_key in ("left", "right"):
             for k in range(MAX_LABEL_TURNS):

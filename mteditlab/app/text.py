@@ -1,0 +1,23 @@
+"""User text on screen: shown as typed, never interpreted as Markdown or HTML.
+
+Gradio's ``gr.Markdown`` renders Markdown, raw HTML and (with its default delimiters) LaTeX.
+Text a person typed (an instruction) is passed through :func:`md_literal` before it is
+placed in Markdown, and the components showing it switch LaTeX off (:data:`NO_LATEX`):
+``<b>x</b>`` then shows as those eight characters and ``![](http://…)`` as text (nothing is
+fetched), with no link made of a bare URL either.
+"""
+
+from __future__ import annotations
+
+import html
+import string
+
+NO_LATEX: list = []   # ``latex_delimiters`` of a Markdown component that shows user text
+_ESCAPES = {ch: "\\" + ch for ch in string.punctuation}
+_ESCAPES.update({ch: html.escape(ch) for ch in "<>&"})
+
+
+def md_literal(text: str) -> str:
+    """``text`` escaped so that Markdown renders exactly it: HTML's ``<>&`` as entities, every
+    other ASCII punctuation character backslash-escaped (CommonMark allows escaping each)."""
+    return "".join(_ESCAPES.get(ch, ch) for ch in str(text))
