@@ -177,3 +177,17 @@ def test_instructions_show_as_text_in_the_history(app):
     html_out, visible = rendered(history)
     assert "<img" not in html_out and "<b>" not in html_out
     assert HOSTILE[0] in visible and HOSTILE[1] in visible
+
+
+def test_only_the_admin_sees_the_database_path(app):
+    import urllib.request
+
+    url, ctx = app
+    path = str(ctx.store.path)
+    for page in ("", "config"):
+        with urllib.request.urlopen(url + page, timeout=60) as response:
+            body = response.read().decode("utf-8", "replace")
+        assert path not in body and str(ctx.data_dir.resolve()) not in body, page
+    c = client(url)
+    assert path not in repr(c.predict("root", "wrong", api_name="/admin_sign_in"))
+    assert path in c.predict("root", "secret", api_name="/admin_sign_in")[0]

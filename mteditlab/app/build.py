@@ -32,10 +32,10 @@ footer { display: none !important; }
 
 
 def _notice(ctx: AppContext) -> str:
+    """The page header every visitor sees (no server paths: the admin panel shows those)."""
     engine = ctx.engine
     a, b = engine.sides["A"], engine.sides["B"]
-    lines = [f"**MT-EditLab** — multi-turn image editing arena · labels in "
-             f"`{ctx.store.path}`"]
+    lines = ["**MT-EditLab** — multi-turn image editing arena"]
     if ctx.config.anonymous:
         lines.append("The two models are shuffled and hidden until you end the session.")
     else:

@@ -133,7 +133,8 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
             st.admin = None
             return admin_views(st, "⚠️ Unknown admin or wrong password.")
         st.admin = name.strip()
-        return admin_views(st, f"Signed in as admin **{st.admin}**.")
+        return admin_views(st, f"Signed in as admin **{st.admin}**. Labels database: "
+                           f"`{ctx.store.path}`")
 
     def on_admin_refresh(st: AdminState):
         return admin_views(st, "" if st.admin else "⚠️ Admin sign-in required.")
