@@ -1,4 +1,5 @@
-"""Multi-turn RL of a LoRA adapter on a flow-matching editor: Flow-GRPO and DiffusionNFT.
+"""Multi-turn RL of a LoRA adapter on a flow-matching editor: Flow-GRPO, DiffusionNFT and
+reward-filtered self-training (RFT), with a supervised control (SFT).
 
     python -m training.grpo --lora                       # NFT on the mini editor, verifier (+ quality) reward
     python -m training.grpo --lora --algo grpo --learning-rate 3e-4 --reward judge=1.0
@@ -20,13 +21,21 @@ One iteration, top to bottom:
        r = clamp(A / (2·A_max) + ½, 0, 1),  v⁺ = β·v_θ + (1 − β)·v_old,  v⁻ = (1 + β)·v_old − β·v_θ,
        L = r·‖x̂0(v⁺) − x0‖² + (1 − r)·‖x̂0(v⁻) − x0‖²,  x̂0(v) = x_t − t·v,
    weighted by 1 / mean|x̂0(v_old) − x0| (adaptive), the old policy being an EMA copy of the adapter and
-   (t, ε) shared by the G rollouts of a session.
+   (t, ε) shared by the G rollouts of a session; each sample is trained at ``timesteps_per_sample``
+   forward-process times (fresh noise each), and rollouts may be drawn by the old adapter
+   (``--sample-by-old``) as DiffusionNFT's authors do. RFT: every turn of a rollout whose turns so far
+   all passed the reward (fused score ≥ ``rft_threshold``) enters a replay buffer as (the turn's own
+   input, text, target), target = the rollout's output (``own``) or the verifier's clean re-render of
+   the scene it shows (``render``, world only); the adapter is trained on the buffer by the plain
+   flow-matching loss ‖v_θ(x_t) − (ε − x0)‖², and its Polyak average is exported. SFT (the control):
+   the same loss and buffer filled with the world's gold pairs (teacher-forced), no rollouts.
 5. **Operations.** JSONL metrics, plots, evaluation on ``val``, atomic checkpoints, exact resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import shutil
@@ -43,11 +52,17 @@ from mteditlab.editors import Editor, get_editor
 from mteditlab.flow import gaussian_log_prob, ode_step, sde_step_stats
 from mteditlab.intent import INTENT_MODES, turn_seed, turn_text
 from mteditlab.rewards.base import EditSample
+from mteditlab.rewards.features import parse_cached
 from mteditlab.world import Session, generate_session, render
 from mteditlab.world import sessions as make_sessions
 from training.credit import FUSIONS, TURN_AGGREGATIONS, compute_advantages
 
 TRAIN_SESSIONS = 200_000  # size of the pool training sessions are drawn from
+ALGOS = ("nft", "grpo", "rft", "sft")
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+CONV = ("conv1", "conv2", "conv_shortcut")
+LORA_TARGETS = {"attention": ATTENTION, "attention+conv": ATTENTION + CONV,
+                "all": ATTENTION + CONV + ("time_emb_proj", "conv_in", "conv_out", "conv")}
 
 
 @dataclass
@@ -55,9 +70,10 @@ class GRPOConfig:
     # model
     editor: str = "mini"
     editor_path: str | None = None
-    algo: str = "nft"                     # nft | grpo
+    algo: str = "nft"                     # nft | grpo | rft | sft (supervised control)
     lora_rank: int = 16
     lora_alpha: float = 32.0
+    lora_targets: str = "attention"       # attention | attention+conv | all (mini editor's module names)
     # sampling
     num_generations: int = 8              # G rollouts per session (the group)
     sessions_per_step: int = 8
@@ -73,8 +89,19 @@ class GRPOConfig:
     nft_beta: float = 1.0                 # NFT: guidance strength β of the implicit positive / negative policies
     adv_clip_max: float = 5.0
     num_minibatches: int = 1              # optimizer steps per batch of rollouts
+    inner_epochs: int = 1                 # passes over each batch of rollouts
     max_grad_norm: float = 1.0
-    ema_decay: float = 0.9                # NFT old-policy EMA
+    ema_decay: float = 0.9                # NFT old-policy EMA (constant --old-decay)
+    old_decay: str = "constant"           # constant (ema_decay) | ramp: d = min(0.001·iteration, 0.5)
+    timesteps_per_sample: int = 1         # NFT: forward-process times trained per sample
+    sample_by_old: bool = False           # NFT: rollouts drawn by the old (EMA) adapter
+    # reward-filtered self-training (rft) and its supervised control (sft)
+    rft_target: str = "render"            # own | render (world only)
+    rft_threshold: float = 0.5            # a turn passes when its fused reward Σw·r/Σw ≥ this
+    replay_size: int = 2048
+    rft_batch_size: int = 32
+    rft_updates: int = 8                  # optimizer steps per iteration
+    polyak: float = 0.99                  # exported adapter = Polyak average of the trained one
     # multi-turn credit
     reward: str = "verifier=1.0,verifier.quality=0.5"  # TERM=WEIGHT,...; TERM = a reward model's overall (NAME) or sub-score (NAME.SUB)
     reward_paths: str = ""                # NAME=DIR,...: where a reward model's artifact lives (e.g. calibrated=data/calibrated)
@@ -85,6 +112,7 @@ class GRPOConfig:
     discount: float = 0.8
     # operations
     iterations: int = 100                 # ≈ 40 min on one thread of a 2-core CPU
+    max_minutes: float = 0.0              # stop after this much training time (0 = no limit)
     eval_every: int = 20
     eval_sessions: int = 64
     save_every: int = 10
@@ -95,8 +123,14 @@ class GRPOConfig:
     reward_path_of: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.algo not in ("grpo", "nft"):
-            raise ValueError("--algo must be grpo or nft")
+        if self.algo not in ALGOS:
+            raise ValueError(f"--algo must be one of {ALGOS}")
+        if self.sample_by_old and self.algo != "nft":
+            raise ValueError("--sample-by-old needs --algo nft (the old policy is NFT's)")
+        if self.lora_targets not in LORA_TARGETS or self.rft_target not in ("own", "render") \
+                or self.old_decay not in ("constant", "ramp"):
+            raise ValueError(f"bad --lora-targets ({sorted(LORA_TARGETS)}), --rft-target (own, render) "
+                             "or --old-decay (constant, ramp)")
         if self.turn_aggregation not in TURN_AGGREGATIONS or self.fusion not in FUSIONS or self.intent not in INTENT_MODES:
             raise ValueError("bad --turn-aggregation, --fusion or --intent")
         if not 1 <= self.sde_window <= self.steps - 1:
@@ -154,26 +188,31 @@ def rollout(editor: Editor, sessions: list[Session], cfg: GRPOConfig, iteration:
 # ---- 2. rewards ------------------------------------------------------------------------------------
 
 def score_rollouts(records: list[TurnRecord], sessions: list[Session], cfg: GRPOConfig, reward_models: dict,
-                   gold_model, iteration: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict]:
+                   gold_model, iteration: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None, dict]:
     """Per-reward-term scores ``[S, G, T]``, gold success ``[S, G, T]``, IF-passed mask and sub-score means.
 
     A term ``NAME`` is model ``NAME``'s overall; ``NAME.SUB`` its sub-score ``SUB``, where a sub-score
     that does not apply to a scored item (NaN, e.g. ``ga`` at turn 1) counts as satisfied (1.0); items
     the model failed on stay NaN. ``gold_model`` is the world's verifier; it scores each turn once,
-    also when it is a reward."""
+    also when it is a reward. The IF-passed mask (for trajectory filtering) comes from the *trained*
+    reward: the first reward model, in ``reward_weights`` order, with an ``if`` sub-score (IF ≥ ½;
+    a failed score does not filter); ``None`` when no trained reward has one."""
     S, G, T = len(sessions), cfg.num_generations, cfg.turns
     items = [(s, g) for s in sessions for g in range(G)]
     scores = {term: np.zeros((S * G, T)) for term in cfg.reward_weights}
     gold = np.zeros((S * G, T), dtype=bool)
-    gold_if = np.zeros((S * G, T), dtype=bool)
+    if_source = filter_source(cfg, reward_models)
+    if_passed = np.ones((S * G, T), dtype=bool)
     sub_means: dict[str, list[float]] = {}
     for k, rec in enumerate(records):
         samples = [EditSample(b, a, t[0], [x.instruction for x in s.turns[:k]], t[1], {"session": s, "turn": k})
                    for (s, _), b, a, t in zip(items, rec.before, rec.after, rec.texts)]
         gold_out = gold_model.score(samples)
-        gold[:, k], gold_if[:, k] = gold_out.overall == 1, gold_out.scores["if"] == 1
+        gold[:, k] = gold_out.overall == 1
         outputs = {name: gold_out if model is gold_model else model.score(samples, seed=cfg.seed * 100_003 + iteration * 31 + k)
                    for name, model in reward_models.items()}
+        if if_source:
+            if_passed[:, k] = ~(outputs[if_source].scores["if"] < 0.5)   # NaN (failed score) passes
         for term in scores:
             name, _, sub = term.partition(".")
             out = outputs[name]
@@ -188,8 +227,22 @@ def score_rollouts(records: list[TurnRecord], sessions: list[Session], cfg: GRPO
                 if np.isfinite(values).any():
                     sub_means.setdefault(f"{name}/{sub}", []).append(float(np.nanmean(values)))
     shape = (S, G, T)
-    return ({n: v.reshape(shape) for n, v in scores.items()}, gold.reshape(shape), gold_if.reshape(shape),
-            {k: float(np.mean(v)) for k, v in sub_means.items()})
+    return ({n: v.reshape(shape) for n, v in scores.items()}, gold.reshape(shape),
+            if_passed.reshape(shape) if if_source else None, {k: float(np.mean(v)) for k, v in sub_means.items()})
+
+
+def filter_source(cfg: GRPOConfig, reward_models: dict) -> str | None:
+    """Name of the trained reward whose IF sub-score drives trajectory filtering (None: no filter)."""
+    for name in dict.fromkeys(t.partition(".")[0] for t in cfg.reward_weights):
+        if "if" in getattr(reward_models[name], "sub_scores", ()):
+            return name
+    return None
+
+
+def passed_so_far(rewards: dict[str, np.ndarray], weights: dict[str, float], threshold: float) -> np.ndarray:
+    """``[S, G, T]`` bool: turn k and every turn before it scored Σ_m w_m·r_m / Σ_m w_m ≥ ``threshold``."""
+    fused = sum(w * np.nan_to_num(rewards[m], nan=0.0) for m, w in weights.items()) / sum(weights.values())
+    return np.cumprod(fused >= threshold, axis=-1).astype(bool)
 
 
 # ---- 4. update -------------------------------------------------------------------------------------
@@ -242,6 +295,46 @@ def nft_loss(editor: Editor, rec: TurnRecord, cond, idx: torch.Tensor, adv: torc
     return loss, {"nft_positive_weight": r.mean().item()}
 
 
+def flow_matching_loss(editor: Editor, batch: list[tuple], generator: torch.Generator) -> torch.Tensor:
+    """Plain rectified-flow loss on (input image, text, target latents) examples:
+    x_t = (1 − t)·x0 + t·ε with logit-normal t, L = ‖v_θ(x_t, t, cond) − (ε − x0)‖²."""
+    cond = editor.encode([b[0] for b in batch], [b[1] for b in batch])
+    x0 = torch.stack([b[2] for b in batch]).to(editor.device)
+    t = torch.sigmoid(torch.randn(len(batch), generator=generator)).view(-1, *[1] * (x0.dim() - 1))
+    noise = torch.randn(x0.shape, generator=generator)
+    v = editor.velocity((1 - t) * x0 + t * noise, t.flatten(), cond)
+    return torch.nn.functional.mse_loss(v.float(), noise - x0)
+
+
+def rft_examples(editor: Editor, records: list[TurnRecord], passed: np.ndarray, target: str) -> list[tuple]:
+    """(input image, text, target latents) for every turn that passed with all its earlier turns.
+
+    ``own``: the rollout's output latents; ``render``: the latents of the clean render of the scene
+    the verifier reads in the output (world only)."""
+    passed = passed.reshape(-1, len(records))
+    examples = []
+    for k, rec in enumerate(records):
+        for i in np.flatnonzero(passed[:, k]):
+            if target == "own":
+                x0 = rec.x0[i]
+            else:
+                clean = render(parse_cached(rec.after[i], rec.after[i].width), rec.after[i].width)
+                x0 = editor.encode_images([clean])[0]
+            examples.append((rec.before[i], rec.texts[i][1] or rec.texts[i][0], x0.cpu()))
+    return examples
+
+
+def gold_examples(editor: Editor, sessions: list[Session], cfg: GRPOConfig) -> list[tuple]:
+    """Teacher-forced (true scene before, text, latents of the true scene after) for every turn."""
+    examples = []
+    for s in sessions:
+        for k in range(cfg.turns):
+            text, intent = turn_text(s, k, cfg.intent)
+            examples.append((render(s.turns[k].before), intent or text,
+                             editor.encode_images([render(s.turns[k].after)])[0].cpu()))
+    return examples
+
+
 def encode_subset(editor: Editor, rec: TurnRecord, idx: torch.Tensor):
     """Re-encode the condition of items ``idx`` of a turn (conditions are backend objects: not sliced)."""
     idx = idx.tolist()
@@ -259,6 +352,19 @@ class _old_policy:
 
     def __exit__(self, *exc):
         self.model.set_adapter("default")
+
+
+def old_decay(cfg: GRPOConfig, iteration: int) -> float:
+    """Decay of the old policy after ``iteration``: constant ``ema_decay`` (and ``polyak`` for RFT / SFT),
+    or DiffusionNFT's ramp d = min(0.001·iteration, 0.5) (old ≈ current at first)."""
+    if cfg.algo in ("rft", "sft"):
+        return cfg.polyak
+    return min(0.001 * iteration, 0.5) if cfg.old_decay == "ramp" else cfg.ema_decay
+
+
+def sampling_policy(editor: Editor, cfg: GRPOConfig):
+    """Context in which rollouts are drawn: the old (EMA) adapter with ``--sample-by-old``, else the trained one."""
+    return _old_policy(editor) if cfg.sample_by_old else contextlib.nullcontext()
 
 
 def ema_update(editor: Editor, decay: float) -> None:
@@ -286,19 +392,20 @@ def hacking_alarm(history: list[dict], window: int, proxy_names: list[str]) -> b
     return bool(trend("gold_success") < -0.02 and any(trend(f"reward/{n}") > 0.02 for n in proxy_names))
 
 
-def save_state(out: Path, editor: Editor, optimizer, iteration: int, cfg: GRPOConfig) -> None:
-    """Atomically write the adapter(s), optimizer state and iteration to ``out/checkpoint``."""
+def save_state(out: Path, editor: Editor, optimizer, iteration: int, cfg: GRPOConfig, buffer: list) -> None:
+    """Atomically write the adapter(s), optimizer state, replay buffer and iteration to ``out/checkpoint``."""
     tmp, final = out / "checkpoint.tmp", out / "checkpoint"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     lora = {n: p.detach().clone() for n, p in editor.denoiser.named_parameters() if "lora_" in n}
     torch.save({"iteration": iteration, "lora": lora, "optimizer": optimizer.state_dict(),
-                "config": asdict(cfg)}, tmp / "state.pt")
+                "config": asdict(cfg), "buffer": buffer}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
 
 
-def load_state(out: Path, editor: Editor, optimizer) -> int:
+def load_state(out: Path, editor: Editor, optimizer, buffer: list) -> int:
+    """Restore what ``save_state`` wrote (the buffer in place); the iteration to resume at (0: fresh)."""
     path = out / "checkpoint" / "state.pt"
     if not path.exists():
         return 0
@@ -308,6 +415,7 @@ def load_state(out: Path, editor: Editor, optimizer) -> int:
         for name, value in state["lora"].items():
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
+    buffer[:] = state.get("buffer", [])
     return state["iteration"]
 
 
@@ -321,8 +429,10 @@ def plot_metrics(metrics_path: Path, out_path: Path) -> None:
     evals = [r for r in rows if r.get("kind") == "eval"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     it = [r["iteration"] for r in train]
-    for key in [k for k in train[0] if k.startswith("reward/")] + ["gold_success"]:
+    for key in [k for k in train[0] if k.startswith("reward/") or k == "gold_success"]:
         axes[0].plot(it, [r[key] for r in train], label=key, lw=0.9)
+    if "loss" in train[0] and not axes[0].lines:   # the supervised control draws no rollouts: its loss instead
+        axes[0].plot(it, [r["loss"] for r in train], label="loss", lw=0.9)
     axes[0].set(title="training rollouts", xlabel="iteration")
     axes[0].legend(fontsize=7)
     for key in ("kl", "clip_frac"):
@@ -350,8 +460,9 @@ def train(cfg: GRPOConfig) -> Path:
     torch.manual_seed(cfg.seed)
     editor = get_editor(cfg.editor, path=cfg.editor_path, device=str(accelerator.device))
     editor.denoiser.requires_grad_(False)
-    editor.add_lora(cfg.lora_rank, cfg.lora_alpha)
-    if cfg.algo == "nft":  # the old policy: a second adapter tracking ``default`` by EMA
+    targets = LORA_TARGETS[cfg.lora_targets] if cfg.editor == "mini" else None
+    editor.add_lora(cfg.lora_rank, cfg.lora_alpha, targets)
+    if cfg.algo != "grpo":  # NFT's old policy / RFT's Polyak average: a second adapter tracking ``default`` by EMA
         from peft import LoraConfig
         editor.denoiser.add_adapter(LoraConfig(**{k: v for k, v in editor.denoiser.peft_config["default"].to_dict().items()
                                                   if k in ("r", "lora_alpha", "target_modules")}), adapter_name="old")
@@ -365,7 +476,8 @@ def train(cfg: GRPOConfig) -> Path:
                      for name in dict.fromkeys(t.partition(".")[0] for t in cfg.reward_weights)}
     gold_model = reward_models.get("verifier") or get_reward("verifier")
     proxies = [t for t in cfg.reward_weights if t.partition(".")[0] != "verifier"]
-    start = load_state(out, editor, optimizer)
+    buffer: list[tuple] = []   # RFT / SFT replay buffer of (input image, text, target latents)
+    start = load_state(out, editor, optimizer, buffer)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         kept = [l for l in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
@@ -374,7 +486,9 @@ def train(cfg: GRPOConfig) -> Path:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     history = [json.loads(l) for l in metrics_path.read_text().splitlines() if json.loads(l).get("kind") == "train"] \
         if metrics_path.exists() else []
+    minutes = history[-1]["train_minutes"] if history else 0.0
     val = make_sessions("val", cfg.eval_sessions, cfg.turns)
+    evaluated = _old_policy if cfg.algo in ("rft", "sft") else contextlib.nullcontext  # the exported adapter
 
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"{cfg.algo}",
                disable=rank != 0)
@@ -385,78 +499,114 @@ def train(cfg: GRPOConfig) -> Path:
         indices = [picker.randrange(TRAIN_SESSIONS) for _ in range(cfg.sessions_per_step * world)]
         sessions = [generate_session("train", i, cfg.turns) for i in indices[rank::world]]
         editor.denoiser.eval()
-        records = rollout(editor, sessions, cfg, iteration)
-        timings["rollout_s"] = time.time() - t0
+        local: dict[str, float] = {}
+        loss_stats: dict[str, list[float]] = {}
+        if cfg.algo != "sft":
+            with sampling_policy(editor, cfg):
+                records = rollout(editor, sessions, cfg, iteration)
+            timings["rollout_s"] = time.time() - t0
 
-        t0 = time.time()
-        rewards, gold, gold_if, sub_means = score_rollouts(records, sessions, cfg, reward_models, gold_model, iteration)
-        advantages, credit_stats = compute_advantages(
-            rewards, cfg.reward_weights, turn_aggregation=cfg.turn_aggregation, fusion=cfg.fusion,
-            broadcast=cfg.broadcast, trajectory_filter=cfg.trajectory_filter, if_passed=gold_if,
-            clip_max=cfg.adv_clip_max, gamma=cfg.discount)
-        adv = torch.from_numpy(advantages.reshape(-1, cfg.turns)).float()   # [S·G, T]
-        timings["reward_s"] = time.time() - t0
+            t0 = time.time()
+            rewards, gold, if_passed, sub_means = score_rollouts(records, sessions, cfg, reward_models, gold_model, iteration)
+            local = {**{f"reward/{n}": float(np.nanmean(r)) for n, r in rewards.items()},
+                     **{f"sub/{k}": v for k, v in sub_means.items()},
+                     "gold_success": float(gold.mean()), "gold_overall_last": float(gold.all(-1).mean()),
+                     "filtered": float(cfg.trajectory_filter and if_passed is not None)}
+            timings["reward_s"] = time.time() - t0
 
         t0 = time.time()
         editor.denoiser.train()
-        n_items = adv.shape[0]
-        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(cfg.seed * 31 + iteration))
-        loss_stats: dict[str, list[float]] = {}
         noise_gen = torch.Generator().manual_seed(cfg.seed * 17 + iteration)
-        for minibatch in order.chunk(cfg.num_minibatches):
-            optimizer.zero_grad(set_to_none=True)
-            n_terms = cfg.turns * (cfg.sde_window if cfg.algo == "grpo" else 1)
-            for k, rec in enumerate(records):
-                cond = encode_subset(editor, rec, minibatch)
-                for step in rec.window if cfg.algo == "grpo" else [None]:
-                    if cfg.algo == "grpo":
-                        loss, stats = grpo_loss(editor, rec, cond, minibatch, adv[minibatch, k], step, cfg)
-                    else:
-                        loss, stats = nft_loss(editor, rec, cond, minibatch, adv[minibatch, k], cfg, noise_gen)
-                    (loss / n_terms).backward()
-                    for key, value in {"loss": loss.item(), **stats}.items():
-                        loss_stats.setdefault(key, []).append(value)
-            for p in trainable:  # data parallel: average gradients over processes
-                if p.grad is not None and world > 1:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            optimizer.step()
-        if cfg.algo == "nft":
-            ema_update(editor, cfg.ema_decay)
+        if cfg.algo in ("grpo", "nft"):
+            advantages, credit_stats = compute_advantages(
+                rewards, cfg.reward_weights, turn_aggregation=cfg.turn_aggregation, fusion=cfg.fusion,
+                broadcast=cfg.broadcast, trajectory_filter=cfg.trajectory_filter, if_passed=if_passed,
+                clip_max=cfg.adv_clip_max, gamma=cfg.discount)
+            local.update(credit_stats)
+            adv = torch.from_numpy(advantages.reshape(-1, cfg.turns)).float()   # [S·G, T]
+            n_terms = cfg.turns * (cfg.sde_window if cfg.algo == "grpo" else cfg.timesteps_per_sample)
+            for epoch in range(cfg.inner_epochs):
+                order = torch.randperm(adv.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 31 + iteration * 7 + epoch))
+                for minibatch in order.chunk(cfg.num_minibatches):
+                    optimizer.zero_grad(set_to_none=True)
+                    for k, rec in enumerate(records):
+                        cond = encode_subset(editor, rec, minibatch)
+                        for step in rec.window if cfg.algo == "grpo" else range(cfg.timesteps_per_sample):
+                            if cfg.algo == "grpo":
+                                loss, stats = grpo_loss(editor, rec, cond, minibatch, adv[minibatch, k], step, cfg)
+                            else:
+                                loss, stats = nft_loss(editor, rec, cond, minibatch, adv[minibatch, k], cfg, noise_gen)
+                            (loss / n_terms).backward()
+                            for key, value in {"loss": loss.item(), **stats}.items():
+                                loss_stats.setdefault(key, []).append(value)
+                    optimizer_step(accelerator, optimizer, trainable, cfg)
+        else:
+            new = (gold_examples(editor, sessions, cfg) if cfg.algo == "sft" else
+                   rft_examples(editor, records, passed_so_far(rewards, cfg.reward_weights, cfg.rft_threshold), cfg.rft_target))
+            buffer[:] = (buffer + new)[-cfg.replay_size:]
+            local.update({"buffer_new": float(len(new)), "buffer_size": float(len(buffer))})
+            sampler = random.Random(f"{cfg.seed}/replay/{iteration}")
+            for _ in range(cfg.rft_updates if buffer else 0):
+                optimizer.zero_grad(set_to_none=True)
+                loss = flow_matching_loss(editor, sampler.sample(buffer, min(len(buffer), cfg.rft_batch_size)), noise_gen)
+                loss.backward()
+                loss_stats.setdefault("loss", []).append(loss.item())
+                optimizer_step(accelerator, optimizer, trainable, cfg)
+        if cfg.algo != "grpo":
+            ema_update(editor, old_decay(cfg, iteration))
         timings["update_s"] = time.time() - t0
+        minutes += sum(timings.values()) / 60
 
         checksums = accelerator.gather(torch.stack([p.detach().double().sum() for p in trainable]).sum().view(1))
-        local = {**{f"reward/{n}": float(np.nanmean(r)) for n, r in rewards.items()},
-                 **{f"sub/{k}": v for k, v in sub_means.items()},
-                 "gold_success": float(gold.mean()), "gold_overall_last": float(gold.all(-1).mean()),
-                 **credit_stats, **{k: float(np.mean(v)) for k, v in loss_stats.items()}}
+        local.update({k: float(np.mean(v)) for k, v in loss_stats.items()})
+        local["loss_terms"] = float(len(loss_stats.get("loss", [])))   # loss evaluations this iteration
         averaged = accelerator.reduce(torch.tensor(list(local.values()), dtype=torch.float64), reduction="mean")
-        row = {"kind": "train", "iteration": iteration + 1, **timings, **dict(zip(local, averaged.tolist())),
-               "lora_in_sync": bool(torch.allclose(checksums, checksums[0]))}
+        row = {"kind": "train", "iteration": iteration + 1, **timings, "train_minutes": minutes,
+               **dict(zip(local, averaged.tolist())), "lora_in_sync": bool(torch.allclose(checksums, checksums[0]))}
+        if cfg.algo != "sft":
+            row["filter_source"] = filter_source(cfg, reward_models) if cfg.trajectory_filter else None
         history.append(row)
-        row["reward_hacking"] = hacking_alarm(history, cfg.hacking_window, proxies)
+        row["reward_hacking"] = cfg.algo != "sft" and hacking_alarm(history, cfg.hacking_window, proxies)
         if row["reward_hacking"] and rank == 0:
             tqdm.write(f"warning: reward hacking suspected at iteration {iteration + 1}: proxy reward rising "
                        f"while the verifier's gold success falls over the last {cfg.hacking_window} iterations")
-        bar.set_postfix(gold=f"{row['gold_success']:.3f}", kl=f"{row.get('kl', 0):.2e}")
+        bar.set_postfix(gold=f"{row.get('gold_success', float('nan')):.3f}", loss=f"{row.get('loss', 0):.3g}")
+        out_of_time = bool(cfg.max_minutes) and minutes >= cfg.max_minutes
+        last = iteration + 1 == cfg.iterations or out_of_time
         lines = [row]
-        if (iteration + 1) % cfg.eval_every == 0 or iteration + 1 == cfg.iterations:
+        if (iteration + 1) % cfg.eval_every == 0 or last:
             editor.denoiser.eval()
-            result = run_benchmark(editor, val, seed=cfg.seed, intent=cfg.intent, progress=False)
-            lines.append({"kind": "eval", "iteration": iteration + 1,
+            with evaluated(editor):
+                result = run_benchmark(editor, val, seed=cfg.seed, intent=cfg.intent, progress=False)
+            lines.append({"kind": "eval", "iteration": iteration + 1, "train_minutes": minutes,
                           "overall": [r["overall"] for r in result["per_turn"]],
                           "success": [r["success"] for r in result["per_turn"]]})
         if rank == 0:
             with metrics_path.open("a") as f:
                 f.writelines(json.dumps(line) + "\n" for line in lines)
-            if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations:
-                save_state(out, editor, optimizer, iteration + 1, cfg)
+            if (iteration + 1) % cfg.save_every == 0 or last:
+                save_state(out, editor, optimizer, iteration + 1, cfg, buffer)
         accelerator.wait_for_everyone()
+        if out_of_time:
+            tqdm.write(f"stopping after {minutes:.1f} training minutes (--max-minutes {cfg.max_minutes:g})")
+            break
 
     if rank == 0:
-        editor.save_lora(out / "adapter", metadata={"config": asdict(cfg), "iterations": cfg.iterations})
+        exported = "old" if cfg.algo in ("rft", "sft") else "default"
+        editor.save_lora(out / "adapter", adapter_name=exported,
+                         metadata={"config": asdict(cfg), "iterations": history[-1]["iteration"] if history else 0,
+                                   "train_minutes": minutes})
         plot_metrics(metrics_path, out / "curves.png")
     return out / "adapter"
+
+
+def optimizer_step(accelerator, optimizer, trainable: list[torch.nn.Parameter], cfg: GRPOConfig) -> None:
+    """Average gradients over processes (data parallel), clip their norm, step."""
+    for p in trainable:
+        if p.grad is not None and accelerator.num_processes > 1:
+            p.grad = accelerator.reduce(p.grad, reduction="mean")
+    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+    optimizer.step()
 
 
 def parse_args(argv: list[str] | None = None) -> GRPOConfig:

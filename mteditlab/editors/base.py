@@ -126,17 +126,17 @@ class Editor:
         finally:
             self.denoiser.enable_adapters()
 
-    def save_lora(self, directory: str | Path, metadata: dict | None = None) -> Path:
-        """Save the adapter as ``pytorch_lora_weights.safetensors`` with keys prefixed by
+    def save_lora(self, directory: str | Path, metadata: dict | None = None, adapter_name: str = "default") -> Path:
+        """Save adapter ``adapter_name`` as ``pytorch_lora_weights.safetensors`` with keys prefixed by
         ``lora_prefix`` (the layout diffusers' ``load_lora_weights`` reads)."""
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(self.denoiser, adapter_name="default")
+        state = get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
         state = {f"{self.lora_prefix}.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
-        config = self.denoiser.peft_config["default"].to_dict()
+        config = self.denoiser.peft_config[adapter_name].to_dict()
         # diffusers reads the adapter config from metadata keys carrying the same prefix as the weights
         config = {f"{self.lora_prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         save_file(state, str(directory / "pytorch_lora_weights.safetensors"),

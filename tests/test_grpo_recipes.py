@@ -1,0 +1,190 @@
+"""The recipe parts of the trainer as flags: NFT's timesteps per sample, sampling by the old adapter and
+its decay schedule, the trajectory filter's source, reward-filtered self-training (RFT) and the
+supervised control (SFT); and the paired benchmark that compares them."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mteditlab.bench import main as bench_main
+from mteditlab.bench import pass_at_k, paired, run_benchmark
+from mteditlab.editors import get_editor
+from mteditlab.editors.mini import MiniEditor
+from mteditlab.rewards import get_reward
+from mteditlab.rewards.base import RewardModel, RewardOutput
+from mteditlab.rewards.features import image_features, parse_cached
+from mteditlab.world import generate_session, render, sessions
+from training.grpo import (GRPOConfig, _old_policy, ema_update, gold_examples, old_decay, passed_so_far, rft_examples,
+                           rollout, sampling_policy, score_rollouts, train)
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "checkpoints" / "mini" / "base"
+TINY = dict(editor_path=str(BASE), sessions_per_step=2, num_generations=4, turns=2, steps=3, sde_window=1,
+            eval_every=1000, eval_sessions=2, save_every=1, lora_rank=2, lora_alpha=4)
+
+
+def _rows(out, kind="train"):
+    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_nft_trains_each_sample_at_the_requested_number_of_timesteps(tmp_path):
+    for n in (1, 3):
+        train(GRPOConfig(algo="nft", iterations=1, timesteps_per_sample=n, inner_epochs=2, num_minibatches=2,
+                         out=str(tmp_path / f"t{n}"), **TINY))
+        # turns × timesteps per sample × minibatches × inner epochs loss evaluations
+        assert _rows(tmp_path / f"t{n}")[0]["loss_terms"] == 2 * n * 2 * 2
+
+
+def test_old_policy_decay_schedules():
+    ramp = GRPOConfig(algo="nft", old_decay="ramp")
+    assert [old_decay(ramp, i) for i in (0, 100, 499, 2000)] == pytest.approx([0.0, 0.1, 0.499, 0.5])
+    assert old_decay(GRPOConfig(algo="nft", ema_decay=0.9), 1234) == 0.9
+    assert old_decay(GRPOConfig(algo="rft", polyak=0.97), 5) == 0.97
+    with pytest.raises(ValueError, match="sample-by-old"):
+        GRPOConfig(algo="grpo", sample_by_old=True)
+
+
+@pytest.fixture()
+def two_adapters():
+    """The base editor with a ``default`` adapter that differs from its ``old`` copy."""
+    from peft import LoraConfig
+
+    editor = MiniEditor.from_pretrained(BASE)
+    editor.denoiser.requires_grad_(False)
+    editor.add_lora(2, 4)
+    editor.denoiser.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=list(editor.lora_target_modules)),
+                                adapter_name="old")
+    editor.denoiser.set_adapter("default")
+    ema_update(editor, decay=0.0)                     # old = default
+    with torch.no_grad():
+        for name, p in editor.denoiser.named_parameters():
+            if "lora_B.default" in name:
+                p.normal_(std=0.05)                   # now default ≠ old
+    return editor
+
+
+def test_rollouts_are_drawn_by_the_old_adapter_when_asked(two_adapters):
+    editor, session = two_adapters, [generate_session("train", 3, 1)]
+    cfg = GRPOConfig(algo="nft", num_generations=2, turns=1, steps=3, sde_window=1)
+    by_default = rollout(editor, session, cfg, 0)[0].x0
+    with _old_policy(editor):
+        by_old = rollout(editor, session, cfg, 0)[0].x0
+    with sampling_policy(editor, GRPOConfig(algo="nft", sample_by_old=True)):
+        sampled = rollout(editor, session, cfg, 0)[0].x0
+    with sampling_policy(editor, cfg):
+        unchanged = rollout(editor, session, cfg, 0)[0].x0
+    assert not torch.allclose(by_default, by_old)
+    assert torch.equal(sampled, by_old) and torch.equal(unchanged, by_default)
+    ema_update(editor, decay=0.5)                     # old ← ½·old + ½·default
+    params = dict(editor.denoiser.named_parameters())
+    name = next(n for n in params if "lora_B.default" in n)
+    assert torch.allclose(params[name.replace(".default.", ".old.")], 0.5 * params[name])
+
+
+class LooksOnly(RewardModel):
+    """A reward with no IF sub-score: how clean the output looks."""
+
+    sub_scores = ("quality",)
+
+    def score(self, samples, *, seed=0):
+        quality = np.array([image_features(s.edited, s.edited.width)["quality"] for s in samples])
+        return RewardOutput.from_scores({"quality": quality}, [None] * len(samples))
+
+
+def test_the_trajectory_filter_reads_the_trained_reward_not_the_gold(two_adapters):
+    editor = two_adapters
+    sessions_ = [generate_session("train", i, 2) for i in range(3)]
+    verifier, judge = get_reward("verifier"), get_reward("judge")
+    cfg = GRPOConfig(num_generations=2, turns=2, steps=3, sde_window=1, reward="judge=1.0")
+    records = rollout(editor, sessions_, cfg, 0)
+    _, gold, if_passed, _ = score_rollouts(records, sessions_, cfg, {"judge": judge}, verifier, 0)
+    for k, rec in enumerate(records):
+        samples = [_sample(rec, i, s, k) for i, s in _items(sessions_, 2)]
+        judged = judge.score(samples, seed=cfg.seed * 100_003 + k).scores["if"] >= 0.5
+        assert (if_passed.reshape(-1, 2)[:, k] == judged).all()
+    looks = GRPOConfig(num_generations=2, turns=2, steps=3, sde_window=1, reward="looks=1.0")
+    _, _, none, _ = score_rollouts(records, sessions_, looks, {"looks": LooksOnly()}, verifier, 0)
+    assert none is None                                # no IF in the trained reward: no filter
+
+
+def _items(sessions_, G):
+    return [(i, s) for i, s in enumerate(s for s in sessions_ for _ in range(G))]
+
+
+def _sample(rec, i, s, k):
+    from mteditlab.rewards.base import EditSample
+    return EditSample(rec.before[i], rec.after[i], rec.texts[i][0], [t.instruction for t in s.turns[:k]],
+                      rec.texts[i][1], {"session": s, "turn": k})
+
+
+def test_rft_keeps_the_turns_that_passed_so_far_with_clean_targets(two_adapters):
+    rewards = {"v": np.array([[[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]]), "q": np.full((1, 2, 3), 0.2)}
+    passed = passed_so_far(rewards, {"v": 1.0, "q": 0.5}, threshold=0.5)
+    assert passed.tolist() == [[[True, False, False], [True, True, False]]]
+
+    editor = two_adapters
+    session = generate_session("train", 5, 2)
+    cfg = GRPOConfig(num_generations=2, turns=2, steps=10, sde_window=1)
+    records = rollout(editor, [session], cfg, 0)
+    mask = np.array([[[True, True], [True, False]]])
+    clean = rft_examples(editor, records, mask, "render")
+    own = rft_examples(editor, records, mask, "own")
+    assert len(clean) == len(own) == 3
+    image, text, target = clean[1]
+    assert image is records[0].before[1] and text == (records[0].texts[1][1] or records[0].texts[1][0])
+    rendered = render(parse_cached(records[0].after[1], 32))
+    assert torch.equal(target, editor.encode_images([rendered])[0])     # the verifier's clean re-render
+    assert torch.equal(own[1][2], records[0].x0[1])                      # the rollout's own output
+    assert clean[2][0] is records[1].before[0]                          # turn 2 starts from its own output
+
+    gold = gold_examples(editor, [session], cfg)
+    assert len(gold) == 2 and torch.equal(gold[1][2], editor.encode_images([render(session.turns[1].after)])[0])
+
+
+@pytest.mark.parametrize("algo", ["rft", "sft"])
+def test_rft_and_sft_runs_export_the_polyak_adapter_and_resume(tmp_path, algo):
+    out = tmp_path / algo
+    cfg = dict(algo=algo, rft_updates=2, rft_batch_size=4, polyak=0.5, lora_targets="attention+conv",
+               out=str(out), **TINY)
+    train(GRPOConfig(iterations=1, **cfg))
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    assert len(state["buffer"]) == _rows(out)[0]["buffer_size"] > 0
+    assert any("conv1" in n for n in state["lora"])
+    train(GRPOConfig(iterations=2, **cfg))                  # resumes at iteration 1 with its buffer
+    rows = _rows(out)
+    assert [r["iteration"] for r in rows] == [1, 2] and rows[1]["loss_terms"] == 2
+    assert rows[1]["buffer_size"] == rows[0]["buffer_size"] + rows[1]["buffer_new"]
+    assert ("gold_success" in rows[0]) == (algo == "rft")   # the control draws no rollouts
+    from safetensors.torch import load_file
+    exported = load_file(out / "adapter" / "pytorch_lora_weights.safetensors")
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)["lora"]
+    key = next(k for k in state if "lora_B.old" in k)
+    name = "unet." + key.replace(".old", "")
+    assert torch.equal(exported[name], state[key]) and not torch.equal(state[key], state[key.replace(".old", ".default")])
+    edited = get_editor("mini", lora=out / "adapter").edit(render(generate_session("val", 0, 1).source), "add a red circle")
+    assert edited.size == (32, 32)
+
+
+def test_paired_benchmark_and_headroom_with_the_reference_editors(tmp_path):
+    val = sessions("val", 12, 3, start=40)
+    assert [s.index for s in val] == list(range(40, 52))
+    oracle = run_benchmark(get_editor("oracle"), val, progress=False)
+    identity = run_benchmark(get_editor("identity"), val, progress=False)
+    rows = paired(oracle, identity)
+    assert [r["delta_overall"] for r in rows] == [1.0, 1.0, 1.0] and all(r["delta_overall_se"] == 0 for r in rows)
+    assert oracle["per_turn"][0]["success_se"] == 0.0
+    with pytest.raises(ValueError, match="same split"):
+        paired(oracle, run_benchmark(get_editor("oracle"), val[:6], progress=False))
+    head = pass_at_k(get_editor("oracle"), val, 2, progress=False)
+    assert all(r["pass@1"] == r["pass@2"] == 1.0 for r in head["per_turn"])
+    assert sum(r["n"] for r in head["per_op"].values()) == 36
+
+    result = bench_main(["--editor", "mini", "--lora", str(ROOT / "checkpoints" / "mini" / "grpo"), "--against", "base",
+                         "--sessions", "6", "--turns", "2", "--split", "val", "--start", "100", "--json", str(tmp_path / "p.json")])
+    assert result["start"] == 100 and result["against"]["lora"] is None and len(result["paired"]) == 2
+    d = np.array(result["per_session"]["overall"]) - np.array(result["against"]["per_session"]["overall"])
+    assert result["paired"][1]["delta_overall"] == pytest.approx(d[:, 1].mean())
+    assert json.loads((tmp_path / "p.json").read_text())["paired"] == result["paired"]
