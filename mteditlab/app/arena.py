@@ -59,7 +59,7 @@ CRITERIA = ("overall", "instruction", "consistency", "quality")
 MAX_INSTRUCTION_CHARS = 500
 MAX_TURNS = 20
 MAX_SEED = 2**31 - 1
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")  # and lone surrogates
 
 
 class ArenaError(ValueError):
@@ -125,6 +125,8 @@ class ArenaState:
 
 
 def clean_instruction(text) -> str:
+    """The instruction as editors and the store get it: control characters and lone
+    surrogates (not encodable text) become spaces, whitespace runs one space; length checked."""
     if not isinstance(text, str):
         raise ArenaError("Type an instruction first.")
     text = " ".join(_CONTROL.sub(" ", text).split())
