@@ -17,7 +17,7 @@ from mteditlab.rewards import get_reward
 from mteditlab.rewards.base import RewardModel, RewardOutput
 from mteditlab.rewards.features import image_features, parse_cached
 from mteditlab.world import generate_session, render, sessions
-from training.grpo import (GRPOConfig, _old_policy, ema_update, gold_examples, old_decay, passed_so_far, rft_examples,
+from training.grpo import (GRPOConfig, _old_policy, draw_sessions, ema_update, gold_examples, old_decay, passed_so_far, rft_examples,
                            rollout, sampling_policy, score_rollouts, train)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,3 +188,13 @@ def test_paired_benchmark_and_headroom_with_the_reference_editors(tmp_path):
     d = np.array(result["per_session"]["overall"]) - np.array(result["against"]["per_session"]["overall"])
     assert result["paired"][1]["delta_overall"] == pytest.approx(d[:, 1].mean())
     assert json.loads((tmp_path / "p.json").read_text())["paired"] == result["paired"]
+
+
+def test_op_weights_oversample_sessions_with_weak_operations():
+    def share(cfg):
+        drawn = [s for it in range(12) for s in draw_sessions(cfg, it)]
+        return np.mean([any(t.edit.op == "swap" for t in s.turns) for s in drawn])
+
+    plain = GRPOConfig(sessions_per_step=16, turns=3)
+    assert [s.index for s in draw_sessions(plain, 3)] == [s.index for s in draw_sessions(plain, 3)]  # seeded
+    assert share(GRPOConfig(sessions_per_step=16, turns=3, op_weights="swap=4")) > share(plain) + 0.15

@@ -82,6 +82,7 @@ class GRPOConfig:
     sde_window: int = 2                   # SDE (trained) steps per turn; ODE elsewhere
     noise_level: float = 0.7              # a in std = a·sqrt(σ / (1 − σ))
     intent: str = "reconstruct"           # none | concat | reconstruct
+    op_weights: str = ""                  # OP=WEIGHT,...: oversample sessions with these operations (e.g. swap=3,move=2)
     # objective
     learning_rate: float = 1e-3
     clip_range: float = 2e-3
@@ -121,6 +122,7 @@ class GRPOConfig:
     out: str = "runs/grpo"
     reward_weights: dict = field(default_factory=dict)
     reward_path_of: dict = field(default_factory=dict)
+    op_weight_of: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.algo not in ALGOS:
@@ -137,9 +139,25 @@ class GRPOConfig:
             raise ValueError("--sde-window must be in [1, steps − 1] (the σ = 1 step is always an ODE step)")
         self.reward_weights = {k: float(v) for k, v in (p.split("=") for p in self.reward.split(","))}
         self.reward_path_of = dict(p.split("=", 1) for p in self.reward_paths.split(",") if p)
+        self.op_weight_of = {k: float(v) for k, v in (p.split("=") for p in self.op_weights.split(",") if p)}
 
 
 # ---- 1. rollouts ----------------------------------------------------------------------------------
+
+def draw_sessions(cfg: GRPOConfig, iteration: int, count_per_process: int = 1) -> list[Session]:
+    """The iteration's training sessions, seeded by (seed, iteration). With ``op_weights`` a candidate
+    session is kept with probability w(session) / max w, w(session) = the largest weight among its
+    turns' operations (1 for operations not listed): sessions exercising weak operations come more often."""
+    picker = random.Random(f"{cfg.seed}/sessions/{iteration}")
+    top = max([1.0, *cfg.op_weight_of.values()])
+    drawn = []
+    while len(drawn) < cfg.sessions_per_step * count_per_process:
+        session = generate_session("train", picker.randrange(TRAIN_SESSIONS), cfg.turns)
+        weight = max(cfg.op_weight_of.get(t.edit.op, 1.0) for t in session.turns)
+        if not cfg.op_weight_of or picker.random() * top < weight:   # unweighted: the plain seeded draw
+            drawn.append(session)
+    return drawn
+
 
 @dataclass
 class TurnRecord:
@@ -495,9 +513,7 @@ def train(cfg: GRPOConfig) -> Path:
     for iteration in bar:
         timings = {}
         t0 = time.time()
-        picker = random.Random(f"{cfg.seed}/sessions/{iteration}")
-        indices = [picker.randrange(TRAIN_SESSIONS) for _ in range(cfg.sessions_per_step * world)]
-        sessions = [generate_session("train", i, cfg.turns) for i in indices[rank::world]]
+        sessions = draw_sessions(cfg, iteration, world)[rank::world]
         editor.denoiser.eval()
         local: dict[str, float] = {}
         loss_stats: dict[str, list[float]] = {}
@@ -614,7 +630,7 @@ def parse_args(argv: list[str] | None = None) -> GRPOConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (the only mode)")
     for f in fields(GRPOConfig):
-        if f.name in ("reward_weights", "reward_path_of", "broadcast"):
+        if f.name in ("reward_weights", "reward_path_of", "op_weight_of", "broadcast"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
