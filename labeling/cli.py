@@ -96,7 +96,8 @@ def cmd_leaderboard(args) -> int:
         frame = frame[frame["turn"].eq(int(args.turn)).fillna(False).astype(bool)]
     frame = ratings.battles(frame)
     print(f"battles: {len(frame)} (gold items excluded)")
-    board = ratings.leaderboard(frame, by=args.by, n_boot=args.bootstrap, seed=args.seed)
+    board = ratings.leaderboard(frame, by=args.by, n_boot=args.bootstrap, seed=args.seed,
+                                min_battles=args.min_battles)
     _show(f"Bradley–Terry ratings{' by ' + args.by if args.by else ''} "
           f"({args.bootstrap} bootstrap rounds, seed {args.seed})", board)
     if frame.empty:
@@ -106,8 +107,8 @@ def cmd_leaderboard(args) -> int:
     _show("battles", counts.reset_index(names="model"))
     if args.plot_dir is not None:
         args.plot_dir.mkdir(parents=True, exist_ok=True)
-        overall = board if args.by is None else ratings.ratings_table(frame, args.bootstrap,
-                                                                      args.seed)
+        overall = board if args.by is None else ratings.ratings_table(
+            frame, args.bootstrap, args.seed, min_battles=args.min_battles)
         ratings.plot_ratings(overall, args.plot_dir / "ratings.png")
         ratings.plot_win_rate_by_turn(frame, args.plot_dir / "win_rate_by_turn.png")
         print(f"\nplots: {args.plot_dir / 'ratings.png'}, "
@@ -157,6 +158,9 @@ def _register_builtin(sub) -> None:
     p.add_argument("--criterion", help="only this criterion")
     p.add_argument("--turn", help="only this turn index, or 'overall'")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds")
+    p.add_argument("--min-battles", type=int, default=20, metavar="N",
+                   help="models with fewer battles are listed as provisional, not ranked "
+                   "(default 20; 0 ranks every model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot-dir", type=Path, help="write ratings.png and win_rate_by_turn.png")
     p.set_defaults(handler=cmd_leaderboard)

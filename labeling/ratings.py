@@ -149,37 +149,97 @@ def rank_by_intervals(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
     return 1 + (lower[None, :] > upper[:, None]).sum(1)
 
 
-def ratings_table(frame: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
-                  l2: float = L2) -> pd.DataFrame:
-    """One leaderboard: model, rating, lower, upper, rank, battles, wins, losses, ties,
-    both_bad, win_rate (ties half), sorted by rating."""
-    pc = pair_counts(frame)
-    if pc.n_battles == 0:
-        return pd.DataFrame(columns=["model", "rating", "lower", "upper", "rank", "battles",
-                                     "wins", "losses", "ties", "both_bad", "win_rate"])
+COLUMNS = ["model", "rating", "lower", "upper", "rank", "battles", "wins", "losses", "ties",
+           "both_bad", "win_rate", "provisional", "note"]
+UNDEFEATED = "never lost: the rating is a lower bound (upper end ∞)"
+WINLESS = "never won: the rating is an upper bound (lower end −∞)"
+
+
+def _record(pc: PairCounts) -> tuple[np.ndarray, ...]:
+    """Per model of ``pc``: wins, losses, ties (both-bad excluded) and both-bad counts."""
     m = len(pc.models)
-    played = np.zeros((m, m), dtype=bool)
-    played[pc.i, pc.j] = True
-    if connected_components(played, directed=False)[0] > 1:
-        warnings.warn("the models do not form one connected comparison graph; ratings of "
-                      "different components are not comparable", stacklevel=2)
-    rating = to_elo(fit_bt(pc.win_matrix(), l2=l2))
-    boots = bootstrap_ratings(pc, n_boot, seed, l2=l2)
-    lower, upper = np.percentile(boots, [2.5, 97.5], axis=0)
     wins, losses, ties, bad = (np.zeros(m) for _ in range(4))
     for side, win_col, loss_col in ((pc.i, 0, 1), (pc.j, 1, 0)):
         np.add.at(wins, side, pc.counts[:, win_col])
         np.add.at(losses, side, pc.counts[:, loss_col])
         np.add.at(ties, side, pc.counts[:, 2] - pc.both_bad)
         np.add.at(bad, side, pc.both_bad)
+    return wins, losses, ties, bad
+
+
+def established_models(frame: pd.DataFrame, min_battles: int) -> set[str]:
+    """The models with at least ``min_battles`` battles against other such models (found by
+    repeatedly setting aside the models below the bar and recounting)."""
+    frame = battles(frame)
+    keep = set(frame["model_a"]) | set(frame["model_b"])
+    while True:
+        inside = frame[frame["model_a"].isin(keep) & frame["model_b"].isin(keep)]
+        counts = pd.concat([inside["model_a"], inside["model_b"]]).value_counts()
+        now = {m for m in keep if counts.get(m, 0) >= min_battles}
+        if now == keep:
+            return keep
+        keep = now
+
+
+def ratings_table(frame: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
+                  l2: float = L2, min_battles: int = 0) -> pd.DataFrame:
+    """One leaderboard (columns :data:`COLUMNS`): ranked models by rating, then the
+    provisional ones.
+
+    A model with fewer than ``min_battles`` battles against ranked models (see
+    :func:`established_models`) is *provisional*: listed with its counts over all its battles,
+    but not fitted, rated or ranked, so that a model with a handful of votes neither tops the
+    board nor shifts the others.  The ranked models are fitted on their battles among
+    themselves.  A ranked model that never lost (no loss, tie or both-bad) has no finite
+    maximum-likelihood rating: its shown rating is set by the tiny ridge and every bootstrap
+    round is undefeated too, so its interval's upper end is reported as +∞ (and a never-winning
+    model's lower end as −∞), with a ``note``.
+    """
+    pc_all = pair_counts(frame)
+    if pc_all.n_battles == 0:
+        return pd.DataFrame(columns=COLUMNS)
+    keep = established_models(frame, min_battles) if min_battles > 0 else set(pc_all.models)
+    frame = battles(frame)
+    ranked = _ranked(frame[frame["model_a"].isin(keep) & frame["model_b"].isin(keep)],
+                     n_boot, seed, l2)
+    wins, losses, ties, bad = _record(pc_all)
     n = wins + losses + ties + bad
-    table = pd.DataFrame({
-        "model": pc.models, "rating": rating, "lower": lower, "upper": upper,
-        "rank": rank_by_intervals(lower, upper), "battles": n.astype(int),
-        "wins": wins.astype(int), "losses": losses.astype(int), "ties": ties.astype(int),
-        "both_bad": bad.astype(int), "win_rate": (wins + 0.5 * (ties + bad)) / n,
-    })
-    return table.sort_values(["rating", "model"], ascending=[False, True], ignore_index=True)
+    counts = pd.DataFrame({
+        "model": pc_all.models, "battles": n.astype(int), "wins": wins.astype(int),
+        "losses": losses.astype(int), "ties": ties.astype(int), "both_bad": bad.astype(int),
+        "win_rate": (wins + 0.5 * (ties + bad)) / n})
+    table = counts.merge(ranked, on="model", how="left")
+    table["provisional"] = ~table["model"].isin(keep)
+    table["rank"] = table["rank"].astype("Int64")
+    table["note"] = table["note"].fillna("").where(
+        ~table["provisional"], f"provisional: fewer than {min_battles} battles, not ranked")
+    table = table.sort_values(["provisional", "rating", "battles", "model"],
+                              ascending=[True, False, False, True], ignore_index=True)
+    return table[COLUMNS]
+
+
+def _ranked(frame: pd.DataFrame, n_boot: int, seed: int, l2: float) -> pd.DataFrame:
+    """model, rating, lower, upper, rank, note of a BT fit on ``frame`` (see ratings_table)."""
+    pc = pair_counts(frame)
+    if pc.n_battles == 0:
+        return pd.DataFrame(columns=["model", "rating", "lower", "upper", "rank", "note"])
+    m = len(pc.models)
+    played = np.zeros((m, m), dtype=bool)
+    played[pc.i, pc.j] = True
+    if connected_components(played, directed=False)[0] > 1:
+        warnings.warn("the models do not form one connected comparison graph; ratings of "
+                      "different components are not comparable", stacklevel=3)
+    rating = to_elo(fit_bt(pc.win_matrix(), l2=l2))
+    boots = bootstrap_ratings(pc, n_boot, seed, l2=l2)
+    lower, upper = np.percentile(boots, [2.5, 97.5], axis=0)
+    wins, losses, ties, bad = _record(pc)
+    undefeated = (losses + ties + bad == 0) & (wins > 0)
+    winless = (wins + ties + bad == 0) & (losses > 0)
+    upper = np.where(undefeated, np.inf, upper)
+    lower = np.where(winless, -np.inf, lower)
+    note = np.where(undefeated, UNDEFEATED, np.where(winless, WINLESS, ""))
+    return pd.DataFrame({"model": pc.models, "rating": rating, "lower": lower, "upper": upper,
+                         "rank": rank_by_intervals(lower, upper), "note": note})
 
 
 def _group_labels(frame: pd.DataFrame, by: str) -> pd.Series:
@@ -189,26 +249,27 @@ def _group_labels(frame: pd.DataFrame, by: str) -> pd.Series:
 
 
 def leaderboard(frame: pd.DataFrame, by: str | None = None, n_boot: int = 1000,
-                seed: int = 0, l2: float = L2) -> pd.DataFrame:
+                seed: int = 0, l2: float = L2, min_battles: int = 0) -> pd.DataFrame:
     """Leaderboard(s) from a judgments frame: one over all battles, or one per ``by`` value
     ('turn': each turn index plus 'overall' for whole-session votes; 'criterion').  The
     grouping becomes the first column.  Every group uses the same bootstrap seed."""
     if by is None:
-        return ratings_table(frame, n_boot, seed, l2)
+        return ratings_table(frame, n_boot, seed, l2, min_battles)
     if by not in GROUPINGS:
         raise ValueError(f"by must be one of {GROUPINGS} or None, got {by!r}")
     frame = battles(frame)
     labels = _group_labels(frame, by)
-    tables = [ratings_table(part, n_boot, seed, l2).assign(**{by: label})
+    tables = [ratings_table(part, n_boot, seed, l2, min_battles).assign(**{by: label})
               for label, part in frame.groupby(labels, sort=False)]
     if not tables:
-        empty = ratings_table(frame, n_boot, seed, l2)
+        empty = ratings_table(frame, n_boot, seed, l2, min_battles)
         empty.insert(0, by, pd.Series(dtype="string"))
         return empty
     order = sorted({t[by].iloc[0] for t in tables}, key=_group_order)
     out = pd.concat(tables, ignore_index=True)
     out[by] = pd.Categorical(out[by], categories=order, ordered=True)
-    out = out.sort_values([by, "rating"], ascending=[True, False], ignore_index=True)
+    out = out.sort_values([by, "provisional", "rating"], ascending=[True, True, False],
+                          ignore_index=True)
     return out[[by] + [c for c in out.columns if c != by]]
 
 
@@ -237,7 +298,7 @@ def win_rate_by_turn(frame: pd.DataFrame) -> pd.DataFrame:
     """Per turn index and model: battles and win rate (ties half) over per-turn votes."""
     frame = battles(frame)
     frame = frame[frame["turn"].notna()]
-    score_a = frame["choice"].map({"A": 1.0, "B": 0.0, "tie": 0.5, "both_bad": 0.5})
+    score_a = frame["choice"].map({"A": 1.0, "B": 0.0, "tie": 0.5, "both_bad": 0.5}).astype(float)
     long = pd.concat([
         pd.DataFrame({"turn": frame["turn"].astype(int), "model": frame["model_a"],
                       "score": score_a}),
@@ -249,16 +310,27 @@ def win_rate_by_turn(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_ratings(table: pd.DataFrame, path: str | Path, title: str = "Bradley–Terry ratings"):
-    """PNG: each model's rating with its 95% interval and battle count (one ratings_table)."""
+    """PNG: each ranked model's rating with its 95% interval (an arrow where it is open) and
+    battle count (one ratings_table; provisional models are left out)."""
     from matplotlib.figure import Figure
 
+    if "provisional" in table.columns:
+        table = table[~table["provisional"].astype(bool)]
     table = table.sort_values("rating")
     fig = Figure(figsize=(7, 0.45 * len(table) + 1.5), layout="constrained")
     ax = fig.add_subplot()
     y = np.arange(len(table))
-    ax.errorbar(table["rating"], y, xerr=[table["rating"] - table["lower"],
-                                          table["upper"] - table["rating"]],
-                fmt="o", capsize=4)
+    rating = table["rating"].to_numpy(float)
+    lower, upper = table["lower"].to_numpy(float), table["upper"].to_numpy(float)
+    finite = np.concatenate([rating, lower[np.isfinite(lower)], upper[np.isfinite(upper)]])
+    reach = 0.1 * max(np.ptp(finite), 50.0)   # open ends (±∞) drawn to past the data
+    lo = np.where(np.isfinite(lower), lower, finite.min() - reach)
+    hi = np.where(np.isfinite(upper), upper, finite.max() + reach)
+    ax.errorbar(rating, y, xerr=[rating - lo, hi - rating], fmt="o", capsize=4)
+    for k in np.flatnonzero(~np.isfinite(upper)):
+        ax.plot(hi[k], y[k], ">", color="C0")
+    for k in np.flatnonzero(~np.isfinite(lower)):
+        ax.plot(lo[k], y[k], "<", color="C0")
     ax.set_yticks(y, [f"{m}  (n={n})" for m, n in zip(table["model"], table["battles"])])
     ax.axvline(ELO_BASE, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("rating (Elo scale; 95% bootstrap interval)")

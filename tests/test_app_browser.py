@@ -24,7 +24,7 @@ def test_arena_and_labeling_in_a_real_browser(tmp_path):
 
     shots = Path(os.environ.get("MTEDITLAB_SCREENSHOTS") or tmp_path / "shots")
     shots.mkdir(parents=True, exist_ok=True)
-    config = testing.app_config(tmp_path / "data")
+    config = testing.app_config(tmp_path / "data", min_battles=1)   # a handful of votes
     engine = testing.make_engine(OracleEditor(), IdentityEditor())
     session = generate_session("test", 3, turns=5)     # the session behind "Example 2"
     with testing.running_app(config, engine=engine) as (url, demo, ctx):

@@ -35,7 +35,7 @@ class FlakyOracle(OracleEditor):
 def app(tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
     engine = make_engine(FlakyOracle(), IdentityEditor())
-    with running_app(app_config(data), engine=engine) as (url, demo, ctx):
+    with running_app(app_config(data, min_battles=1), engine=engine) as (url, demo, ctx):
         yield url, ctx
 
 

@@ -211,3 +211,31 @@ def test_lone_surrogates_are_cleaned_like_control_characters(app):
     assert "Vote stored" in arena.vote(state, "tie", 1, "overall", ctx.voter("surrogate"))
     stored = ctx.store.query("SELECT instruction FROM turns")["instruction"]
     assert "change the background to black" in set(stored)
+
+
+def test_the_leaderboard_sets_provisional_models_apart(tmp_path):
+    """Two votes for a new model list it apart, unranked; a 25-0 record is flagged open."""
+    from tests.test_labeling_store import tiny
+
+    engine = make_engine(OracleEditor(), IdentityEditor())
+    with running_app(app_config(tmp_path / "data", min_battles=20), engine=engine) as (url, _, ctx):
+        store = ctx.store
+        store.add_annotator("ann")
+        plan = ([(None, "lora:a", "A" if k % 3 else "B") for k in range(30)]
+                + [("lora:new", None, "A")] * 2 + [("lora:w", "lora:a", "A")] * 25)
+        for k, (first, second, choice) in enumerate(plan):
+            source = store.put_image(tiny(k))
+            sides = [store.add_session("mini", adapter, k, source, [
+                {"instruction": "add a red circle", "output_sha": store.put_image(tiny(500 + 2 * k + j))}])
+                for j, adapter in enumerate((first, second))]
+            cid = store.add_comparison(*sides)
+            store.record_judgment(cid, "ann", None, "overall", choice, "A")
+        out = client(url).predict("all human votes", True, "all criteria", api_name="/leaderboard")
+        ranked = {row[0]: row for row in out[3]["data"]}
+        assert set(ranked) == {"mini", "mini+lora:a", "mini+lora:w"}
+        assert ranked["mini+lora:w"][3] == "+∞" and "never lost" in ranked["mini+lora:w"][-1]
+        update = out[-1]                                 # a visibility update with a value
+        assert update["visible"] is True
+        provisional = [row[0] for row in update["value"]["data"]]
+        assert provisional == ["mini+lora:new"]
+        assert "provisional" in out[-2] and "never lost" in out[-2] and "∞" in out[-2]

@@ -145,3 +145,31 @@ def test_disconnected_models_warn():
     frame = pd.DataFrame({"model_a": ["a", "c"], "model_b": ["b", "d"], "choice": ["A", "B"]})
     with pytest.warns(UserWarning, match="connected"):
         ratings.ratings_table(frame, n_boot=10)
+
+
+def test_provisional_models_are_set_apart_and_open_intervals_marked(tmp_path):
+    rng = np.random.default_rng(4)
+    frame = simulate(np.array([0.4, 0.0, -0.4]), 300, rng, tie_rate=0.1,
+                     models=["a", "b", "c"])
+    lucky = pd.DataFrame({"model_a": ["new"], "model_b": ["c"], "choice": ["A"]})
+    plain = ratings.ratings_table(frame, n_boot=50).set_index("model")
+    table = ratings.ratings_table(pd.concat([frame, lucky]), n_boot=50, min_battles=20)
+    assert list(table["provisional"]) == [False, False, False, True]
+    new = table.set_index("model").loc["new"]
+    assert pd.isna(new["rating"]) and pd.isna(new["rank"]) and new["battles"] == 1
+    assert "provisional" in new["note"]
+    ranked = table[~table["provisional"]].set_index("model")
+    # the one-vote model moves nobody: the ranked fit is the fit without it
+    np.testing.assert_allclose(ranked.loc[plain.index, "rating"], plain["rating"])
+    assert ranked.loc["c", "battles"] == plain.loc["c", "battles"] + 1   # counts: all battles
+    # 40-0: no finite MLE; the interval is open on that side and the note says so
+    sweep = pd.DataFrame({"model_a": ["x"] * 40, "model_b": ["y"] * 40, "choice": ["A"] * 40})
+    board = ratings.ratings_table(sweep, n_boot=50, min_battles=20).set_index("model")
+    assert board.loc["x", "upper"] == np.inf and "never lost" in board.loc["x", "note"]
+    assert board.loc["y", "lower"] == -np.inf and "never won" in board.loc["y", "note"]
+    assert board.loc["x", "rank"] == 1 and board.loc["y", "rank"] == 2
+    ratings.plot_ratings(board.reset_index(), tmp_path / "open.png")
+    ratings.plot_ratings(table, tmp_path / "prov.png")
+    by_turn = ratings.leaderboard(pd.concat([frame, lucky]).assign(turn=pd.NA), by="turn",
+                                  n_boot=20, min_battles=20)
+    assert by_turn["provisional"].tolist() == [False, False, False, True]

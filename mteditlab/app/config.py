@@ -19,6 +19,7 @@ flag                        environment variable             default
 ``--admin``                 ``MTEDITLAB_ADMIN``              none: admin views closed
 ``--hf-annotators``         ``MTEDITLAB_HF_ANNOTATORS``      none (``*`` = any HF user)
 ``--reward-model``          ``MTEDITLAB_REWARD_MODEL``       ``checkpoints/mini/calibrated``
+``--min-battles``           ``MTEDITLAB_MIN_BATTLES``        20 (fewer: provisional, unranked)
 ``--auth``                  ``MTEDITLAB_AUTH``               none: the app is public
 ==========================  ===============================  ===================================
 
@@ -129,6 +130,7 @@ class AppConfig:
     concurrency: int = 32                 # gradio queue default concurrency limit
     seed_queue: int = 0                   # labeling items to generate at start when the queue is empty
     reward_model: str | None = DEFAULT_REWARD_MODEL  # calibrated reward model dir (its report)
+    min_battles: int = 20                 # leaderboard: fewer battles = provisional, not ranked
     title: str = "MT-EditLab"
 
     def resolved_data_dir(self) -> Path:
@@ -213,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "training.reward_model --out DIR); the leaderboard shows its held-out "
                    f"agreement with the labels [MTEDITLAB_REWARD_MODEL] (default "
                    f"{DEFAULT_REWARD_MODEL})")
+    g.add_argument("--min-battles", type=int, default=int(_env("MTEDITLAB_MIN_BATTLES", "20")),
+                   metavar="N", help="leaderboard: models with fewer battles are shown apart "
+                   "as provisional and not ranked [MTEDITLAB_MIN_BATTLES] (default 20)")
     g.add_argument("--seed-queue", type=int, default=0, metavar="N",
                    help="when the labeling queue is empty at start, fill it with N world test "
                    "sessions edited by both sides (plus gold items)")
@@ -257,6 +262,7 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
         anonymous=args.anonymous, device=args.device, steps=args.steps, strict=args.strict,
         max_batch=max(1, args.max_batch), concurrency=max(1, args.concurrency),
         seed_queue=max(0, args.seed_queue), reward_model=_opt(args.reward_model),
+        min_battles=max(0, args.min_battles),
     )
 
 

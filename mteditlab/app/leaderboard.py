@@ -63,32 +63,65 @@ def summary(frame: pd.DataFrame) -> str:
             f"session; {gold} on gold items, left out of the ratings) from "
             f"**{frame['annotator'].nunique()}** voters on **{frame['comparison_id'].nunique()}**"
             " comparisons. Ratings: Bradley–Terry, ties (and both-bad) as half a win, 95% "
-            f"bootstrap intervals ({N_BOOT} rounds); rank = 1 + models whose lower bound beats "
-            "this model's upper bound.")
+            f"bootstrap intervals ({N_BOOT} rounds): the range of ratings over resampled "
+            "votes; rank = 1 + models whose lower bound beats this model's upper bound.")
 
 
-def ratings(frame: pd.DataFrame, plot_dir: Path):
-    """(table, ratings plot path or None, win-rate-by-turn table, its plot path or None)."""
+def notes(table: pd.DataFrame, provisional: pd.DataFrame, min_battles: int) -> str:
+    """Markdown warnings under the ratings: open intervals and provisional models."""
+    lines = []
+    for _, row in table.iterrows():
+        if row["note"]:
+            side = "lost" if "never lost" in row["note"] else "won"
+            lines.append(f"⚠️ `{row['model']}` never {side} ({row['wins']}–{row['losses']}): "
+                         "no finite rating fits that record; the number shown is held in place "
+                         "only by the fit's tiny regularisation, and every resample has the "
+                         "same record, so the interval says nothing there: it is open on that "
+                         "side (∞).")
+    if len(provisional):
+        lines.append(f"{len(provisional)} model(s) with fewer than {min_battles} battles are "
+                     "listed apart as **provisional**: not rated, not ranked, and left out of "
+                     "the fit so that a few votes cannot move everyone else.")
+    return "\n\n".join(lines)
+
+
+def ratings(frame: pd.DataFrame, plot_dir: Path, min_battles: int = 0):
+    """(ranked table, ratings plot path or None, win-rate-by-turn table, its plot path or None,
+    provisional table, notes) with models under ``min_battles`` battles set apart."""
     import warnings
 
     from labeling import ratings as bt
 
     battles = bt.battles(frame) if len(frame) else frame
     if battles.empty:
-        return pd.DataFrame(), None, pd.DataFrame(), None
+        return pd.DataFrame(), None, pd.DataFrame(), None, pd.DataFrame(), ""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        table = bt.ratings_table(battles, n_boot=N_BOOT, seed=0)
+        table = bt.ratings_table(battles, n_boot=N_BOOT, seed=0, min_battles=min_battles)
     stamp = f"{time.time_ns()}"
-    plot = plot_dir / f"ratings-{stamp}.png"
-    bt.plot_ratings(table, plot)
+    plot = None
+    ranked = table[~table["provisional"]]
+    if len(ranked):
+        plot = plot_dir / f"ratings-{stamp}.png"
+        bt.plot_ratings(ranked, plot)
     by_turn = bt.win_rate_by_turn(battles)
     turn_plot = None
     if not by_turn.empty:
         turn_plot = plot_dir / f"win-rate-{stamp}.png"
         bt.plot_win_rate_by_turn(battles, turn_plot)
-    table = table.round({"rating": 1, "lower": 1, "upper": 1, "win_rate": 3})
-    return table, plot, by_turn.round({"win_rate": 3}), turn_plot
+    provisional = (table[table["provisional"]]
+                   .drop(columns=["rating", "lower", "upper", "rank", "provisional"])
+                   .round({"win_rate": 3}))
+    text = notes(ranked, provisional, min_battles)
+    shown = ranked.drop(columns=["provisional"]).round({"win_rate": 3})
+    for column in ("rating", "lower", "upper"):
+        shown[column] = [_number(v) for v in shown[column]]
+    return shown, plot, by_turn.round({"win_rate": 3}), turn_plot, provisional, text
+
+
+def _number(value: float) -> str:
+    """A rating for display: one decimal, or ±∞ for an open interval end."""
+    return ("+∞" if value > 0 else "−∞") if np.isinf(value) else f"{value:.1f}"
 
 
 def agreement(frame: pd.DataFrame) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """The Leaderboard tab (public) and its admin panel (behind an admin credential).
 
-Public API endpoints: ``/leaderboard(source, blind_only, criterion)``; admin:
+Public API endpoints: ``/leaderboard(source, blind_only, criterion)`` (ranked models; those
+under ``--min-battles`` battles apart as provisional, with notes on open intervals); admin:
 ``/admin_sign_in(name, password)``, ``/admin_refresh()``, ``/admin_export()``,
 ``/admin_seed_queue(n_sessions, n_turns)`` — each admin endpoint re-checks the server-side
 admin flag.
@@ -46,6 +47,10 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
         turn_plot = gr.Image(label="Win rate by turn index", format="png", show_label=False,
                              interactive=False, buttons=["download"], elem_id="lb-turn-plot")
     ratings_table = gr.Dataframe(label="Ratings", interactive=False, elem_id="lb-table")
+    ratings_notes = gr.Markdown(elem_id="lb-notes")
+    provisional = gr.Dataframe(label=f"Provisional: fewer than {ctx.config.min_battles} "
+                               "battles, not ranked", interactive=False, visible=False,
+                               elem_id="lb-provisional")
     turn_table = gr.Dataframe(label="Win rate by turn", interactive=False, max_height=300)
     agreement = gr.Dataframe(label="Inter-annotator agreement per criterion (units judged by "
                              "≥ 2 people; gold excluded)", interactive=False)
@@ -81,19 +86,21 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
             events = gr.Dataframe(label="Flags and skips from the Label tab", interactive=False)
 
     board_outputs = [summary, ratings_plot, turn_plot, ratings_table, turn_table, agreement,
-                     machines_note, machines]
+                     machines_note, machines, ratings_notes, provisional]
 
     def on_refresh(src, blind_only, crit):
         try:
             frame = lb.human_frame(ctx.store, src, bool(blind_only), crit)
-            table, plot, by_turn, tplot = lb.ratings(frame, plot_dir)
+            table, plot, by_turn, tplot, prov, notes = lb.ratings(frame, plot_dir,
+                                                                  ctx.config.min_battles)
             agree = lb.agreement(frame)
             machine = lb.machine_agreement(ctx.store)
             report = lb.reward_model_report(ctx.config.reward_model)
         except Exception as exc:  # noqa: BLE001
             log.exception("leaderboard failed")
             return [f"⚠️ The leaderboard could not be computed ({type(exc).__name__}: {exc})",
-                    None, None, None, None, None, "", gr.update(visible=False)]
+                    None, None, None, None, None, "", gr.update(visible=False), "",
+                    gr.update(visible=False)]
         for old in plot_dir.glob("*.png"):  # keep the plot directory small
             if time.time() - old.stat().st_mtime > 600:
                 old.unlink(missing_ok=True)
@@ -102,7 +109,8 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
             note += ("\n\n*Live agreement appears once automatic raters' verdicts are in the "
                      "store (annotators named `judge:…` / `reward:…`).*")
         return [lb.summary(frame), str(plot) if plot else None, str(tplot) if tplot else None,
-                table, by_turn, agree, note, gr.update(value=machine, visible=bool(len(machine)))]
+                table, by_turn, agree, note, gr.update(value=machine, visible=bool(len(machine))),
+                notes, gr.update(value=prov, visible=bool(len(prov)))]
 
     board_inputs = [source, blind, criterion]
     refresh.click(on_refresh, board_inputs, board_outputs, api_name="leaderboard")
