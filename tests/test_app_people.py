@@ -239,3 +239,43 @@ def test_the_leaderboard_sets_provisional_models_apart(tmp_path):
         provisional = [row[0] for row in update["value"]["data"]]
         assert provisional == ["mini+lora:new"]
         assert "provisional" in out[-2] and "never lost" in out[-2] and "∞" in out[-2]
+
+
+def test_seed_queue_runs_after_the_server_is_up_with_a_progress_bar(tmp_path):
+    """``python app.py --seed-queue N``: the port opens first, a tqdm bar counts the sessions,
+    and the items end up in the queue."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from labeling.store import LabelStore
+    from mteditlab.app.testing import free_port
+
+    repo = Path(__file__).resolve().parents[1]
+    port, log_path = free_port(), tmp_path / "app.log"
+    cmd = [sys.executable, str(repo / "app.py"), "--editor-a", "oracle", "--editor-b", "identity",
+           "--lora-b", "none", "--data-dir", str(tmp_path / "data"), "--port", str(port),
+           "--host", "127.0.0.1", "--seed-queue", "6"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 300
+        text = ""
+        while time.time() < deadline and "label queue seeded" not in text:
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.5)
+            text = log_path.read_text()
+        assert "label queue seeded: 6 comparisons, 2 gold items" in text, text
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30) as response:
+            assert response.status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    up = text.index("Running on local URL")
+    assert up < text.index("seeding the label queue") < text.index("6/6")
+    with LabelStore.open(tmp_path / "data" / "labels.duckdb", read_only=True) as store:
+        assert store.counts()["comparisons"] == 8

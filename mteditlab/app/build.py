@@ -16,7 +16,7 @@ from .arena import Arena
 from .arena_ui import build_arena_tab
 from .config import AppConfig, ConfigError, config_from_args
 from .context import AppContext
-from .label import Labeling, populate_queue
+from .label import Labeling, seed_queue_in_background
 from .label_ui import SHORTCUTS_JS, build_label_tab
 from .leaderboard_ui import build_leaderboard_tab
 
@@ -119,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     ctx: AppContext = demo.mteditlab_ctx
     for note in ctx.engine.notices:
         log.warning("%s", note.replace("**", ""))
-    if config.seed_queue and int(ctx.store.counts()["comparisons"]) == 0:
-        log.info("seeding the labeling queue with %d world test sessions", config.seed_queue)
-        populate_queue(ctx, config.seed_queue)
+    seed = config.seed_queue and int(ctx.store.counts()["comparisons"]) == 0
     try:
-        launch(demo, config)
+        launch(demo, config, prevent_thread_lock=True)
+        if seed:  # after the port is open: the app serves while the items are made
+            seed_queue_in_background(ctx, config.seed_queue)
+        demo.block_thread()
     finally:
         ctx.close()
     return 0

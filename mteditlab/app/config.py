@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "as provisional and not ranked [MTEDITLAB_MIN_BATTLES] (default 20)")
     g.add_argument("--seed-queue", type=int, default=0, metavar="N",
                    help="when the labeling queue is empty at start, fill it with N world test "
-                   "sessions edited by both sides (plus gold items)")
+                   "sessions edited by both sides (plus gold items), in the background once the "
+                   "server is up, with a progress bar in the console")
 
     g = parser.add_argument_group("access")
     g.add_argument("--annotators", default=_env("MTEDITLAB_ANNOTATORS"),

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import sys
+import threading
 import time
 
 from labeling.queue import LABELING_ITEM
@@ -214,17 +216,34 @@ class Labeling:
 
 # ------------------------------------------------------------------------- seeding the queue
 def populate_queue(ctx, n_sessions: int, n_turns: int = 3, gold_every: int = 5, seed: int = 0,
-                   start: int = 0) -> dict:
-    """Fill the labeling queue with world test sessions edited by both arena sides (each side
-    on its own outputs, conditioned on the reconstructed intent, seeds shared), plus a gold item
-    (oracle vs a no-op editor; answer: the oracle) every ``gold_every`` sessions."""
+                   start: int = 0, chunk: int = 16, progress=None) -> dict:
+    """Fill the labeling queue with world test sessions ``start …`` edited by both arena sides
+    (each side on its own outputs, conditioned on the reconstructed intent, seeds shared), plus
+    a gold item (oracle vs a no-op editor; answer: the oracle) every ``gold_every`` sessions.
+    Works ``chunk`` sessions at a time and calls ``progress(k)`` after each ``k`` are stored."""
+    if not ctx.engine.world:
+        raise LabelError("Seeding the queue needs editors of the built-in world.")
+    created = {"comparisons": 0, "gold": 0}
+    for offset in range(0, n_sessions, max(1, chunk)):
+        size = min(max(1, chunk), n_sessions - offset)
+        gold = [i - offset for i in range(offset, offset + size)
+                if gold_every and i % gold_every == 0]
+        made = _populate_chunk(ctx, start + offset, size, n_turns, gold, seed)
+        for key in created:
+            created[key] += made[key]
+        if progress is not None:
+            progress(size)
+    return created
+
+
+def _populate_chunk(ctx, start: int, n_sessions: int, n_turns: int, gold_idx: list[int],
+                    seed: int) -> dict:
+    """One chunk of :func:`populate_queue`: sessions ``start …``; gold on ``gold_idx``."""
     from mteditlab.editors import get_editor
     from mteditlab.intent import turn_seed, turn_text
     from mteditlab.world import render, sessions as make_sessions
 
     store, engine = ctx.store, ctx.engine
-    if not engine.world:
-        raise LabelError("Seeding the queue needs editors of the built-in world.")
     sessions = make_sessions("test", n_sessions, turns=n_turns, start=start)
     sources = [render(s.source) for s in sessions]
     source_shas = [store.put_image(img) for img in sources]
@@ -257,7 +276,6 @@ def populate_queue(ctx, n_sessions: int, n_turns: int = 3, gold_every: int = 5, 
     for a, b in zip(sides["A"], sides["B"]):
         store.add_comparison(a, b)
         created["comparisons"] += 1
-    gold_idx = list(range(0, n_sessions, gold_every)) if gold_every else []
     if gold_idx:
         oracle, noop = get_editor("oracle"), get_editor("identity")
         keep = [sessions[i] for i in gold_idx]
@@ -271,3 +289,25 @@ def populate_queue(ctx, n_sessions: int, n_turns: int = 3, gold_every: int = 5, 
             store.add_comparison(g, b, gold="A")
             created["gold"] += 1
     return created
+
+
+def seed_queue_in_background(ctx, n_sessions: int, file=None) -> threading.Thread:
+    """Run :func:`populate_queue` for ``n_sessions`` on a daemon thread (the server keeps
+    serving meanwhile) with a tqdm progress bar on ``file`` (default stderr); returns the
+    started thread.  A failure is logged, never raised."""
+    from tqdm import tqdm
+
+    def work() -> None:
+        with tqdm(total=n_sessions, desc="seeding the label queue", unit="session",
+                  file=file or sys.stderr, dynamic_ncols=True) as bar:
+            try:
+                made = populate_queue(ctx, n_sessions, progress=bar.update)
+            except Exception:  # noqa: BLE001 - the app keeps serving without the items
+                log.exception("seeding the labeling queue failed")
+                return
+        log.info("label queue seeded: %d comparisons, %d gold items", made["comparisons"],
+                 made["gold"])
+
+    thread = threading.Thread(target=work, name="seed-queue", daemon=True)
+    thread.start()
+    return thread
