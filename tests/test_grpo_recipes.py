@@ -17,7 +17,7 @@ from mteditlab.rewards import get_reward
 from mteditlab.rewards.base import RewardModel, RewardOutput
 from mteditlab.rewards.features import image_features, parse_cached
 from mteditlab.world import generate_session, render, sessions
-from training.grpo import (GRPOConfig, _old_policy, draw_sessions, ema_update, gold_examples, old_decay, passed_so_far, rft_examples,
+from training.grpo import (GRPOConfig, _old_policy, draw_sessions, ema_update, gold_examples, old_decay, rft_examples, turn_passed,
                            rollout, sampling_policy, score_rollouts, train)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,16 +122,15 @@ def _sample(rec, i, s, k):
 
 def test_rft_keeps_the_turns_that_passed_so_far_with_clean_targets(two_adapters):
     rewards = {"v": np.array([[[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]]), "q": np.full((1, 2, 3), 0.2)}
-    passed = passed_so_far(rewards, {"v": 1.0, "q": 0.5}, threshold=0.5)
-    assert passed.tolist() == [[[True, False, False], [True, True, False]]]
+    assert turn_passed(rewards, {"v": 1.0, "q": 0.5}, threshold=0.5).tolist() == [[[True, False, True], [True, True, False]]]
 
     editor = two_adapters
     session = generate_session("train", 5, 2)
     cfg = GRPOConfig(num_generations=2, turns=2, steps=10, sde_window=1)
     records = rollout(editor, [session], cfg, 0)
-    mask = np.array([[[True, True], [True, False]]])
-    clean = rft_examples(editor, records, mask, "render")
-    own = rft_examples(editor, records, mask, "own")
+    passed = np.array([[[True, True], [True, False]]])
+    clean = rft_examples(editor, records, passed, "render")
+    own = rft_examples(editor, records, passed, "own")
     assert len(clean) == len(own) == 3
     image, text, target = clean[1]
     assert image is records[0].before[1] and text == (records[0].texts[1][1] or records[0].texts[1][0])
@@ -140,6 +139,14 @@ def test_rft_keeps_the_turns_that_passed_so_far_with_clean_targets(two_adapters)
     assert torch.equal(own[1][2], records[0].x0[1])                      # the rollout's own output
     assert clean[2][0] is records[1].before[0]                          # turn 2 starts from its own output
 
+    # sharing: rollout 1 failed turn 2 while on track; it learns from rollout 0's output, from its own input
+    shared = rft_examples(editor, records, passed, "own", share=True)
+    assert len(shared) == 4
+    assert shared[3][0] is records[1].before[1] and torch.equal(shared[3][2], records[1].x0[0])
+    off_track = np.array([[[True, True], [False, True]]])               # rollout 1 failed turn 1: not on track at 2
+    # turn 1: rollout 1 learns from rollout 0; turn 2: only rollout 0 is on track
+    assert [e[0] for e in rft_examples(editor, records, off_track, "own", share=True)] == \
+        [records[0].before[0], records[0].before[1], records[1].before[0]]
     gold = gold_examples(editor, [session], cfg)
     assert len(gold) == 2 and torch.equal(gold[1][2], editor.encode_images([render(session.turns[1].after)])[0])
 

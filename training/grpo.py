@@ -4,15 +4,22 @@ reward-filtered self-training (RFT), with a supervised control (SFT).
     python -m training.grpo --lora                       # NFT on the mini editor, verifier (+ quality) reward
     python -m training.grpo --lora --algo grpo --learning-rate 3e-4 --reward judge=1.0
     accelerate launch --num_processes 2 -m training.grpo --lora   # data-parallel, gradients all-reduced
+    python -m training.grpo --lora --editor kontext --sessions-from data/sessions --reward qwen-vl=1.0 \
+        --reward-paths qwen-vl=http://HOST:8000/v1 --hacking-reference calibrated
+    accelerate launch --config_file configs/accelerate/fsdp.yaml -m training.grpo --lora --editor kontext ...
 
 One iteration, top to bottom:
 
-1. **Rollouts.** ``sessions_per_step`` training sessions × ``num_generations`` rollouts each. Every
-   turn starts from the rollout's *own* previous output. Sampling is the ODE, except an SDE window
-   of ``sde_window`` consecutive steps per turn where the Flow-GRPO step is a Gaussian policy:
+1. **Rollouts.** ``sessions_per_step`` training sessions × ``num_generations`` rollouts each: drawn
+   from the world, or with ``--sessions-from`` from a pool of data sessions (files, ``hf://NAME``, the
+   app's ``.duckdb`` label store) at the backend's ``--resolution``, one image size per iteration
+   (aspect-ratio buckets). Every turn starts from the rollout's *own* previous output. Sampling is the
+   ODE, except an SDE window of ``sde_window`` consecutive steps per turn where the Flow-GRPO step is a Gaussian policy:
    x' ~ N(mean_θ(x, σ), scale²) (``mteditlab.flow.sde_step_stats``), log-prob kept in fp32.
-2. **Rewards.** Each registered reward model scores every turn (named sub-scores + overall); the
-   world's verifier always runs too, as the gold metric.
+2. **Rewards.** Each registered reward model scores every turn (named sub-scores + overall); on
+   world sessions the verifier always runs too, as the gold metric. Data sessions have no gold:
+   no gold columns, no ``val`` evaluation, and the reward-hacking monitor watches a held-out reward
+   term (``--hacking-reference``) instead.
 3. **Credit.** ``training.credit.compute_advantages``: turn aggregation, reward/advantage fusion,
    broadcast vs per-turn, trajectory filtering, clamp.
 4. **Update.** GRPO: for every SDE step of every turn, ratio = exp(logp_θ − logp_old) and
@@ -29,7 +36,11 @@ One iteration, top to bottom:
    the scene it shows (``render``, world only); the adapter is trained on the buffer by the plain
    flow-matching loss ‖v_θ(x_t) − (ε − x0)‖², and its Polyak average is exported. SFT (the control):
    the same loss and buffer filled with the world's gold pairs (teacher-forced), no rollouts.
-5. **Operations.** JSONL metrics, plots, evaluation on ``val``, atomic checkpoints, exact resume.
+5. **Operations.** JSONL metrics, plots, evaluation on ``val``, atomic checkpoints, exact resume. The
+   real backends (``kontext``, ``qwen-edit``) go through ``accelerator.prepare`` (DDP, FSDP or DeepSpeed
+   as ``accelerate launch`` configures; gradients accumulated over a minibatch's loss terms by
+   ``accelerator.accumulate``), with ``--gradient-checkpointing`` and ``--mixed-precision``; the mini
+   editor keeps its hand-averaged gradients.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +64,11 @@ from mteditlab.flow import gaussian_log_prob, ode_step, sde_step_stats
 from mteditlab.intent import INTENT_MODES, turn_seed, turn_text
 from mteditlab.rewards.base import EditSample
 from mteditlab.rewards.features import parse_cached
+from mteditlab.sessions_data import DataSession, with_turns
 from mteditlab.world import Session, generate_session, render
 from mteditlab.world import sessions as make_sessions
 from training.credit import FUSIONS, TURN_AGGREGATIONS, compute_advantages
+from training.session_sources import sessions_from
 
 TRAIN_SESSIONS = 200_000  # size of the pool training sessions are drawn from
 ALGOS = ("nft", "grpo", "rft", "sft")
@@ -63,6 +76,8 @@ ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.
 CONV = ("conv1", "conv2", "conv_shortcut")
 LORA_TARGETS = {"attention": ATTENTION, "attention+conv": ATTENTION + CONV,
                 "all": ATTENTION + CONV + ("time_emb_proj", "conv_in", "conv_out", "conv")}
+REAL_EDITORS = ("kontext", "qwen-edit")   # trained through accelerator.prepare
+GOLD = "gold_success"                     # the world's reward-hacking reference
 
 
 @dataclass
@@ -82,6 +97,8 @@ class GRPOConfig:
     sde_window: int = 2                   # SDE (trained) steps per turn; ODE elsewhere
     noise_level: float = 0.7              # a in std = a·sqrt(σ / (1 − σ))
     intent: str = "reconstruct"           # none | concat | reconstruct
+    sessions_from: str | None = None      # DATASET: .jsonl / .parquet / folder / hf://NAME / .duckdb label store (default: the world)
+    resolution: str | None = None         # kontext | qwen-edit | INT (≈ INT² px): data images' size (default: the editor's)
     op_weights: str = ""                  # OP=WEIGHT,...: oversample sessions with these operations (e.g. swap=3,move=2)
     # objective
     learning_rate: float = 1e-3
@@ -99,6 +116,7 @@ class GRPOConfig:
     # reward-filtered self-training (rft) and its supervised control (sft)
     rft_target: str = "render"            # own | render (world only)
     rft_threshold: float = 0.5            # a turn passes when its fused reward Σw·r/Σw ≥ this
+    rft_share: bool = False               # failed on-track rollouts learn from a sibling that passed
     replay_size: int = 2048
     rft_batch_size: int = 32
     rft_updates: int = 8                  # optimizer steps per iteration
@@ -118,6 +136,9 @@ class GRPOConfig:
     eval_sessions: int = 64
     save_every: int = 10
     hacking_window: int = 20
+    hacking_reference: str = ""           # TERM held out of --reward the monitor compares against (default: the world's gold)
+    gradient_checkpointing: bool = False  # real backends: recompute activations in the backward pass
+    mixed_precision: str | None = None    # no | bf16 | fp16 for the real backends (default: accelerate's config)
     seed: int = 0
     out: str = "runs/grpo"
     reward_weights: dict = field(default_factory=dict)
@@ -140,6 +161,14 @@ class GRPOConfig:
         self.reward_weights = {k: float(v) for k, v in (p.split("=") for p in self.reward.split(","))}
         self.reward_path_of = dict(p.split("=", 1) for p in self.reward_paths.split(",") if p)
         self.op_weight_of = {k: float(v) for k, v in (p.split("=") for p in self.op_weights.split(",") if p)}
+        if self.hacking_reference in self.reward_weights:
+            raise ValueError(f"--hacking-reference {self.hacking_reference} is trained (in --reward): it must be held out")
+        if self.sessions_from:
+            world_only = [t for t in self.reward_weights if t.partition(".")[0] == "verifier"]
+            if world_only or self.algo == "sft" or (self.algo == "rft" and self.rft_target == "render"):
+                raise ValueError("--sessions-from has no world to verify against: pass --reward without the "
+                                 "verifier (e.g. qwen-vl=1.0), --rft-target own with --algo rft, and no --algo sft")
+            parse_resolution(self.resolution)
 
 
 # ---- 1. rollouts ----------------------------------------------------------------------------------
@@ -157,6 +186,46 @@ def draw_sessions(cfg: GRPOConfig, iteration: int, count_per_process: int = 1) -
         if not cfg.op_weight_of or picker.random() * top < weight:   # unweighted: the plain seeded draw
             drawn.append(session)
     return drawn
+
+
+def parse_resolution(text: str | None) -> str | int | None:
+    """``--resolution``: ``kontext`` / ``qwen-edit`` (the backends' sizes), an int n (≈ n² pixels) or None."""
+    if text is None or text in ("kontext", "qwen-edit"):
+        return text
+    if str(text).isdigit():
+        return int(text)
+    raise ValueError(f"--resolution must be kontext, qwen-edit or an integer, got {text!r}")
+
+
+def load_pool(cfg: GRPOConfig) -> list[DataSession]:
+    """The data sessions training draws from: ``--sessions-from`` at ``--resolution`` (default: the
+    editor's own, e.g. Kontext's preferred sizes), those with at least ``turns`` turns cut to ``turns``."""
+    resolution = parse_resolution(cfg.resolution) or (cfg.editor if cfg.editor in REAL_EDITORS else None)
+    pool = with_turns(sessions_from(cfg.sessions_from, resolution=resolution), cfg.turns)
+    if not pool:
+        raise ValueError(f"{cfg.sessions_from} holds no session with at least {cfg.turns} turns (--turns)")
+    return pool
+
+
+def draw_data_sessions(pool: list[DataSession], cfg: GRPOConfig, iteration: int, count_per_process: int = 1) -> list[DataSession]:
+    """The iteration's training sessions from ``pool``, seeded by (seed, iteration), all of one source
+    size (a batch shares one image size): a first session drawn uniformly picks the size, the others
+    are drawn without replacement among the pool's sessions of that size, cycling when there are too
+    few; a repeated session gets a distinct ``index`` (index + k·len(pool)), so its rollouts draw
+    their own noise."""
+    picker = random.Random(f"{cfg.seed}/data-sessions/{iteration}")
+    first = pool[picker.randrange(len(pool))]
+    bucket = [s for s in pool if s.source.size == first.source.size and s is not first]
+    picker.shuffle(bucket)
+    order = [first, *bucket]
+    wanted = cfg.sessions_per_step * count_per_process
+    return [replace(order[i % len(order)], index=order[i % len(order)].index + i // len(order) * len(pool))
+            for i in range(wanted)]
+
+
+def source_image(session: Session | DataSession):
+    """The image a session starts from: a data session's own, a world scene's render."""
+    return session.source if isinstance(session, DataSession) else render(session.source)
 
 
 @dataclass
@@ -177,7 +246,7 @@ def rollout(editor: Editor, sessions: list[Session], cfg: GRPOConfig, iteration:
     """G rollouts of each session, turn by turn on their own outputs; items ordered session-major."""
     G = cfg.num_generations
     items = [(s, g) for s in sessions for g in range(G)]
-    images = [render(s.source) for s, _ in items]
+    images = [source_image(s) for s, _ in items]
     records = []
     for k in range(cfg.turns):
         texts = [turn_text(s, k, cfg.intent) for s, _ in items]
@@ -205,30 +274,40 @@ def rollout(editor: Editor, sessions: list[Session], cfg: GRPOConfig, iteration:
 
 # ---- 2. rewards ------------------------------------------------------------------------------------
 
-def score_rollouts(records: list[TurnRecord], sessions: list[Session], cfg: GRPOConfig, reward_models: dict,
-                   gold_model, iteration: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None, dict]:
+def score_rollouts(records: list[TurnRecord], sessions: list[Session | DataSession], cfg: GRPOConfig,
+                   reward_models: dict, gold_model, iteration: int, tally: dict | None = None
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None, dict]:
     """Per-reward-term scores ``[S, G, T]``, gold success ``[S, G, T]``, IF-passed mask and sub-score means.
 
     A term ``NAME`` is model ``NAME``'s overall; ``NAME.SUB`` its sub-score ``SUB``, where a sub-score
     that does not apply to a scored item (NaN, e.g. ``ga`` at turn 1) counts as satisfied (1.0); items
-    the model failed on stay NaN. ``gold_model`` is the world's verifier; it scores each turn once,
-    also when it is a reward. The IF-passed mask (for trajectory filtering) comes from the *trained*
-    reward: the first reward model, in ``reward_weights`` order, with an ``if`` sub-score (IF ≥ ½;
-    a failed score does not filter); ``None`` when no trained reward has one."""
+    the model failed on stay NaN. The terms are ``reward_weights``' and the held-out
+    ``hacking_reference`` (when set). ``gold_model`` is the world's verifier; it scores each turn
+    once, also when it is a reward; ``None`` (data sessions): no gold, ``None`` in its place. The
+    IF-passed mask (for trajectory filtering) comes from the *trained* reward: the first reward model,
+    in ``reward_weights`` order, with an ``if`` sub-score (IF ≥ ½; a failed score does not filter);
+    ``None`` when no trained reward has one. Each sample's ``meta["group"]`` is (session index, turn),
+    the group a pairwise judge compares within. ``tally`` (optional) accumulates per reward model
+    ``failures/NAME`` (items failed) and ``endpoint/NAME/KEY`` (a served judge's request counts)."""
     S, G, T = len(sessions), cfg.num_generations, cfg.turns
     items = [(s, g) for s in sessions for g in range(G)]
-    scores = {term: np.zeros((S * G, T)) for term in cfg.reward_weights}
+    terms = [*cfg.reward_weights, *([cfg.hacking_reference] if cfg.hacking_reference else [])]
+    scores = {term: np.zeros((S * G, T)) for term in terms}
     gold = np.zeros((S * G, T), dtype=bool)
     if_source = filter_source(cfg, reward_models)
     if_passed = np.ones((S * G, T), dtype=bool)
     sub_means: dict[str, list[float]] = {}
     for k, rec in enumerate(records):
-        samples = [EditSample(b, a, t[0], [x.instruction for x in s.turns[:k]], t[1], {"session": s, "turn": k})
+        samples = [EditSample(b, a, t[0], [x.instruction for x in s.turns[:k]], t[1],
+                              {"session": s, "turn": k, "group": (s.index, k)})
                    for (s, _), b, a, t in zip(items, rec.before, rec.after, rec.texts)]
-        gold_out = gold_model.score(samples)
-        gold[:, k] = gold_out.overall == 1
+        gold_out = gold_model.score(samples) if gold_model is not None else None
+        if gold_out is not None:
+            gold[:, k] = gold_out.overall == 1
         outputs = {name: gold_out if model is gold_model else model.score(samples, seed=cfg.seed * 100_003 + iteration * 31 + k)
                    for name, model in reward_models.items()}
+        if tally is not None:
+            count_failures(outputs, tally)
         if if_source:
             if_passed[:, k] = ~(outputs[if_source].scores["if"] < 0.5)   # NaN (failed score) passes
         for term in scores:
@@ -245,8 +324,16 @@ def score_rollouts(records: list[TurnRecord], sessions: list[Session], cfg: GRPO
                 if np.isfinite(values).any():
                     sub_means.setdefault(f"{name}/{sub}", []).append(float(np.nanmean(values)))
     shape = (S, G, T)
-    return ({n: v.reshape(shape) for n, v in scores.items()}, gold.reshape(shape),
+    return ({n: v.reshape(shape) for n, v in scores.items()}, gold.reshape(shape) if gold_model is not None else None,
             if_passed.reshape(shape) if if_source else None, {k: float(np.mean(v)) for k, v in sub_means.items()})
+
+
+def count_failures(outputs: dict, tally: dict) -> None:
+    """Add each reward model's failed items and its endpoint's request counts to ``tally``."""
+    for name, out in outputs.items():
+        tally[f"failures/{name}"] = tally.get(f"failures/{name}", 0) + out.n_failures
+        for key, value in (out.details.get("endpoint") or {}).items():
+            tally[f"endpoint/{name}/{key}"] = tally.get(f"endpoint/{name}/{key}", 0) + value
 
 
 def filter_source(cfg: GRPOConfig, reward_models: dict) -> str | None:
@@ -257,10 +344,10 @@ def filter_source(cfg: GRPOConfig, reward_models: dict) -> str | None:
     return None
 
 
-def passed_so_far(rewards: dict[str, np.ndarray], weights: dict[str, float], threshold: float) -> np.ndarray:
-    """``[S, G, T]`` bool: turn k and every turn before it scored Σ_m w_m·r_m / Σ_m w_m ≥ ``threshold``."""
+def turn_passed(rewards: dict[str, np.ndarray], weights: dict[str, float], threshold: float) -> np.ndarray:
+    """``[S, G, T]`` bool: the turn's fused reward Σ_m w_m·r_m / Σ_m w_m is ≥ ``threshold`` (failed = 0)."""
     fused = sum(w * np.nan_to_num(rewards[m], nan=0.0) for m, w in weights.items()) / sum(weights.values())
-    return np.cumprod(fused >= threshold, axis=-1).astype(bool)
+    return fused >= threshold
 
 
 # ---- 4. update -------------------------------------------------------------------------------------
@@ -324,21 +411,32 @@ def flow_matching_loss(editor: Editor, batch: list[tuple], generator: torch.Gene
     return torch.nn.functional.mse_loss(v.float(), noise - x0)
 
 
-def rft_examples(editor: Editor, records: list[TurnRecord], passed: np.ndarray, target: str) -> list[tuple]:
-    """(input image, text, target latents) for every turn that passed with all its earlier turns.
+def rft_examples(editor: Editor, records: list[TurnRecord], passed: np.ndarray, target: str,
+                 share: bool = False) -> list[tuple]:
+    """(input image, text, target latents) from a batch of rollouts; ``passed`` is ``[S, G, T]``.
 
-    ``own``: the rollout's output latents; ``render``: the latents of the clean render of the scene
-    the verifier reads in the output (world only)."""
-    passed = passed.reshape(-1, len(records))
+    A rollout is *on track* at turn k when its turns before k all passed. Every on-track rollout that
+    passed turn k is an example with its own output as target; with ``share``, every on-track rollout
+    that failed turn k learns from a sibling that passed it (same session, same turn: its input shows
+    the same scene), its own input paired with the sibling's target (best-of-G distillation).
+    ``own``: the winner's output latents; ``render``: the latents of the clean render of the scene the
+    verifier reads in the winner's output (world only)."""
+    S, G, T = passed.shape
+    on_track = np.concatenate([np.ones((S, G, 1), bool), np.cumprod(passed, -1)[..., :-1].astype(bool)], -1)
     examples = []
     for k, rec in enumerate(records):
-        for i in np.flatnonzero(passed[:, k]):
-            if target == "own":
-                x0 = rec.x0[i]
-            else:
-                clean = render(parse_cached(rec.after[i], rec.after[i].width), rec.after[i].width)
-                x0 = editor.encode_images([clean])[0]
-            examples.append((rec.before[i], rec.texts[i][1] or rec.texts[i][0], x0.cpu()))
+        for s in range(S):
+            ready = np.flatnonzero(on_track[s, :, k])
+            winners = [g for g in ready if passed[s, g, k]]
+            for j, g in enumerate(ready if share and winners else winners):
+                w = s * G + (g if passed[s, g, k] else winners[j % len(winners)])
+                if target == "own":
+                    x0 = rec.x0[w]
+                else:
+                    clean = render(parse_cached(rec.after[w], rec.after[w].width), rec.after[w].width)
+                    x0 = editor.encode_images([clean])[0]
+                i = s * G + g
+                examples.append((rec.before[i], rec.texts[i][1] or rec.texts[i][0], x0.cpu()))
     return examples
 
 
@@ -396,10 +494,11 @@ def ema_update(editor: Editor, decay: float) -> None:
 
 # ---- 5. operations ---------------------------------------------------------------------------------
 
-def hacking_alarm(history: list[dict], window: int, proxy_names: list[str]) -> bool:
-    """True when, over the last ``window`` iterations, a proxy reward rose while the gold fell
-    (least-squares slopes of opposite sign, each moving by more than 0.02 across the window)."""
-    if len(history) < window or not proxy_names:
+def hacking_alarm(history: list[dict], window: int, proxy_names: list[str], reference: str | None = GOLD) -> bool:
+    """True when, over the last ``window`` iterations, a proxy reward rose while the reference (the
+    gold, or a held-out reward's metrics column) fell (least-squares slopes of opposite sign, each
+    moving by more than 0.02 across the window); never without a reference."""
+    if len(history) < window or not proxy_names or reference is None:
         return False
     recent = history[-window:]
     xs = np.arange(window)
@@ -407,16 +506,21 @@ def hacking_alarm(history: list[dict], window: int, proxy_names: list[str]) -> b
     def trend(key):
         return np.polyfit(xs, [h[key] for h in recent], 1)[0] * window
 
-    return bool(trend("gold_success") < -0.02 and any(trend(f"reward/{n}") > 0.02 for n in proxy_names))
+    return bool(trend(reference) < -0.02 and any(trend(f"reward/{n}") > 0.02 for n in proxy_names))
 
 
-def save_state(out: Path, editor: Editor, optimizer, iteration: int, cfg: GRPOConfig, buffer: list) -> None:
-    """Atomically write the adapter(s), optimizer state, replay buffer and iteration to ``out/checkpoint``."""
+def save_state(out: Path, editor: Editor, optimizer, iteration: int, cfg: GRPOConfig, buffer: list, *,
+               write: bool = True, with_optimizer: bool = True) -> None:
+    """Atomically write the adapter(s), optimizer state, replay buffer and iteration to ``out/checkpoint``.
+    Every process calls it (sharded adapters are gathered); the one with ``write`` writes. Without
+    ``with_optimizer`` (sharded optimizer state) the optimizer's moments restart on resume."""
+    lora = {n: full_tensor(p).detach().clone() for n, p in editor.denoiser.named_parameters() if "lora_" in n}
+    if not write:
+        return
     tmp, final = out / "checkpoint.tmp", out / "checkpoint"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    lora = {n: p.detach().clone() for n, p in editor.denoiser.named_parameters() if "lora_" in n}
-    torch.save({"iteration": iteration, "lora": lora, "optimizer": optimizer.state_dict(),
+    torch.save({"iteration": iteration, "lora": lora, "optimizer": optimizer.state_dict() if with_optimizer else None,
                 "config": asdict(cfg), "buffer": buffer}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -431,10 +535,19 @@ def load_state(out: Path, editor: Editor, optimizer, buffer: list) -> int:
     params = dict(editor.denoiser.named_parameters())
     with torch.no_grad():
         for name, value in state["lora"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+            assign(params[name], value)
+    if state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
     buffer[:] = state.get("buffer", [])
     return state["iteration"]
+
+
+def assign(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """``param ← value``; an FSDP2 shard takes its own part of the full ``value``."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    param.copy_(value)
 
 
 def plot_metrics(metrics_path: Path, out_path: Path) -> None:
@@ -447,7 +560,7 @@ def plot_metrics(metrics_path: Path, out_path: Path) -> None:
     evals = [r for r in rows if r.get("kind") == "eval"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     it = [r["iteration"] for r in train]
-    for key in [k for k in train[0] if k.startswith("reward/") or k == "gold_success"]:
+    for key in [k for k in train[0] if k.startswith(("reward/", "reference/")) or k == GOLD]:
         axes[0].plot(it, [r[key] for r in train], label=key, lw=0.9)
     if "loss" in train[0] and not axes[0].lines:   # the supervised control draws no rollouts: its loss instead
         axes[0].plot(it, [r["loss"] for r in train], label="loss", lw=0.9)
@@ -459,8 +572,10 @@ def plot_metrics(metrics_path: Path, out_path: Path) -> None:
     axes[1].legend(fontsize=7)
     for t in range(len(evals[0]["overall"]) if evals else 0):
         axes[2].plot([r["iteration"] for r in evals], [r["overall"][t] for r in evals], "o-", label=f"turn {t + 1}")
-    axes[2].set(title="val overall success", xlabel="iteration", ylim=(0, 1))
-    axes[2].legend(fontsize=7)
+    axes[2].set(title="val overall success" if evals else "no val evaluation (data sessions)",
+                xlabel="iteration", ylim=(0, 1))
+    if evals:
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
@@ -471,7 +586,8 @@ def train(cfg: GRPOConfig) -> Path:
 
     from mteditlab.rewards import get_reward
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    real = cfg.editor in REAL_EDITORS
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **(accelerator_options(cfg) if real else {}))
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -489,10 +605,20 @@ def train(cfg: GRPOConfig) -> Path:
     trainable = [p for n, p in editor.denoiser.named_parameters() if ".default." in n]
     for p in trainable:
         p.requires_grad_(True)
+    if real:
+        ready_for_training(editor, cfg)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=1e-4)
+    model = None   # the prepared (distributed) denoiser of the real backends
+    if real:
+        model, optimizer = accelerator.prepare(editor.denoiser, optimizer)
+        editor.forward_module = model
+        trainable = [p for n, p in editor.denoiser.named_parameters() if ".default." in n]
+    terms = [*cfg.reward_weights, *([cfg.hacking_reference] if cfg.hacking_reference else [])]
     reward_models = {name: get_reward(name, **({"path": cfg.reward_path_of[name]} if name in cfg.reward_path_of else {}))
-                     for name in dict.fromkeys(t.partition(".")[0] for t in cfg.reward_weights)}
-    gold_model = reward_models.get("verifier") or get_reward("verifier")
+                     for name in dict.fromkeys(t.partition(".")[0] for t in terms)}
+    pool = load_pool(cfg) if cfg.sessions_from else None
+    gold_model = None if pool else reward_models.get("verifier") or get_reward("verifier")
+    reference = f"reference/{cfg.hacking_reference}" if cfg.hacking_reference else GOLD if gold_model else None
     proxies = [t for t in cfg.reward_weights if t.partition(".")[0] != "verifier"]
     buffer: list[tuple] = []   # RFT / SFT replay buffer of (input image, text, target latents)
     start = load_state(out, editor, optimizer, buffer)
@@ -505,7 +631,7 @@ def train(cfg: GRPOConfig) -> Path:
     history = [json.loads(l) for l in metrics_path.read_text().splitlines() if json.loads(l).get("kind") == "train"] \
         if metrics_path.exists() else []
     minutes = history[-1]["train_minutes"] if history else 0.0
-    val = make_sessions("val", cfg.eval_sessions, cfg.turns)
+    val = None if pool else make_sessions("val", cfg.eval_sessions, cfg.turns)   # data sessions: no verifier to evaluate by
     evaluated = _old_policy if cfg.algo in ("rft", "sft") else contextlib.nullcontext  # the exported adapter
 
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"{cfg.algo}",
@@ -513,9 +639,10 @@ def train(cfg: GRPOConfig) -> Path:
     for iteration in bar:
         timings = {}
         t0 = time.time()
-        sessions = draw_sessions(cfg, iteration, world)[rank::world]
+        sessions = (draw_data_sessions(pool, cfg, iteration, world) if pool else draw_sessions(cfg, iteration, world))[rank::world]
         editor.denoiser.eval()
         local: dict[str, float] = {}
+        counts: dict[str, float] = {}   # summed over processes
         loss_stats: dict[str, list[float]] = {}
         if cfg.algo != "sft":
             with sampling_policy(editor, cfg):
@@ -523,10 +650,13 @@ def train(cfg: GRPOConfig) -> Path:
             timings["rollout_s"] = time.time() - t0
 
             t0 = time.time()
-            rewards, gold, if_passed, sub_means = score_rollouts(records, sessions, cfg, reward_models, gold_model, iteration)
+            rewards, gold, if_passed, sub_means = score_rollouts(records, sessions, cfg, reward_models, gold_model,
+                                                                 iteration, tally=counts)
+            held_out = {f"reference/{t}": rewards.pop(t) for t in terms if t not in cfg.reward_weights}
             local = {**{f"reward/{n}": float(np.nanmean(r)) for n, r in rewards.items()},
+                     **{k: float(np.nanmean(r)) for k, r in held_out.items()},
                      **{f"sub/{k}": v for k, v in sub_means.items()},
-                     "gold_success": float(gold.mean()), "gold_overall_last": float(gold.all(-1).mean()),
+                     **({GOLD: float(gold.mean()), "gold_overall_last": float(gold.all(-1).mean())} if gold is not None else {}),
                      "filtered": float(cfg.trajectory_filter and if_passed is not None)}
             timings["reward_s"] = time.time() - t0
 
@@ -540,7 +670,7 @@ def train(cfg: GRPOConfig) -> Path:
                 clip_max=cfg.adv_clip_max, gamma=cfg.discount)
             local.update(credit_stats)
             adv = torch.from_numpy(advantages.reshape(-1, cfg.turns)).float()   # [S·G, T]
-            n_terms = cfg.turns * (cfg.sde_window if cfg.algo == "grpo" else cfg.timesteps_per_sample)
+            n_terms = loss_terms(cfg)
             for epoch in range(cfg.inner_epochs):
                 order = torch.randperm(adv.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 31 + iteration * 7 + epoch))
                 for minibatch in order.chunk(cfg.num_minibatches):
@@ -548,49 +678,56 @@ def train(cfg: GRPOConfig) -> Path:
                     for k, rec in enumerate(records):
                         cond = encode_subset(editor, rec, minibatch)
                         for step in rec.window if cfg.algo == "grpo" else range(cfg.timesteps_per_sample):
-                            if cfg.algo == "grpo":
-                                loss, stats = grpo_loss(editor, rec, cond, minibatch, adv[minibatch, k], step, cfg)
-                            else:
-                                loss, stats = nft_loss(editor, rec, cond, minibatch, adv[minibatch, k], cfg, noise_gen)
-                            (loss / n_terms).backward()
+                            with accumulating(accelerator, model):
+                                if cfg.algo == "grpo":
+                                    loss, stats = grpo_loss(editor, rec, cond, minibatch, adv[minibatch, k], step, cfg)
+                                else:
+                                    loss, stats = nft_loss(editor, rec, cond, minibatch, adv[minibatch, k], cfg, noise_gen)
+                                backward(accelerator, model, loss, n_terms)
                             for key, value in {"loss": loss.item(), **stats}.items():
                                 loss_stats.setdefault(key, []).append(value)
-                    optimizer_step(accelerator, optimizer, trainable, cfg)
+                    optimizer_step(accelerator, optimizer, trainable, cfg, model)
         else:
             new = (gold_examples(editor, sessions, cfg) if cfg.algo == "sft" else
-                   rft_examples(editor, records, passed_so_far(rewards, cfg.reward_weights, cfg.rft_threshold), cfg.rft_target))
+                   rft_examples(editor, records, turn_passed(rewards, cfg.reward_weights, cfg.rft_threshold),
+                                cfg.rft_target, cfg.rft_share))
             buffer[:] = (buffer + new)[-cfg.replay_size:]
             local.update({"buffer_new": float(len(new)), "buffer_size": float(len(buffer))})
             sampler = random.Random(f"{cfg.seed}/replay/{iteration}")
             for _ in range(cfg.rft_updates if buffer else 0):
                 optimizer.zero_grad(set_to_none=True)
-                loss = flow_matching_loss(editor, sampler.sample(buffer, min(len(buffer), cfg.rft_batch_size)), noise_gen)
-                loss.backward()
+                with accumulating(accelerator, model):
+                    loss = flow_matching_loss(editor, sampler.sample(buffer, min(len(buffer), cfg.rft_batch_size)), noise_gen)
+                    backward(accelerator, model, loss, 1)
                 loss_stats.setdefault("loss", []).append(loss.item())
-                optimizer_step(accelerator, optimizer, trainable, cfg)
+                optimizer_step(accelerator, optimizer, trainable, cfg, model)
         if cfg.algo != "grpo":
             ema_update(editor, old_decay(cfg, iteration))
         timings["update_s"] = time.time() - t0
         minutes += sum(timings.values()) / 60
 
-        checksums = accelerator.gather(torch.stack([p.detach().double().sum() for p in trainable]).sum().view(1))
+        checksums = accelerator.gather(torch.stack([full_tensor(p).detach().double().sum() for p in trainable]).sum().view(1))
         local.update({k: float(np.mean(v)) for k, v in loss_stats.items()})
         local["loss_terms"] = float(len(loss_stats.get("loss", [])))   # loss evaluations this iteration
         averaged = accelerator.reduce(torch.tensor(list(local.values()), dtype=torch.float64), reduction="mean")
+        summed = accelerator.reduce(torch.tensor(list(counts.values()), dtype=torch.float64), reduction="sum") \
+            if counts else torch.zeros(0)
         row = {"kind": "train", "iteration": iteration + 1, **timings, "train_minutes": minutes,
-               **dict(zip(local, averaged.tolist())), "lora_in_sync": bool(torch.allclose(checksums, checksums[0]))}
+               **dict(zip(local, averaged.tolist())), **{k: int(v) for k, v in zip(counts, summed.tolist())},
+               "lora_in_sync": bool(torch.allclose(checksums, checksums[0]))}
         if cfg.algo != "sft":
             row["filter_source"] = filter_source(cfg, reward_models) if cfg.trajectory_filter else None
+            row["hacking_reference"] = reference
         history.append(row)
-        row["reward_hacking"] = cfg.algo != "sft" and hacking_alarm(history, cfg.hacking_window, proxies)
+        row["reward_hacking"] = cfg.algo != "sft" and hacking_alarm(history, cfg.hacking_window, proxies, reference)
         if row["reward_hacking"] and rank == 0:
             tqdm.write(f"warning: reward hacking suspected at iteration {iteration + 1}: proxy reward rising "
-                       f"while the verifier's gold success falls over the last {cfg.hacking_window} iterations")
+                       f"while {reference} falls over the last {cfg.hacking_window} iterations")
         bar.set_postfix(gold=f"{row.get('gold_success', float('nan')):.3f}", loss=f"{row.get('loss', 0):.3g}")
         out_of_time = bool(cfg.max_minutes) and minutes >= cfg.max_minutes
         last = iteration + 1 == cfg.iterations or out_of_time
         lines = [row]
-        if (iteration + 1) % cfg.eval_every == 0 or last:
+        if val and ((iteration + 1) % cfg.eval_every == 0 or last):
             editor.denoiser.eval()
             with evaluated(editor):
                 result = run_benchmark(editor, val, seed=cfg.seed, intent=cfg.intent, progress=False)
@@ -600,29 +737,96 @@ def train(cfg: GRPOConfig) -> Path:
         if rank == 0:
             with metrics_path.open("a") as f:
                 f.writelines(json.dumps(line) + "\n" for line in lines)
-            if (iteration + 1) % cfg.save_every == 0 or last:
-                save_state(out, editor, optimizer, iteration + 1, cfg, buffer)
+        if (iteration + 1) % cfg.save_every == 0 or last:
+            save_state(out, editor, optimizer, iteration + 1, cfg, buffer, write=rank == 0,
+                       with_optimizer=not sharded(accelerator))
         accelerator.wait_for_everyone()
         if out_of_time:
             tqdm.write(f"stopping after {minutes:.1f} training minutes (--max-minutes {cfg.max_minutes:g})")
             break
 
+    exported = "old" if cfg.algo in ("rft", "sft") else "default"
+    state = gathered_lora(editor, exported) if sharded(accelerator) else None   # every process takes part
     if rank == 0:
-        exported = "old" if cfg.algo in ("rft", "sft") else "default"
-        editor.save_lora(out / "adapter", adapter_name=exported,
+        editor.save_lora(out / "adapter", adapter_name=exported, state=state,
                          metadata={"config": asdict(cfg), "iterations": history[-1]["iteration"] if history else 0,
                                    "train_minutes": minutes})
         plot_metrics(metrics_path, out / "curves.png")
+    accelerator.wait_for_everyone()
     return out / "adapter"
 
 
-def optimizer_step(accelerator, optimizer, trainable: list[torch.nn.Parameter], cfg: GRPOConfig) -> None:
-    """Average gradients over processes (data parallel), clip their norm, step."""
+def optimizer_step(accelerator, optimizer, trainable: list[torch.nn.Parameter], cfg: GRPOConfig, model=None) -> None:
+    """Clip the gradients' norm and step. The mini editor (``model`` None) averages its gradients over
+    processes here; a prepared ``model`` had them synchronised by accelerate (DDP, FSDP, DeepSpeed)."""
+    if model is not None:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        return
     for p in trainable:
         if p.grad is not None and accelerator.num_processes > 1:
             p.grad = accelerator.reduce(p.grad, reduction="mean")
     torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
     optimizer.step()
+
+
+# ---- the real backends through accelerate ------------------------------------------------------------
+
+def loss_terms(cfg: GRPOConfig) -> int:
+    """Backward passes per minibatch: one per turn and SDE step (GRPO) or forward-process time (NFT); 1 for RFT / SFT."""
+    if cfg.algo == "grpo":
+        return cfg.turns * cfg.sde_window
+    return cfg.turns * cfg.timesteps_per_sample if cfg.algo == "nft" else 1
+
+
+def accelerator_options(cfg: GRPOConfig) -> dict:
+    """``Accelerator`` options for the real backends: one optimizer step per minibatch's loss terms
+    (gradient accumulation), and ``--mixed-precision`` when given (else accelerate's config)."""
+    options = {"gradient_accumulation_steps": loss_terms(cfg)}
+    if cfg.mixed_precision:
+        options["mixed_precision"] = cfg.mixed_precision
+    return options
+
+
+def ready_for_training(editor: Editor, cfg: GRPOConfig) -> None:
+    """A real backend's denoiser before ``accelerator.prepare``: LoRA weights in fp32 whatever the base
+    dtype (AdamW steps on bf16 weights lose small updates), gradient checkpointing when asked."""
+    for p in editor.lora_parameters():
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        editor.denoiser.enable_gradient_checkpointing()
+
+
+def accumulating(accelerator, model):
+    """Context of one loss term: ``accelerator.accumulate`` for a prepared model (gradients are
+    synchronised only at the minibatch's last term), nothing for the mini editor."""
+    return accelerator.accumulate(model) if model is not None else contextlib.nullcontext()
+
+
+def backward(accelerator, model, loss: torch.Tensor, n_terms: int) -> None:
+    """Backward of one of ``n_terms`` loss terms averaged into a minibatch's gradient (accelerate
+    divides by its ``gradient_accumulation_steps`` == ``n_terms``)."""
+    if model is not None:
+        accelerator.backward(loss)
+    else:
+        (loss / n_terms).backward()
+
+
+def sharded(accelerator) -> bool:
+    """Parameters (and optimizer state) are split over processes: FSDP or DeepSpeed."""
+    return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor; a collective: every process must call), else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gathered_lora(editor: Editor, adapter: str) -> dict[str, torch.Tensor]:
+    """Adapter ``adapter``'s full state (peft names), gathered from the shards on every process."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: full_tensor(v) for k, v in get_peft_model_state_dict(editor.denoiser, adapter_name=adapter).items()}
 
 
 def parse_args(argv: list[str] | None = None) -> GRPOConfig:
