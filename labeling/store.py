@@ -143,13 +143,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             WHERE json_extract_string(s.meta, '$.origin') = 'arena'
               AND json_extract_string(s.meta, '$.blind') = 'false')""",
     ),
+    (  # 3: admins exclude (and re-admit) voters from the ratings; an append-only log
+        """CREATE TABLE voter_exclusions (
+            exclusion_id INTEGER PRIMARY KEY,
+            annotator_id INTEGER NOT NULL,
+            excluded BOOLEAN NOT NULL,
+            admin VARCHAR NOT NULL,
+            reason VARCHAR,
+            created_at TIMESTAMPTZ NOT NULL)""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 TABLES = ("annotators", "images", "sessions", "turns", "comparisons", "gold_items",
-          "judgments", "assignments")
+          "judgments", "assignments", "voter_exclusions")
 _ID_COLUMNS = {"annotators": "annotator_id", "sessions": "session_id",
                "comparisons": "comparison_id", "judgments": "judgment_id",
-               "assignments": "assignment_id"}
+               "assignments": "assignment_id", "voter_exclusions": "exclusion_id"}
 _JUDGMENT_SCHEMA = pa.schema([
     ("judgment_id", pa.int64()), ("comparison_id", pa.int32()), ("annotator_id", pa.int32()),
     ("turn_index", pa.int32()), ("criterion", pa.string()), ("choice", pa.string()),
@@ -807,6 +816,34 @@ class LabelStore:
             release(tx.cur, self._annotators[annotator][0], int(comparison_id), expired)
 
         self._call(body)
+
+    def set_voter_excluded(self, annotator: str, excluded: bool, admin: str,
+                           reason: str | None = None) -> int:
+        """Record an admin's decision to exclude a voter from the ratings (``excluded=True``)
+        or to count them again; returns the log row's id.  The latest decision holds; the
+        log keeps every one (who, when, why)."""
+        if not isinstance(admin, str) or not admin.strip():
+            raise ValueError("admin must be a non-empty string")
+
+        def body(tx: _Tx) -> int:
+            if annotator not in self._annotators:
+                raise KeyError(f"unknown annotator {annotator!r}")
+            row_id = self._take_id("voter_exclusions")
+            tx.cur.execute("INSERT INTO voter_exclusions VALUES (?, ?, ?, ?, ?, ?)",
+                           [row_id, self._annotators[annotator][0], bool(excluded),
+                            admin.strip(), reason, _now()])
+            return row_id
+
+        return self._call(body)
+
+    def excluded_voters(self) -> set[str]:
+        """Names of the annotators whose latest exclusion decision is 'excluded'."""
+        frame = self.query(
+            """SELECT an.name FROM annotators an JOIN (
+                   SELECT annotator_id, arg_max(excluded, exclusion_id) AS excluded
+                   FROM voter_exclusions GROUP BY annotator_id) x USING (annotator_id)
+               WHERE x.excluded""")
+        return set(frame["name"])
 
     # ------------------------------------------------------------------------------- reads
     def _cursor(self) -> duckdb.DuckDBPyConnection:

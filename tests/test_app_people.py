@@ -279,3 +279,34 @@ def test_seed_queue_runs_after_the_server_is_up_with_a_progress_bar(tmp_path):
     assert up < text.index("seeding the label queue") < text.index("6/6")
     with LabelStore.open(tmp_path / "data" / "labels.duckdb", read_only=True) as store:
         assert store.counts()["comparisons"] == 8
+
+
+def test_an_admin_excludes_a_voter_from_the_ratings_and_can_undo_it(app):
+    import re
+
+    url, ctx = app
+    c = client(url)
+    c.predict("Example 4", api_name="/start_example")
+    c.predict("change the background to black", 0, 10, api_name="/edit")
+    assert "Vote stored" in c.predict(1, "overall", api_name="/vote_left")[STATUS]
+    voter = ctx.voter(c.session_hash)
+
+    def count():
+        out = c.predict("all human votes", False, "all criteria", api_name="/leaderboard")
+        found = re.search(r"\*\*(\d+)\*\* human votes", out[0])
+        return int(found.group(1)) if found else 0
+
+    before = count()
+    admin = client(url)
+    assert "sign-in required" in admin.predict(voter, "spam", api_name="/admin_exclude_voter")[0]
+    assert ctx.store.excluded_voters() == set()
+    admin.predict("root", "secret", api_name="/admin_sign_in")
+    assert "No voter" in admin.predict("arena:nobody", "", api_name="/admin_exclude_voter")[0]
+    out = admin.predict(voter, "always left", api_name="/admin_exclude_voter")
+    assert "excluded" in out[0] and ctx.store.excluded_voters() == {voter}
+    assert out[-1]["data"][0][:4] == [voter, True, "root", "always left"]
+    assert count() == before - 1
+    out = admin.predict(voter, "reviewed", api_name="/admin_restore_voter")
+    assert "again" in out[0] and ctx.store.excluded_voters() == set()
+    assert count() == before
+    assert len(ctx.store.table("voter_exclusions")) == 2

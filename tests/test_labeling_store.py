@@ -400,3 +400,20 @@ def test_judgments_record_blind_and_version_1_databases_are_migrated(tmp_path):
         assert frame.loc[4, "blind"] == False and frame.loc[5, "blind"] == True  # noqa: E712
         with pytest.raises(TypeError, match="blind"):
             store.record_judgment(1, "voter", 0, "overall", "B", "A", blind="no")
+
+
+def test_voter_exclusions_are_recorded_and_reversible(populated):
+    store, comparisons, _ = populated
+    store.add_annotator("spammer")
+    assert store.excluded_voters() == set()
+    store.set_voter_excluded("spammer", True, admin="root", reason="always votes left")
+    assert store.excluded_voters() == {"spammer"}
+    store.set_voter_excluded("spammer", False, admin="root", reason="cleared on review")
+    assert store.excluded_voters() == set()
+    store.set_voter_excluded("spammer", True, admin="root2")
+    log = store.table("voter_exclusions")
+    assert list(log["excluded"]) == [True, False, True]
+    assert list(log["admin"]) == ["root", "root", "root2"]
+    assert store.excluded_voters() == {"spammer"}
+    with pytest.raises(KeyError):
+        store.set_voter_excluded("nobody", True, admin="root")

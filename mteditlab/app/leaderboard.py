@@ -5,7 +5,8 @@ Which votes
     Human judgments only (simulated annotators are never mixed in here), from the arena
     (annotators named ``arena:…``), from the Label tab (everyone else), or both.  By default
     only blind judgments count (``blind`` column: cast while the model names were hidden; label
-    judgments always are); non-blind arena votes are added on request.
+    judgments always are); non-blind arena votes are added on request.  Voters an admin excluded
+    (see :func:`set_excluded`) are left out of everything here.
 
 Judge and reward model vs humans
     Automatic raters record their pairwise verdicts in the same store as (simulated) annotators
@@ -41,7 +42,8 @@ def _machine(names: pd.Series) -> pd.Series:
 def human_frame(store, source: str = SOURCES[0], blind_only: bool = True,
                 criterion: str | None = None) -> pd.DataFrame:
     frame = store.judgments_frame(include_simulated=True)
-    frame = frame[~frame["simulated"].astype(bool) & ~_machine(frame["annotator"])]
+    frame = frame[~frame["simulated"].astype(bool) & ~_machine(frame["annotator"])
+                  & ~frame["annotator"].isin(store.excluded_voters())]
     arena = frame["annotator"].astype(str).str.startswith("arena:")
     if source == SOURCES[1]:
         frame = frame[arena]
@@ -234,8 +236,31 @@ def flagged_voters(store) -> pd.DataFrame:
     frame = store.judgments_frame(include_simulated=False)
     frame = frame[~_machine(frame["annotator"])]
     if frame.empty:
-        return pd.DataFrame(columns=["annotator", "votes", "p_value", "flagged", "flagged_at"])
-    return ag.flag_annotators(frame)
+        return pd.DataFrame(columns=["annotator", "votes", "p_value", "flagged", "flagged_at",
+                                     "excluded"])
+    table = ag.flag_annotators(frame)
+    return table.assign(excluded=table["annotator"].isin(store.excluded_voters()))
+
+
+def set_excluded(store, voter: str, excluded: bool, admin: str, reason: str = "") -> str:
+    """Exclude a voter from the ratings, or count them again (recorded in the store with the
+    admin's name and reason); returns the message for the admin."""
+    voter = (voter or "").strip() if isinstance(voter, str) else ""
+    if voter not in set(store.table("annotators")["name"]):
+        return f"⚠️ No voter named `{voter}`."
+    reason = " ".join(str(reason or "").split())[:500] or None
+    store.set_voter_excluded(voter, excluded, admin=admin, reason=reason)
+    return (f"`{voter}` is excluded from the ratings." if excluded else
+            f"`{voter}` counts in the ratings again.")
+
+
+def exclusions(store) -> pd.DataFrame:
+    """The exclusion log, newest first: voter, excluded, admin, reason, time."""
+    return store.query(
+        """SELECT an.name AS voter, x.excluded, x.admin, x.reason,
+                  strftime(x.created_at, '%Y-%m-%d %H:%M:%S') AS time
+           FROM voter_exclusions x JOIN annotators an USING (annotator_id)
+           ORDER BY x.exclusion_id DESC""")
 
 
 def export_zip(store, out_dir: Path) -> Path:

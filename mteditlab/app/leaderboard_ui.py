@@ -3,8 +3,9 @@
 Public API endpoints: ``/leaderboard(source, blind_only, criterion)`` (ranked models; those
 under ``--min-battles`` battles apart as provisional, with notes on open intervals); admin:
 ``/admin_sign_in(name, password)``, ``/admin_refresh()``, ``/admin_export()``,
-``/admin_seed_queue(n_sessions, n_turns)`` — each admin endpoint re-checks the server-side
-admin flag.
+``/admin_seed_queue(n_sessions, n_turns)``, ``/admin_exclude_voter(voter, reason)``,
+``/admin_restore_voter(voter, reason)`` — each admin endpoint re-checks the server-side admin
+flag.
 """
 
 from __future__ import annotations
@@ -83,6 +84,15 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
                                 interactive=False)
             voters = gr.Dataframe(label="Improbable voters (sequential test against everyone "
                                   "else's votes)", interactive=False)
+            with gr.Row():
+                exclude_name = gr.Textbox(label="Voter (as listed above)", scale=2,
+                                          elem_id="admin-voter")
+                exclude_reason = gr.Textbox(label="Reason", scale=2, elem_id="admin-reason")
+                exclude_btn = gr.Button("🚫 Exclude from the ratings", scale=1,
+                                        elem_id="admin-exclude")
+                restore_btn = gr.Button("↩️ Count again", scale=1, elem_id="admin-restore")
+            excluded = gr.Dataframe(label="Exclusions (newest first; the latest per voter holds)",
+                                    interactive=False, elem_id="admin-exclusions")
             events = gr.Dataframe(label="Flags and skips from the Label tab", interactive=False)
 
     board_outputs = [summary, ratings_plot, turn_plot, ratings_table, turn_table, agreement,
@@ -118,19 +128,20 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
           api_visibility="private")
     tab.select(on_refresh, board_inputs, board_outputs, api_visibility="private")
 
-    admin_outputs = [admin_state, admin_status, admin_panel, per_annotator, gold, voters, events]
+    admin_outputs = [admin_state, admin_status, admin_panel, per_annotator, gold, voters, events,
+                     excluded]
 
     def admin_views(st: AdminState, message: str) -> list:
         if not st.admin:
-            return [st, message, gr.update(visible=False), None, None, None, None]
+            return [st, message, gr.update(visible=False), None, None, None, None, None]
         try:
             return [st, message, gr.update(visible=True), lb.annotator_stats(ctx.store),
                     lb.gold_accuracy(ctx.store), lb.flagged_voters(ctx.store),
-                    lb.events_frame(ctx)]
+                    lb.events_frame(ctx), lb.exclusions(ctx.store)]
         except Exception as exc:  # noqa: BLE001
             log.exception("admin views failed")
             return [st, f"⚠️ {type(exc).__name__}: {exc}", gr.update(visible=True), None, None,
-                    None, None]
+                    None, None, None]
 
     def on_admin(st: AdminState, name, password):
         if not ctx.config.admins:
@@ -180,6 +191,18 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
             message = f"⚠️ Could not seed the queue: {type(exc).__name__}: {exc}"
         return admin_views(st, message)
 
+    def make_exclusion(excluded: bool):
+        def on_exclusion(st: AdminState, voter, reason):
+            if not st.admin:
+                return admin_views(st, "⚠️ Admin sign-in required.")
+            return admin_views(st, lb.set_excluded(ctx.store, voter, excluded, st.admin, reason))
+        return on_exclusion
+
+    exclusion_inputs = [admin_state, exclude_name, exclude_reason]
+    exclude_btn.click(make_exclusion(True), exclusion_inputs, admin_outputs,
+                      api_name="admin_exclude_voter")
+    restore_btn.click(make_exclusion(False), exclusion_inputs, admin_outputs,
+                      api_name="admin_restore_voter")
     admin_btn.click(on_admin, [admin_state, admin_name, admin_pw], admin_outputs,
                     api_name="admin_sign_in")
     admin_refresh.click(on_admin_refresh, [admin_state], admin_outputs, api_name="admin_refresh")
