@@ -611,6 +611,9 @@ def train(cfg: GRPOConfig) -> Path:
     model = None   # the prepared (distributed) denoiser of the real backends
     if real:
         model, optimizer = accelerator.prepare(editor.denoiser, optimizer)
+        if accelerator.gradient_accumulation_steps != loss_terms(cfg):
+            raise ValueError(f"the accelerate config sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps}: "
+                             f"leave it out, the trainer accumulates the {loss_terms(cfg)} loss terms of a minibatch")
         editor.forward_module = model
         trainable = [p for n, p in editor.denoiser.named_parameters() if ".default." in n]
     terms = [*cfg.reward_weights, *([cfg.hacking_reference] if cfg.hacking_reference else [])]

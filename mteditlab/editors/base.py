@@ -126,15 +126,18 @@ class Editor:
         finally:
             self.denoiser.enable_adapters()
 
-    def save_lora(self, directory: str | Path, metadata: dict | None = None, adapter_name: str = "default") -> Path:
+    def save_lora(self, directory: str | Path, metadata: dict | None = None, adapter_name: str = "default",
+                  state: dict | None = None) -> Path:
         """Save adapter ``adapter_name`` as ``pytorch_lora_weights.safetensors`` with keys prefixed by
-        ``lora_prefix`` (the layout diffusers' ``load_lora_weights`` reads)."""
+        ``lora_prefix`` (the layout diffusers' ``load_lora_weights`` reads). ``state``: the adapter's
+        peft state dict when already gathered (sharded training), else read from the denoiser."""
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
+        if state is None:
+            state = get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
         state = {f"{self.lora_prefix}.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
         config = self.denoiser.peft_config[adapter_name].to_dict()
         # diffusers reads the adapter config from metadata keys carrying the same prefix as the weights

@@ -149,6 +149,8 @@ class PipelineEditor(Editor):
     default_model_id: ClassVar[str]
     model_id_env: ClassVar[str]
     pipeline_classes: ClassVar[tuple[type, ...]]
+    forward_module: torch.nn.Module | None = None  # what ``velocity`` calls instead of ``denoiser``: its
+    # distributed wrapper (DDP / FSDP) after ``accelerator.prepare``; LoRA handling stays on ``denoiser``
 
     def __init__(self, pipe, *, device: str | torch.device | None = None):
         if device is not None:
@@ -198,7 +200,8 @@ class PipelineEditor(Editor):
         """``v(x_σ, σ)`` on the packed target tokens; the context tokens are appended inside and sliced off."""
         hidden = torch.cat([x.to(self.device, self.dtype), cond.context_latents], dim=1)
         timestep = torch.as_tensor(sigma, device=self.device).to(self.dtype).expand(len(x))
-        out = self.denoiser(hidden_states=hidden, timestep=timestep, return_dict=False, **cond.transformer_kwargs)[0]
+        model = self.denoiser if self.forward_module is None else self.forward_module
+        out = model(hidden_states=hidden, timestep=timestep, return_dict=False, **cond.transformer_kwargs)[0]
         return out[:, : x.shape[1]].to(x.dtype)
 
     # ---- latents <-> images ---------------------------------------------------------------------

@@ -1,0 +1,207 @@
+"""The trainer on data sessions with a real backend and a served judge: tiny random-weight FLUX.1
+Kontext (saved as a diffusers pipeline directory and loaded the way ``--editor kontext`` loads it), a
+dataset written here, a tiny Qwen-VL answering chat completions over HTTP on 127.0.0.1; arena
+sessions made by the app's own code; two processes through ``accelerator.prepare``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from mteditlab.sessions_data import DataSession, DataTurn
+from tests.chat_server import ChatServer, TinyVLMResponder, completion, error, text_choice
+from tests.tiny_pipelines import tiny_kontext
+from tests.tiny_qwen_vl import build_model, build_processor, build_tokenizer
+from training.grpo import GRPOConfig, draw_data_sessions, parse_args, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--editor", "kontext", "--sessions-per-step", "2", "--num-generations", "2", "--turns", "2", "--steps", "3",
+        "--sde-window", "1", "--save-every", "1", "--lora-rank", "2", "--lora-alpha", "4", "--resolution", "32"]
+
+
+@pytest.fixture(scope="module")
+def kontext_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-kontext")
+    tiny_kontext().save_pretrained(path)
+    return path
+
+
+def drawn(size: tuple[int, int], colour: tuple[int, int, int]) -> Image.Image:
+    image = Image.new("RGB", size, (235, 230, 220))
+    w, h = size
+    ImageDraw.Draw(image).ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=colour)
+    return image
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Three sessions, two wide (96×32 → 48×16 at ``--resolution 32``) and one tall (32×64 → 16×48)."""
+    root = tmp_path_factory.mktemp("sessions")
+    (root / "images").mkdir()
+    rows = []
+    for name, size, colour in (("wide-red", (96, 32), (200, 40, 40)), ("wide-blue", (96, 32), (40, 40, 200)),
+                               ("tall-green", (32, 64), (40, 160, 40))):
+        drawn(size, colour).save(root / "images" / f"{name}.png")
+        rows.append({"id": name, "source": f"images/{name}.png",
+                     "instructions": ["make the ball yellow", "make it smaller"],
+                     "intents": [None, "make the yellow ball smaller"]})
+    (root / "sessions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_judge():
+    tokenizer = build_tokenizer()
+    model, processor = build_model("qwen2_5_vl", tokenizer), build_processor("qwen2_5_vl", tokenizer)
+    vocab = len(processor.tokenizer)
+    with ChatServer(TinyVLMResponder(model, processor, max_logprobs=vocab)) as server:
+        yield server, vocab
+
+
+def rows_of(out: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_data_batches_share_one_size_and_repeat_sessions_with_their_own_index():
+    def session(i, size):
+        return DataSession(i, f"s{i}", Image.new("RGB", size), [DataTurn("x")])
+
+    pool = [session(0, (48, 16)), session(1, (16, 48)), session(2, (48, 16))]
+    cfg = GRPOConfig(sessions_per_step=3, sessions_from="unused", reward="judge=1.0")
+    for iteration in range(6):
+        drawn_ = draw_data_sessions(pool, cfg, iteration)
+        assert len({s.source.size for s in drawn_}) == 1 and len(drawn_) == 3
+        assert len({s.index for s in drawn_}) == 3 and {s.index % 3 for s in drawn_} <= {0, 1, 2}
+        assert [s.index for s in drawn_] == [s.index for s in draw_data_sessions(pool, cfg, iteration)]  # seeded
+    with pytest.raises(ValueError, match="without the verifier"):
+        GRPOConfig(sessions_from="x")  # the default reward is the world's verifier
+    with pytest.raises(ValueError, match="held out"):
+        GRPOConfig(reward="judge=1.0", hacking_reference="judge")
+
+
+def test_kontext_trains_on_data_sessions_with_the_served_judge_and_resumes(tmp_path, kontext_dir, dataset, tiny_judge):
+    server, vocab = tiny_judge
+    judge = f"{server.url}?model=tiny-qwen-vl&top_logprobs={vocab}&min_score_mass=0&sub_scores=if+cc+quality"
+    out = tmp_path / "run"
+    args = ["--lora", *TINY, "--editor-path", str(kontext_dir), "--sessions-from", str(dataset),
+            "--reward", "qwen-vl.if=1.0,qwen-vl.cc=0.5", "--reward-paths", f"qwen-vl={judge}",
+            "--hacking-reference", "qwen-vl.quality", "--out", str(out)]
+    train(parse_args([*args, "--iterations", "2"]))
+    first = rows_of(out)
+    train(parse_args([*args, "--iterations", "3"]))   # resumes from the checkpoint at iteration 2
+    rows = rows_of(out)
+    assert [r["iteration"] for r in rows] == [1, 2, 3] and rows[:2] == first
+    for row in rows:
+        assert "gold_success" not in row and "gold_overall_last" not in row
+        assert row["hacking_reference"] == "reference/qwen-vl.quality" and row["filter_source"] == "qwen-vl"
+        assert 0 <= row["reference/qwen-vl.quality"] <= 1 and 0 <= row["reward/qwen-vl.if"] <= 1
+        assert row["failures/qwen-vl"] == 0 and row["endpoint/qwen-vl/requests"] >= 2 * 2 * 2 * 3  # items × subs
+        assert row["lora_in_sync"] and math.isfinite(row["loss"]) and row["loss_terms"] == 2
+    assert rows_of(out, "eval") == []   # no world to evaluate by
+    assert (out / "curves.png").exists()
+
+    from diffusers import FluxKontextPipeline
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "adapter" / "pytorch_lora_weights.safetensors")
+    pipe = FluxKontextPipeline.from_pretrained(kontext_dir)
+    pipe.load_lora_weights(out / "adapter")   # diffusers' own loader
+    loaded = dict(pipe.transformer.named_parameters())
+    key = next(k for k in saved if "lora_B" in k)
+    name = key.removeprefix("transformer.").replace("lora_B.weight", "lora_B.default_0.weight")
+    assert torch.equal(loaded[name], saved[key]) and saved[key].abs().sum() > 0   # trained, not the zero init
+
+
+def scripted_judge(route, body, headers):
+    """A served judge: the digit probabilities depend on the request; every third chat fails (HTTP 500)."""
+    if route == "models":
+        return {"object": "list", "data": [{"id": "scripted", "object": "model"}]}
+    scripted_judge.calls = getattr(scripted_judge, "calls", 0) + 1
+    if scripted_judge.calls % 3 == 0:
+        return error(500, "engine overloaded")
+    p = 0.2 + 0.6 * (len(json.dumps(body)) % 7) / 6
+    top = [{"token": "9", "logprob": math.log(p)}, {"token": "0", "logprob": math.log(1 - p)}]
+    return completion([text_choice("9", logprobs=[{**top[0], "top_logprobs": top}])], "scripted")
+
+
+def scripted_url(server: ChatServer) -> str:
+    return f"{server.url}?model=scripted&retries=0&sub_scores=if+quality"
+
+
+def test_failed_judgments_are_counted_and_the_run_goes_on(tmp_path, kontext_dir, dataset):
+    out = tmp_path / "run"
+    with ChatServer(scripted_judge) as server:
+        train(parse_args(["--lora", *TINY, "--editor-path", str(kontext_dir), "--sessions-from", str(dataset),
+                          "--reward", "qwen-vl=1.0", "--reward-paths", f"qwen-vl={scripted_url(server)}",
+                          "--iterations", "1", "--out", str(out)]))
+    row = rows_of(out)[0]
+    assert row["failures/qwen-vl"] > 0 and row["endpoint/qwen-vl/failed_requests"] > 0
+    assert row["reward_failures"] == row["failures/qwen-vl"]   # NaN reward: advantage 0 on that turn, counted
+    assert row["hacking_reference"] is None and not row["reward_hacking"]   # no gold, no held-out term
+    assert math.isfinite(row["reward/qwen-vl"]) and (tmp_path / "run" / "adapter").is_dir()
+
+
+def test_arena_sessions_from_the_app_store_train_one_iteration(tmp_path, kontext_dir):
+    from mteditlab.app.arena import Arena, ArenaState
+    from mteditlab.app.context import AppContext
+    from mteditlab.app.testing import app_config, make_engine
+    from mteditlab.editors.reference import IdentityEditor, OracleEditor
+
+    ctx = AppContext.create(app_config(tmp_path / "data"), engine=make_engine(OracleEditor(), IdentityEditor()))
+    try:
+        arena = Arena(ctx)
+        for text in ("make it bigger", "add a blue circle at the top left"):
+            state = ArenaState()
+            arena.start_random(state)
+            arena.edit(state, text, 0, None)
+            arena.vote(state, "left", 1, "overall", "voter-1")
+            arena.finish(state)
+        db = ctx.store.path
+    finally:
+        ctx.close()
+    out = tmp_path / "run"
+    with ChatServer(scripted_judge) as server:
+        train(parse_args(["--lora", *TINY, "--turns", "1", "--editor-path", str(kontext_dir), "--sessions-from", str(db),
+                          "--reward", "qwen-vl=1.0", "--reward-paths", f"qwen-vl={scripted_url(server)}",
+                          "--iterations", "1", "--out", str(out)]))
+    (row,) = rows_of(out)
+    assert "gold_success" not in row and row["loss_terms"] == 1
+    assert json.loads((out / "config.json").read_text())["sessions_from"] == str(db)
+
+
+def test_two_processes_prepare_the_real_backend_and_keep_the_adapter_in_sync(tmp_path, kontext_dir, dataset):
+    out = {n: tmp_path / f"p{n}" for n in (1, 2)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    with ChatServer(scripted_judge) as server:
+        common = ["--lora", *TINY, "--editor-path", str(kontext_dir), "--sessions-from", str(dataset),
+                  "--reward", "qwen-vl=1.0", "--reward-paths", f"qwen-vl={scripted_url(server)}", "--iterations", "2",
+                  "--gradient-checkpointing"]
+        train(parse_args([*common, "--out", str(out[1])]))
+        # --multi_gpu starts one process each (gloo on a CPU-only machine); --cpu would start only one
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m",
+               "training.grpo", *common, "--out", str(out[2])]
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = rows_of(out[1]), rows_of(out[2])
+    assert [r["iteration"] for r in two] == [1, 2] and all(r["lora_in_sync"] for r in two)
+    assert two[0]["loss"] != one[0]["loss"]   # each process rolled its own sessions (4 in all, not 2)
+    assert [sorted(r) for r in two] == [sorted(r) for r in one]   # same columns as one process
+    assert all(math.isfinite(r["loss"]) for r in two)
+    assert np.isfinite([v for r in two for v in r.values() if isinstance(v, float)]).all()
+    assert trained(out[2] / "adapter") and trained(out[1] / "adapter")   # gradients flow through checkpointing
+
+
+def trained(adapter: Path) -> bool:
+    """Some LoRA B matrix moved off its zero initialisation."""
+    from safetensors.torch import load_file
+
+    return any(v.abs().sum() > 0 for k, v in load_file(adapter / "pytorch_lora_weights.safetensors").items() if "lora_B" in k)
