@@ -204,6 +204,10 @@ def load_pool(cfg: GRPOConfig) -> list[DataSession]:
     pool = with_turns(sessions_from(cfg.sessions_from, resolution=resolution), cfg.turns)
     if not pool:
         raise ValueError(f"{cfg.sessions_from} holds no session with at least {cfg.turns} turns (--turns)")
+    sizes = {s.source.size for s in pool}
+    if cfg.algo == "rft" and len(sizes) > 1:
+        raise ValueError(f"--algo rft replays examples across iterations, so its batches mix sessions: the data's "
+                         f"sources must share one size at --resolution, got {sorted(sizes)}")
     return pool
 
 
