@@ -1,10 +1,11 @@
 """Cost of one multi-turn GRPO / NFT iteration on the mini editor, split by phase.
 
-    python bench/grpo_step.py [--iterations 5] [--algo nft|grpo] [--json out/bench/grpo_step.json]
+    python bench/grpo_step.py [--iterations 5] [--json out/bench/grpo_step.json] [TRAINER FLAGS ...]
 
-Runs the real trainer (``training.grpo.train``) for a few iterations with the default configuration
-into a scratch directory and reports medians of seconds per iteration (rollout / reward / update),
-trajectories·turns per second and the peak resident memory of the process.
+Runs the real trainer (``training.grpo.train``) for a few iterations with the default configuration,
+changed by any trainer flags given (``--algo grpo``, ``--steps 8``, ...), into a scratch directory and
+reports medians of seconds per iteration (rollout / reward / update), trajectories·turns per second
+and the peak resident memory of the process.
 """
 
 from __future__ import annotations
@@ -20,30 +21,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.grpo import GRPOConfig, train  # noqa: E402
+from training.grpo import parse_args, train  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--algo", default=GRPOConfig.algo, choices=["grpo", "nft"])
     parser.add_argument("--json", type=Path, default=Path("out/bench/grpo_step.json"))
-    args = parser.parse_args()
+    args, trainer_flags = parser.parse_known_args()
 
     with tempfile.TemporaryDirectory() as scratch:
-        cfg = GRPOConfig(algo=args.algo, iterations=args.iterations, eval_every=10**9, save_every=10**9, out=scratch)
+        cfg = parse_args(["--lora", *trainer_flags, "--iterations", str(args.iterations), "--eval-every", str(10**9),
+                          "--save-every", str(10**9), "--max-minutes", "0", "--out", scratch])
         train(cfg)
         rows = [json.loads(line) for line in (Path(scratch) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["kind"] == "train"][1:] or rows  # drop the warm-up iteration
-    phases = {p: statistics.median(r[p] for r in rows) for p in ("rollout_s", "reward_s", "update_s")}
+    phases = {p: statistics.median(r.get(p, 0.0) for r in rows) for p in ("rollout_s", "reward_s", "update_s")}
     total = sum(phases.values())
     trajectories = cfg.sessions_per_step * cfg.num_generations
-    result = {"machine": platform.processor() or platform.machine(), "algo": args.algo,
+    result = {"machine": platform.processor() or platform.machine(), "algo": cfg.algo, "flags": trainer_flags,
               "config": {k: getattr(cfg, k) for k in ("num_generations", "sessions_per_step", "turns", "steps", "sde_window")},
               "seconds_per_iteration": total, **phases,
               "trajectory_turns_per_second": trajectories * cfg.turns / total,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    print(f"\n{args.algo}: {trajectories} trajectories × {cfg.turns} turns × {cfg.steps} steps per iteration "
+    print(f"\n{cfg.algo}: {trajectories} trajectories × {cfg.turns} turns × {cfg.steps} steps per iteration "
           f"(SDE window {cfg.sde_window}), medians over {len(rows)} iterations\n")
     print("| phase | seconds | share |\n|---|---|---|")
     for name, value in phases.items():
