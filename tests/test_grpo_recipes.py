@@ -42,7 +42,8 @@ def test_old_policy_decay_schedules():
     ramp = GRPOConfig(algo="nft", old_decay="ramp")
     assert [old_decay(ramp, i) for i in (0, 100, 499, 2000)] == pytest.approx([0.0, 0.1, 0.499, 0.5])
     assert old_decay(GRPOConfig(algo="nft", ema_decay=0.9), 1234) == 0.9
-    assert old_decay(GRPOConfig(algo="rft", polyak=0.97), 5) == 0.97
+    polyak = GRPOConfig(algo="rft", polyak=0.97)
+    assert [old_decay(polyak, i) for i in (0, 5, 1000)] == pytest.approx([0.1, 0.4, 0.97])   # warm-up, then constant
     with pytest.raises(ValueError, match="sample-by-old"):
         GRPOConfig(algo="grpo", sample_by_old=True)
 

@@ -120,7 +120,7 @@ class GRPOConfig:
     replay_size: int = 2048
     rft_batch_size: int = 32
     rft_updates: int = 8                  # optimizer steps per iteration
-    polyak: float = 0.99                  # exported adapter = Polyak average of the trained one
+    polyak: float = 0.95                  # exported adapter = Polyak average of the trained one (per iteration)
     # multi-turn credit
     reward: str = "verifier=1.0,verifier.quality=0.5"  # TERM=WEIGHT,...; TERM = a reward model's overall (NAME) or sub-score (NAME.SUB)
     reward_paths: str = ""                # NAME=DIR,...: where a reward model's artifact lives (e.g. calibrated=data/calibrated)
@@ -475,10 +475,11 @@ class _old_policy:
 
 
 def old_decay(cfg: GRPOConfig, iteration: int) -> float:
-    """Decay of the old policy after ``iteration``: constant ``ema_decay`` (and ``polyak`` for RFT / SFT),
-    or DiffusionNFT's ramp d = min(0.001·iteration, 0.5) (old ≈ current at first)."""
+    """Decay of the old policy after ``iteration``: constant ``ema_decay``, or DiffusionNFT's ramp
+    d = min(0.001·iteration, 0.5) (old ≈ current at first); for RFT / SFT the Polyak average with the
+    usual warm-up, d = min(polyak, (1 + iteration) / (10 + iteration)), so it does not lag at the start."""
     if cfg.algo in ("rft", "sft"):
-        return cfg.polyak
+        return min(cfg.polyak, (1 + iteration) / (10 + iteration))
     return min(0.001 * iteration, 0.5) if cfg.old_decay == "ramp" else cfg.ema_decay
 
 
