@@ -1,7 +1,9 @@
 """The trainer on data sessions with a real backend and a served judge: tiny random-weight FLUX.1
 Kontext (saved as a diffusers pipeline directory and loaded the way ``--editor kontext`` loads it), a
 dataset written here, a tiny Qwen-VL answering chat completions over HTTP on 127.0.0.1; arena
-sessions made by the app's own code; two processes through ``accelerator.prepare``."""
+sessions made by the app's own code; two processes through ``accelerator.prepare``; FSDP2 shards.
+Qwen-Image-Edit is left out: its pipelines resize the condition image to ~1 MP, so even a tiny call
+takes tens of seconds on a CPU (its editor is tested in ``test_editors_real.py``)."""
 
 from __future__ import annotations
 
@@ -205,3 +207,28 @@ def trained(adapter: Path) -> bool:
     from safetensors.torch import load_file
 
     return any(v.abs().sum() > 0 for k, v in load_file(adapter / "pytorch_lora_weights.safetensors").items() if "lora_B" in k)
+
+
+def test_fsdp2_shards_train_checkpoint_resume_and_export_the_adapter(tmp_path, kontext_dir, dataset):
+    """accelerate shards only on accelerator devices (on CPUs it turns an FSDP config into DDP), so the
+    sharded path runs here under ``fully_shard`` itself, as accelerate's FSDP2 plugin applies it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tests.fsdp_shards",
+           str(tmp_path), str(dataset)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads((tmp_path / "result.json").read_text())
+    assert got["local_shapes"] == [[[1, 32]], [[1, 32]]] and got["full_shape"] == [2, 32]   # each holds half
+    assert got["trained"][0] == got["trained"][1] == pytest.approx(got["resumed"][0]) == pytest.approx(got["resumed"][1])
+    assert got["resumed_at"] == 2 and trained(tmp_path / "adapter")
+
+    from diffusers import FluxKontextPipeline
+    from safetensors.torch import load_file
+
+    pipe = FluxKontextPipeline.from_pretrained(kontext_dir)
+    pipe.load_lora_weights(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "pytorch_lora_weights.safetensors")
+    loaded = dict(pipe.transformer.named_parameters())
+    for key, value in saved.items():
+        name = key.removeprefix("transformer.").replace(".weight", ".default_0.weight")
+        assert torch.equal(loaded[name], value)
