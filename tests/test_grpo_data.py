@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 
 from mteditlab.sessions_data import DataSession, DataTurn
 from tests.chat_server import ChatServer, TinyVLMResponder, completion, error, text_choice
@@ -102,6 +103,12 @@ def test_kontext_trains_on_data_sessions_with_the_served_judge_and_resumes(tmp_p
     train(parse_args([*args, "--iterations", "3"]))   # resumes from the checkpoint at iteration 2
     rows = rows_of(out)
     assert [r["iteration"] for r in rows] == [1, 2, 3] and rows[:2] == first
+    straight = tmp_path / "straight"
+    train(parse_args([*args[:-1], str(straight), "--iterations", "3"]))
+    for a, b in zip(rows, rows_of(straight)):   # the resumed run continues exactly
+        assert a["reward/qwen-vl.if"] == b["reward/qwen-vl.if"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    resumed, whole = (load_file(o / "adapter" / "pytorch_lora_weights.safetensors") for o in (out, straight))
+    assert all(torch.allclose(resumed[k], whole[k], atol=1e-6) for k in whole)   # optimizer moments restored too
     for row in rows:
         assert "gold_success" not in row and "gold_overall_last" not in row
         assert row["hacking_reference"] == "reference/qwen-vl.quality" and row["filter_source"] == "qwen-vl"
@@ -112,9 +119,8 @@ def test_kontext_trains_on_data_sessions_with_the_served_judge_and_resumes(tmp_p
     assert (out / "curves.png").exists()
 
     from diffusers import FluxKontextPipeline
-    from safetensors.torch import load_file
 
-    saved = load_file(out / "adapter" / "pytorch_lora_weights.safetensors")
+    saved = resumed
     pipe = FluxKontextPipeline.from_pretrained(kontext_dir)
     pipe.load_lora_weights(out / "adapter")   # diffusers' own loader
     loaded = dict(pipe.transformer.named_parameters())
@@ -204,8 +210,6 @@ def test_two_processes_prepare_the_real_backend_and_keep_the_adapter_in_sync(tmp
 
 def trained(adapter: Path) -> bool:
     """Some LoRA B matrix moved off its zero initialisation."""
-    from safetensors.torch import load_file
-
     return any(v.abs().sum() > 0 for k, v in load_file(adapter / "pytorch_lora_weights.safetensors").items() if "lora_B" in k)
 
 
@@ -223,7 +227,6 @@ def test_fsdp2_shards_train_checkpoint_resume_and_export_the_adapter(tmp_path, k
     assert got["resumed_at"] == 2 and trained(tmp_path / "adapter")
 
     from diffusers import FluxKontextPipeline
-    from safetensors.torch import load_file
 
     pipe = FluxKontextPipeline.from_pretrained(kontext_dir)
     pipe.load_lora_weights(tmp_path / "adapter")
