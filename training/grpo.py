@@ -222,9 +222,8 @@ def draw_data_sessions(pool: list[DataSession], cfg: GRPOConfig, iteration: int,
     bucket = [s for s in pool if s.source.size == first.source.size and s is not first]
     picker.shuffle(bucket)
     order = [first, *bucket]
-    wanted = cfg.sessions_per_step * count_per_process
-    return [replace(order[i % len(order)], index=order[i % len(order)].index + i // len(order) * len(pool))
-            for i in range(wanted)]
+    picks = [(order[i % len(order)], i // len(order)) for i in range(cfg.sessions_per_step * count_per_process)]
+    return [replace(session, index=session.index + repeat * len(pool)) for session, repeat in picks]
 
 
 def source_image(session: Session | DataSession):
