@@ -1,10 +1,16 @@
 """End to end in a real browser: Playwright driving Debian's chromium (no browser download)
-clicks through a 3-turn arena session and one labeling item, checks the screen and the
-database, and saves screenshots (to ``$MTEDITLAB_SCREENSHOTS`` when set, else a temp dir)."""
+clicks through a 3-turn arena session (watching each edit's progress), one labeling item and
+the leaderboard, checks the screen and the database, and saves screenshots (to
+``$MTEDITLAB_SCREENSHOTS`` when set, else a temp dir).
+
+The arena runs two flow editors that take real denoising steps at a visible pace (the
+oracle's and the identity's results, reached in 10 steps each; see
+:func:`mteditlab.app.testing.paced_editor`)."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -19,19 +25,48 @@ if not Path(testing.CHROMIUM).exists():
 pytest.importorskip("playwright.sync_api")
 
 
+STEP = re.compile(r"Model A: (?:step (\d+)/10|done|starting) · Model B: (?:step (\d+)/10|done|starting)")
+
+
+def check_progress(frames: list[dict]) -> None:
+    """During an edit: each side's denoising steps counted up over the pictures and the status
+    (never a fixed placeholder), while the source picture and the instruction box stayed
+    uncovered and the box stayed editable."""
+    texts = [f["left"] for f in frames if f["left"]]
+    assert texts, "no progress was shown during the edit"
+    assert all(f["status"] == f["left"] for f in frames if f["left"] and f["status"])
+    steps = []
+    for text in texts:
+        match = STEP.search(text)
+        assert match, text
+        steps.append(tuple(int(g) if g else None for g in match.groups()))
+    middle = [s for s in steps if any(v is not None and 0 < v < 10 for v in s)]
+    assert middle, f"no intermediate step seen: {texts}"
+    assert len(set(texts)) >= 2, texts
+    for column in (0, 1):
+        counts = [s[column] for s in steps if s[column] is not None]
+        assert counts == sorted(counts), texts
+    assert not any(f["source_covered"] for f in frames)
+    assert not any(f["instruction_covered"] for f in frames)
+    assert all(f["instruction_enabled"] for f in frames)
+
+
 def test_arena_and_labeling_in_a_real_browser(tmp_path):
     from mteditlab.app.label import populate_queue
 
     shots = Path(os.environ.get("MTEDITLAB_SCREENSHOTS") or tmp_path / "shots")
     shots.mkdir(parents=True, exist_ok=True)
     config = testing.app_config(tmp_path / "data", min_battles=1)   # a handful of votes
-    engine = testing.make_engine(OracleEditor(), IdentityEditor())
+    engine = testing.make_engine(testing.paced_editor(OracleEditor(), delay_s=0.08),
+                                 testing.paced_editor(IdentityEditor(), delay_s=0.05))
     session = generate_session("test", 3, turns=5)     # the session behind "Example 2"
     with testing.running_app(config, engine=engine) as (url, demo, ctx):
         populate_queue(ctx, n_sessions=2, n_turns=2, gold_every=0)
         with testing.browser_page() as page:
             seen = testing.arena_session(page, url, [t.instruction for t in session.turns[:3]],
-                                         ["left", "tie", "right"], shots)
+                                         ["left", "tie", "right"], shots, watch=True)
+            for shown in seen:
+                check_progress(shown["progress"])
             # anonymous through every vote; ending the session shows both names
             for shown in seen:
                 text = " ".join(shown[k] for k in ("status", "title_left", "title_right"))

@@ -47,7 +47,7 @@ from PIL import Image
 
 from mteditlab.intent import turn_seed
 
-from .engine import run_pair
+from .engine import progress_fraction, run_pair
 from .images import ImageInputError, load_upload, prepare_source
 from .text import md_literal
 from .worldview import (IntentStep, format_verdict, random_test_scene, read_world_scene,
@@ -231,7 +231,19 @@ class Arena:
             raise ArenaError("This session has ended and the names are shown: start a new "
                              "session (random scene, example, upload) or reset this one.")
 
-    def edit(self, state: ArenaState, instruction, seed, steps) -> str:
+    def progress_text(self, state: ArenaState, steps: dict) -> str:
+        """Each screen side's denoising steps, e.g. ``Model A: step 3/10 · Model B: step 5/10``
+        (screen names only: which model is on which side stays hidden)."""
+        parts = []
+        for screen, label in (("left", "Model A"), ("right", "Model B")):
+            done, total = steps.get(state.side_on(screen), (0, None))
+            parts.append(f"{label}: " + ("done" if total and done >= total else
+                                         f"step {done}/{total}" if total else "starting"))
+        return " · ".join(parts)
+
+    def edit(self, state: ArenaState, instruction, seed, steps, progress=None) -> str:
+        """One turn on both sides.  ``progress(fraction, text)``, when given, is called as the
+        editors take their denoising steps (see :func:`~mteditlab.app.engine.run_pair`)."""
         if state.source is None:
             raise ArenaError("Start a session first: a random scene, an example or an upload.")
         self._require_open(state)
@@ -245,7 +257,12 @@ class Arena:
         step = resolve_turn(text, state.scene, [t.step for t in state.turns])
         intent = step.intent if state.use_intent and step.edit is not None else None
         inputs = {side: self.bank.get(state.latest_of(side)) for side in "AB"}
-        results = run_pair(self.engine, inputs, text, intent, turn_seed(seed, 0, k), steps)
+        report = None
+        if progress is not None:
+            def report(done):
+                progress(progress_fraction(done), self.progress_text(state, done))
+        results = run_pair(self.engine, inputs, text, intent, turn_seed(seed, 0, k), steps,
+                           progress=report)
         failed = {side: err for side, (_, _, err) in results.items() if err}
         if failed:
             parts = [f"{self._label(state, side)} failed ({err})" for side, err in failed.items()]

@@ -165,8 +165,9 @@ def build_arena_tab(ctx, arena: Arena) -> None:
 
     def on_edit(st, text, seed_value, steps_value, request: gr.Request,
                 progress=gr.Progress()):
-        progress(0.05, desc="Editing with both models…")
-        return run(arena.edit, st, request, text, seed_value, steps_value, clear=True)
+        def report(fraction, desc):
+            progress(fraction, desc=desc)
+        return run(arena.edit, st, request, text, seed_value, steps_value, report, clear=True)
 
     def make_vote(pick):
         def on_vote(st, turn, crit, request: gr.Request):
@@ -196,8 +197,11 @@ def build_arena_tab(ctx, arena: Arena) -> None:
     random_btn.click(on_random, [state], outputs, api_name="start_random")
     example.input(on_example, [state, example], outputs, api_name="start_example")
     upload.upload(on_upload, [state, upload], outputs, api_name="start_upload")
+    # the progress shows on what the edit changes (both sides' pictures and the status); the
+    # source, the instruction box and the controls stay usable while the editors run
     edit_event = dict(fn=on_edit, inputs=[state, instruction, seed, steps], outputs=outputs,
-                      concurrency_limit=None)
+                      concurrency_limit=None,
+                      show_progress_on=[columns["left"][1], columns["right"][1], status])
     edit_btn.click(**edit_event, api_name="edit")
     instruction.submit(**edit_event, api_visibility="private")
     suggestions.input(lambda s: s or gr.update(), [suggestions], [instruction],

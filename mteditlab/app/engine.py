@@ -19,12 +19,21 @@ Running edits
     depends only on its own seed (the editor protocol), so batching never changes a result.  On
     ZeroGPU Spaces the GPU exists only inside ``spaces.GPU`` functions, so there the edits run
     directly inside :func:`run_pair`, which carries the decorator (a no-op elsewhere).
+
+Progress
+    Editors report each denoising step (``edit_batch(..., callback=)``); the worker passes the
+    steps of a batch to every request in it, and :func:`run_pair` hands the caller each side's
+    ``(steps done, steps in all)`` from the caller's own thread (where ``gr.Progress`` works),
+    whenever they change.  Editors that have no denoising loop (the reference editors) report
+    their side finished when their result arrives.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
+import inspect
 import logging
 import os
 import queue
@@ -174,6 +183,32 @@ class _Request:
     seed: int
     steps: int | None
     future: concurrent.futures.Future
+    on_step: Callable[[int, int], Any] | None = None
+
+
+def takes_callback(editor) -> bool:
+    """Whether ``editor.edit_batch`` accepts a ``callback`` keyword (the protocol's step hook;
+    editors written before it, or that forward ``**kwargs`` elsewhere, are called without)."""
+    try:
+        params = inspect.signature(editor.edit_batch).parameters
+    except (TypeError, ValueError):
+        return False
+    return "callback" in params
+
+
+def _fan_out(callbacks: list) -> Callable[[int, int], None] | None:
+    """One step callback calling every request's own (errors in a listener are ignored)."""
+    live = [cb for cb in callbacks if cb is not None]
+    if not live:
+        return None
+
+    def callback(done: int, total: int) -> None:
+        for cb in live:
+            try:
+                cb(done, total)
+            except Exception:  # noqa: BLE001 - progress must never fail an edit
+                pass
+    return callback
 
 
 class EditorWorker:
@@ -190,15 +225,26 @@ class EditorWorker:
         self._thread.start()
         self.batches = 0
         self.items = 0
+        self.with_steps = takes_callback(side.editor)
 
-    def submit(self, image, instruction, intent, seed, steps) -> concurrent.futures.Future:
+    def submit(self, image, instruction, intent, seed, steps,
+               on_step: Callable[[int, int], Any] | None = None) -> concurrent.futures.Future:
+        """Queue one edit; ``on_step(done, total)`` is called (on the worker thread) after each
+        denoising step of the batch it runs in."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put(_Request(image, instruction, intent, seed, steps, future))
+        self._queue.put(_Request(image, instruction, intent, seed, steps, future, on_step))
         return future
 
-    def edit_direct(self, image, instruction, intent, seed, steps) -> Image.Image:
+    def _edit_batch(self, images, instructions, intents, seeds, steps, callback=None) -> list:
+        extra = {"callback": callback} if callback is not None and self.with_steps else {}
+        return self.side.editor.edit_batch(images, instructions, intents=intents, seeds=seeds,
+                                           steps=steps, **extra)
+
+    def edit_direct(self, image, instruction, intent, seed, steps,
+                    on_step: Callable[[int, int], Any] | None = None) -> Image.Image:
         with self._lock:
-            return self.side.editor.edit(image, instruction, intent=intent, seed=seed, steps=steps)
+            return self._edit_batch([image], [instruction], [intent], [seed], steps,
+                                    _fan_out([on_step]))[0]
 
     def edit_many(self, images, instructions, intents, seeds, steps=None, chunk: int = 64) -> list:
         """A direct batched call (seeding the labeling queue), in chunks, under the lock."""
@@ -242,9 +288,10 @@ class EditorWorker:
             return
         try:
             with self._lock:
-                outputs = self.side.editor.edit_batch(
+                outputs = self._edit_batch(
                     [r.image for r in live], [r.instruction for r in live],
-                    intents=[r.intent for r in live], seeds=[r.seed for r in live], steps=steps)
+                    [r.intent for r in live], [r.seed for r in live], steps,
+                    _fan_out([r.on_step for r in live]))
             self.batches += 1
             self.items += len(live)
         except Exception as exc:  # noqa: BLE001
@@ -254,8 +301,8 @@ class EditorWorker:
             for r in live:  # isolate the failing item(s): one bad request fails only itself
                 try:
                     with self._lock:
-                        out = self.side.editor.edit(r.image, r.instruction, intent=r.intent,
-                                                    seed=r.seed, steps=steps)
+                        out = self._edit_batch([r.image], [r.instruction], [r.intent],
+                                               [r.seed], steps, _fan_out([r.on_step]))[0]
                     r.future.set_result(out)
                 except Exception as single:  # noqa: BLE001
                     r.future.set_exception(single)
@@ -295,16 +342,104 @@ class Engine:
 _ENGINES: dict[int, "Engine"] = {}
 
 
+class PairProgress:
+    """Each side's denoising steps during one :func:`run_pair` (written by the editor threads,
+    read by the caller's thread)."""
+
+    def __init__(self, sides):
+        self._lock = threading.Lock()
+        self._steps: dict[str, tuple[int, int | None]] = {k: (0, None) for k in sides}
+        self.changed = threading.Event()
+
+    def step(self, side: str, done: int, total: int) -> None:
+        with self._lock:
+            self._steps[side] = (int(done), int(total))
+        self.changed.set()
+
+    def finish(self, side: str) -> None:
+        with self._lock:
+            done, total = self._steps[side]
+            total = total or 1
+            self._steps[side] = (total, total)
+        self.changed.set()
+
+    def snapshot(self) -> dict[str, tuple[int, int | None]]:
+        with self._lock:
+            return dict(self._steps)
+
+
+def progress_fraction(steps: dict[str, tuple[int, int | None]]) -> float:
+    """Share of the pair's denoising steps done (a side with no total yet counts as 0)."""
+    parts = [done / total if total else 0.0 for done, total in steps.values()]
+    return sum(parts) / max(1, len(parts))
+
+
+ProgressFn = Callable[[dict[str, tuple[int, int | None]]], Any]
+
+
 def run_pair(engine: Engine, inputs: dict[str, Image.Image], instruction: str, intent: str | None,
-             seed: int, steps: int | None) -> dict[str, tuple[Image.Image | None, float, str | None]]:
+             seed: int, steps: int | None, progress: ProgressFn | None = None
+             ) -> dict[str, tuple[Image.Image | None, float, str | None]]:
     """Edit both sides' own inputs with the same instruction, intent and seed.
 
     Returns side -> (output or None, seconds, error message or None); one side failing does not
-    lose the other's result (the caller decides what to keep).  The GPU-decorated part takes
-    only picklable arguments (ZeroGPU runs it in another process): the engine is looked up by
-    key in a module registry the worker process inherits."""
+    lose the other's result (the caller decides what to keep).  ``progress(steps)`` is called
+    from this thread with ``{side: (steps done, steps in all or None)}`` each time a side takes
+    a denoising step (see the module docstring).
+
+    The GPU-decorated part (ZeroGPU) takes only picklable arguments, since ZeroGPU runs it in
+    another process: the engine is looked up by key in a module registry the worker process
+    inherits, and progress is not reported from there."""
     _ENGINES.setdefault(id(engine), engine)
+    if engine.batching:
+        return _run_pair_batched(engine, inputs, instruction, intent, seed, steps, progress)
     return _run_pair_gpu(id(engine), inputs, instruction, intent, seed, steps)
+
+
+def _run_pair_batched(engine: Engine, inputs, instruction, intent, seed, steps,
+                      progress: ProgressFn | None) -> dict:
+    tracker = PairProgress(inputs)
+    start = time.perf_counter()
+    finished: dict[str, float] = {}
+    futures = {}
+    for k in inputs:
+        fut = engine.workers[k].submit(inputs[k], instruction, intent, seed, steps,
+                                       on_step=functools.partial(tracker.step, k))
+
+        def done(_, key=k):
+            finished[key] = time.perf_counter() - start
+            tracker.finish(key)
+        fut.add_done_callback(done)
+        futures[k] = fut
+    deadline = start + EDIT_TIMEOUT_S
+    shown = None
+    while True:
+        all_done = all(f.done() for f in futures.values())
+        if progress is not None:
+            now = tracker.snapshot()
+            if now != shown:
+                shown = now
+                try:
+                    progress(now)
+                except Exception:  # noqa: BLE001 - progress must never fail an edit
+                    log.debug("progress report failed", exc_info=True)
+        if all_done or time.perf_counter() >= deadline:
+            break
+        tracker.changed.wait(min(0.25, max(0.0, deadline - time.perf_counter())))
+        tracker.changed.clear()
+    results: dict[str, tuple[Image.Image | None, float, str | None]] = {}
+    for k, fut in futures.items():
+        if not fut.done():
+            fut.cancel()
+            results[k] = (None, time.perf_counter() - start,
+                          f"timed out after {EDIT_TIMEOUT_S:.0f} s")
+            continue
+        seconds = finished.get(k, time.perf_counter() - start)
+        try:
+            results[k] = (_check_output(fut.result()), seconds, None)
+        except Exception as exc:  # noqa: BLE001
+            results[k] = (None, seconds, _describe(exc))
+    return results
 
 
 @gpu(duration=120)
@@ -312,28 +447,13 @@ def _run_pair_gpu(engine_key: int, inputs: dict[str, Image.Image], instruction: 
                   intent: str | None, seed: int, steps: int | None) -> dict:
     engine = _ENGINES[engine_key]
     results: dict[str, tuple[Image.Image | None, float, str | None]] = {}
-    start = time.perf_counter()
-    if engine.batching:
-        futures = {k: engine.workers[k].submit(inputs[k], instruction, intent, seed, steps)
-                   for k in inputs}
-        for k, fut in futures.items():
-            try:
-                out = fut.result(timeout=EDIT_TIMEOUT_S)
-                results[k] = (_check_output(out), time.perf_counter() - start, None)
-            except concurrent.futures.TimeoutError:
-                fut.cancel()
-                results[k] = (None, time.perf_counter() - start,
-                              f"timed out after {EDIT_TIMEOUT_S:.0f} s")
-            except Exception as exc:  # noqa: BLE001
-                results[k] = (None, time.perf_counter() - start, _describe(exc))
-    else:
-        for k in inputs:
-            t0 = time.perf_counter()
-            try:
-                out = engine.workers[k].edit_direct(inputs[k], instruction, intent, seed, steps)
-                results[k] = (_check_output(out), time.perf_counter() - t0, None)
-            except Exception as exc:  # noqa: BLE001
-                results[k] = (None, time.perf_counter() - t0, _describe(exc))
+    for k in inputs:
+        t0 = time.perf_counter()
+        try:
+            out = engine.workers[k].edit_direct(inputs[k], instruction, intent, seed, steps)
+            results[k] = (_check_output(out), time.perf_counter() - t0, None)
+        except Exception as exc:  # noqa: BLE001
+            results[k] = (None, time.perf_counter() - t0, _describe(exc))
     return results
 
 

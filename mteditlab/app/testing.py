@@ -15,6 +15,46 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def paced_editor(reference, delay_s: float = 0.1, steps: int = 10):
+    """A flow-matching editor (the :class:`~mteditlab.editors.base.Editor` protocol, so it takes
+    real denoising steps through ``edit_batch``) whose exact velocity field leads to what the
+    ``reference`` editor (oracle, identity) returns; each step takes ``delay_s`` seconds, so a
+    browser can watch the progress.  Its result equals the reference's."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from mteditlab.editors.base import Editor
+
+    class PacedEditor(Editor):
+        name = reference.name
+        default_steps = steps
+        resolution = getattr(reference, "resolution", None)
+
+        def encode(self, images, texts):
+            targets = reference.edit_batch(list(images), list(texts))
+            arrays = [np.asarray(t.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+                      for t in targets]
+            return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+        def latent_shape(self, cond):
+            return tuple(cond.shape[1:])
+
+        def velocity(self, x, sigma, cond):
+            time.sleep(delay_s)
+            # x_σ = (1 − σ)·x0 + σ·ε has velocity ε − x0 = (x_σ − x0)/σ
+            return (x - cond) / sigma.view(-1, 1, 1, 1)
+
+        def decode(self, latents, cond):
+            from PIL import Image
+
+            pixels = ((latents.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+            return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
+
+    return PacedEditor()
+
+
 def make_engine(a, b, names=None, max_batch: int = 16):
     """An :class:`~mteditlab.app.engine.Engine` around two editor objects (``names``: the store
     names (editor, adapter) of each side; default their ``name`` attributes)."""
@@ -94,12 +134,40 @@ def gallery_count(page, selector: str) -> int:
     return page.evaluate(f"document.querySelectorAll('{selector} img').length")
 
 
+_EDIT_SCREEN = """() => {
+  const covered = sel => [...document.querySelectorAll(sel + ' [data-testid=status-tracker]')]
+      .some(t => !t.classList.contains('hide'));
+  const text = sel => { const el = document.querySelector(sel + ' .progress-level-inner');
+                        return el ? el.innerText.trim() : null; };
+  const box = document.querySelector('#arena-instruction textarea');
+  return {left: text('#arena-img-left'), right: text('#arena-img-right'),
+          status: text('#arena-status'), source_covered: covered('#arena-source'),
+          instruction_covered: covered('#arena-instruction'),
+          instruction_enabled: !!box && !box.disabled,
+          done: document.querySelector('#arena-status').innerText};
+}"""
+
+
+def watch_edit(page, turn: int, poll_ms: int = 60) -> list[dict]:
+    """Poll the screen while turn ``turn``'s edit runs, until the status says it is done: the
+    progress text over each side's picture and the status, and whether the source picture or
+    the instruction box are covered by a progress overlay (they should not be)."""
+    seen = []
+    while True:
+        now = page.evaluate(_EDIT_SCREEN)
+        if f"Turn {turn} done" in now["done"]:
+            return seen
+        seen.append(now)
+        page.wait_for_timeout(poll_ms)
+
+
 def arena_session(page, url: str, instructions: list[str], picks,
                   shots: Path | None = None, example: str = "Example 2",
-                  reload: bool = True) -> list[dict]:
+                  reload: bool = True, watch: bool = False) -> list[dict]:
     """Click through an arena session in the browser: pick an example, one edit and one vote
     per instruction (``picks``: a list, or a function of the status text returning the pick);
-    returns what the screen showed after each vote."""
+    returns what the screen showed after each vote (with ``watch``, also ``progress``: what
+    :func:`watch_edit` saw during that turn's edit)."""
     if reload:
         page.goto(url)
     page.locator("#arena-example input").click()
@@ -109,6 +177,7 @@ def arena_session(page, url: str, instructions: list[str], picks,
     for k, text in enumerate(instructions):
         page.locator("#arena-instruction textarea").fill(text)
         page.locator("#arena-edit").click()
+        progress = watch_edit(page, k + 1) if watch else None
         wait_text(page, "#arena-status", f"Turn {k + 1} done")
         page.wait_for_function(
             "n => document.querySelectorAll('#arena-strip-left img').length >= n", arg=k + 2)
@@ -124,7 +193,8 @@ def arena_session(page, url: str, instructions: list[str], picks,
                      "title_left": page.locator("#arena-title-left").inner_text(),
                      "title_right": page.locator("#arena-title-right").inner_text(),
                      "strip_left": gallery_count(page, "#arena-strip-left"),
-                     "strip_right": gallery_count(page, "#arena-strip-right")})
+                     "strip_right": gallery_count(page, "#arena-strip-right"),
+                     "progress": progress})
     if shots is not None:
         wait_images(page)
         page.screenshot(path=str(shots / "arena.png"), full_page=True)

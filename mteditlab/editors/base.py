@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -54,16 +54,23 @@ class Editor:
     @torch.no_grad()
     def edit_batch(self, images: Sequence[Image.Image], instructions: Sequence[str], *,
                    intents: Sequence[str | None] | None = None, seeds: Sequence[int] | None = None,
-                   steps: int | None = None) -> list[Image.Image]:
-        """Edit a batch with the deterministic ODE sampler; item i is a function of its own seed only."""
+                   steps: int | None = None,
+                   callback: Callable[[int, int], Any] | None = None) -> list[Image.Image]:
+        """Edit a batch with the deterministic ODE sampler; item i is a function of its own seed only.
+
+        ``callback(done, total)``, when given, is called after each denoising step (progress
+        reporting; it never changes the result)."""
         intents = intents or [None] * len(images)
         texts = [intent or text for text, intent in zip(instructions, intents)]
         seeds = list(seeds) if seeds is not None else list(range(len(images)))
         cond = self.encode(list(images), texts)
         x = self.initial_noise(cond, seeds)
         sigmas = self.sigmas(steps or self.default_steps, cond)
-        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        total = len(sigmas) - 1
+        for k, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
             x = ode_step(x, self.velocity(x, sigma.expand(len(x)), cond), sigma, sigma_next)
+            if callback is not None:
+                callback(k + 1, total)
         return self.decode(x, cond)
 
     # ---- RL's face ------------------------------------------------------------------------------
