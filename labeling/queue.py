@@ -16,6 +16,13 @@ functions on the store's single writer thread, so two annotators never race for 
 * **Randomised display order.** Which session is shown on the left is drawn at random and
   recorded with the assignment; :meth:`LabelStore.record_judgment` rejects a vote whose
   ``left`` disagrees with the annotator's assignment.
+* **Which model pair next.**  Open comparisons are grouped by the (unordered) pair of models
+  they compare.  ``selection="active"`` (default) draws the pair by Chatbot Arena's rule, the
+  expected drop in the uncertainty of that pair's rating difference from one more battle,
+  computed from a Bradley–Terry fit of every judgment so far (see :mod:`labeling.active`);
+  ``selection="uniform"`` draws every pair with open work equally often.  Within the pair, the
+  comparison closest to complete overlap is served first (then the oldest).  With one model
+  pair both rules serve the same order.
 * **Labeling items only.** Arena battles (comparisons whose sessions carry meta
   ``origin: arena``) are votes people cast in the arena, not work for annotators: the SQL that
   picks the next item never selects them, so they get no assignment rows.
@@ -41,8 +48,13 @@ class AssignmentPolicy:
     gold_rate: float = 0.1
     ttl_s: float = 3600.0
     seed: int = 0
+    selection: str = "active"
 
     def __post_init__(self) -> None:
+        from labeling.active import SELECTIONS
+
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.overlap < 1:
             raise ValueError(f"overlap must be >= 1, got {self.overlap}")
         if not 0.0 <= self.gold_rate <= 1.0:
@@ -90,13 +102,16 @@ def pick_comparison(
     policy: AssignmentPolicy,
     rng: random.Random,
     expired_before: dt.datetime,
+    pair_rng: random.Random | None = None,
 ) -> int | None:
     """Choose the next comparison id for ``annotator_id`` under ``policy`` (None: nothing left).
 
     Only labeling items are candidates (never arena battles, see :data:`LABELING_ITEM`).
     Gold is drawn with probability ``policy.gold_rate`` when an unseen gold item exists;
-    otherwise the open ordinary comparison nearest to full overlap. When no ordinary work is
-    left the queue is empty: gold alone is never served.
+    otherwise a model pair is drawn by ``policy.selection`` among the pairs with open ordinary
+    comparisons (with ``pair_rng``, default ``rng``), and that pair's open comparison nearest
+    to full overlap is served.  When no ordinary work is left the queue is empty: gold alone is
+    never served.
     """
     unseen = (
         "c.comparison_id NOT IN (SELECT comparison_id FROM assignments WHERE annotator_id = ?)"
@@ -106,10 +121,14 @@ def pick_comparison(
                 SELECT a.comparison_id, count(*) AS n FROM assignments a
                 WHERE a.assigned_at > ? OR {_JUDGED}
                 GROUP BY a.comparison_id)
-            SELECT c.comparison_id FROM comparisons c
+            SELECT c.comparison_id, least(sa.model, sb.model) AS m1,
+                   greatest(sa.model, sb.model) AS m2
+            FROM comparisons c
+            JOIN sessions sa ON sa.session_id = c.session_a
+            JOIN sessions sb ON sb.session_id = c.session_b
             LEFT JOIN holders h USING (comparison_id)
             WHERE NOT c.is_gold AND coalesce(h.n, 0) < ? AND {unseen} AND {LABELING_ITEM}
-            ORDER BY coalesce(h.n, 0) DESC, c.comparison_id LIMIT 1""",
+            ORDER BY coalesce(h.n, 0) DESC, c.comparison_id""",
         [expired_before, policy.overlap, annotator_id],
     ).fetchall()
     if not ordinary:
@@ -123,7 +142,49 @@ def pick_comparison(
         ).fetchall()
         if gold:
             return rng.choice(gold)[0]
-    return ordinary[0][0]
+    first: dict[tuple[str, str], int] = {}
+    for cid, m1, m2 in ordinary:      # rows come in serving order: keep each pair's first
+        first.setdefault((m1, m2), cid)
+    if len(first) == 1:
+        return ordinary[0][0]
+    pairs = list(first)
+    from labeling.active import choose_pair, pair_weights
+
+    weights = None
+    if policy.selection == "active":
+        models = sorted({m for pair in pairs for m in pair})
+        weights = pair_weights(battle_matrix(cur, models), [models.index(a) for a, _ in pairs],
+                               [models.index(b) for _, b in pairs])
+    chosen = choose_pair(weights if weights is not None else [1.0] * len(pairs),
+                         pair_rng or rng, policy.selection)
+    return first[pairs[chosen]]
+
+
+def battle_matrix(cur, models: list[str]):
+    """Win matrix (M, M) over ``models`` of every judgment on an ordinary (non-gold)
+    comparison between two of them: W[i, j] = wins of i over j + ½ ties (both-bad as a tie)."""
+    import numpy as np
+
+    rows = cur.execute(
+        """SELECT sa.model, sb.model, j.choice, count(*) FROM judgments j
+           JOIN comparisons c USING (comparison_id)
+           JOIN sessions sa ON sa.session_id = c.session_a
+           JOIN sessions sb ON sb.session_id = c.session_b
+           WHERE NOT c.is_gold GROUP BY ALL""").fetchall()
+    index = {m: k for k, m in enumerate(models)}
+    w = np.zeros((len(models), len(models)))
+    for a, b, choice, n in rows:
+        if a not in index or b not in index or a == b:
+            continue
+        ia, ib = index[a], index[b]
+        if choice == "A":
+            w[ia, ib] += n
+        elif choice == "B":
+            w[ib, ia] += n
+        else:
+            w[ia, ib] += 0.5 * n
+            w[ib, ia] += 0.5 * n
+    return w
 
 
 def release(cur, annotator_id: int, comparison_id: int, when: dt.datetime) -> None:

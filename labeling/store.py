@@ -405,6 +405,7 @@ class LabelStore:
         self._migrate(cur)
         self._load_caches(cur)
         self._rng = random.Random(self.policy.seed)
+        self._pair_rng = random.Random(f"pairs:{self.policy.seed}")  # model-pair draws
         self._ops: queue.SimpleQueue | None = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._run_writer, args=(cur,),
                                         name=f"labelstore-writer:{self.path.name}", daemon=True)
@@ -793,7 +794,8 @@ class LabelStore:
             row = open_assignment(tx.cur, aid, expired_before)
             if row is not None:
                 return Assignment(row[0], annotator, row[1], row[2], row[3])
-            cid = pick_comparison(tx.cur, aid, self.policy, self._rng, expired_before)
+            cid = pick_comparison(tx.cur, aid, self.policy, self._rng, expired_before,
+                                  pair_rng=self._pair_rng)
             if cid is None:
                 return None
             left = self._rng.choice(SIDES)

@@ -145,3 +145,25 @@ def test_fresh_clone_default_config_builds(tmp_path):
         assert (tmp_path / "data" / "labels.duckdb").exists()
     finally:
         ctx.close()
+
+
+def test_queue_selection_flag_environment_and_store_policy(monkeypatch, tmp_path):
+    monkeypatch.delenv("MTEDITLAB_QUEUE_SELECTION", raising=False)
+    assert config_from_args([]).queue_selection == "active"
+    assert config_from_args(["--queue-selection", "uniform"]).queue_selection == "uniform"
+    monkeypatch.setenv("MTEDITLAB_QUEUE_SELECTION", "uniform")
+    assert config_from_args([]).queue_selection == "uniform"
+    assert config_from_args(["--queue-selection", "active"]).queue_selection == "active"
+    monkeypatch.setenv("MTEDITLAB_QUEUE_SELECTION", "greedy")
+    with pytest.raises((ConfigError, SystemExit)):
+        config_from_args([])
+    from mteditlab.app.context import AppContext
+    from mteditlab.app.testing import app_config, make_engine
+    from mteditlab.editors.reference import IdentityEditor, OracleEditor
+
+    ctx = AppContext.create(app_config(tmp_path / "d", queue_selection="uniform"),
+                            engine=make_engine(OracleEditor(), IdentityEditor()))
+    try:
+        assert ctx.store.policy.selection == "uniform"
+    finally:
+        ctx.close()

@@ -139,3 +139,103 @@ def test_a_released_item_frees_its_slot_and_never_returns(tmp_path):
         assert store.next_assignment("y").comparison_id == first.comparison_id
         with pytest.raises(KeyError):
             store.release_assignment("nobody", first.comparison_id)
+
+
+# ------------------------------------------------------------------ model-pair selection
+def test_active_weight_is_chatbot_arenas_rule_on_the_bt_covariance():
+    import numpy as np
+
+    from labeling.active import pair_weights
+
+    w = np.array([[0.0, 6.0], [4.0, 0.0]])             # 10 battles, 6–4
+    weight = pair_weights(w, [0], [1])[0]
+    p = 0.6                                             # the fitted P(0 beats 1)
+    var = 1.0 / (10 * p * (1 - p))                      # Var(θ̂₀ − θ̂₁) = Σ̂ₐₐ / nₐ
+    sigma = 10 * var
+    assert weight == pytest.approx(np.sqrt(sigma / 10) - np.sqrt(sigma / 11), rel=1e-3)
+    # more battles of the same balance: a smaller gain; a pair that never met: served first
+    assert pair_weights(10 * w, [0], [1])[0] < weight
+    three = np.zeros((3, 3))
+    three[:2, :2] = w
+    assert np.isinf(pair_weights(three, [0, 1], [2, 2])).all()
+
+
+def _pair_store(tmp_path, selection):
+    policy = AssignmentPolicy(overlap=3, gold_rate=0.0, seed=5, selection=selection)
+    store, comparisons, _ = build_store(tmp_path / f"{selection}.duckdb", models=THREE_MODELS,
+                                        n_sources=30, policy=policy)
+    pair_of = {}
+    for cid in comparisons:
+        info = store.get_comparison(cid)
+        pair_of[cid] = tuple(sorted((info["A"]["model"], info["B"]["model"])))
+    return store, comparisons, pair_of
+
+
+def _judge(store, name, cids, turns=(None, 0, 1)):
+    store.add_annotator(name)
+    for cid in cids:
+        for turn in turns:
+            store.record_judgment(cid, name, turn, "overall", "A", "A")
+
+
+def _draws(store, policy, annotator, n, seed=0):
+    import datetime as dt
+    import random
+
+    from labeling.queue import pick_comparison
+
+    store.add_annotator(annotator)
+    aid = int(store.query("SELECT annotator_id FROM annotators WHERE name = ?",
+                          [annotator])["annotator_id"].iloc[0])
+    rng = random.Random(seed)
+    expired = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    return [pick_comparison(store._cursor(), aid, policy, rng, expired) for _ in range(n)]
+
+
+def test_active_queue_serves_unmet_pairs_first_then_the_most_uncertain(tmp_path):
+    store, comparisons, pair_of = _pair_store(tmp_path, "active")
+    with store:
+        pairs = sorted(set(pair_of.values()))
+        by_pair = {p: [c for c in comparisons if pair_of[c] == p] for p in pairs}
+        busy, light, unmet = pairs
+        _judge(store, "x", by_pair[busy][:20])            # 60 battles
+        _judge(store, "y", by_pair[light][:1])            # 3 battles
+        picks = _draws(store, store.policy, "fresh", 50)
+        assert {pair_of[c] for c in picks} == {unmet}     # never met: first, whatever else
+        served = store.next_assignment("fresh")
+        assert pair_of[served.comparison_id] == unmet
+        _judge(store, "z", by_pair[unmet][:1])            # now 3 battles there too
+        picks = _draws(store, store.policy, "fresh2", 600)
+        share = Counter(pair_of[c] for c in picks)
+        assert share[busy] / 600 < 0.15                   # well measured: rarely asked
+        assert share[light] / 600 > 0.3 and share[unmet] / 600 > 0.3
+
+
+def test_uniform_queue_spreads_over_pairs_whatever_the_counts(tmp_path):
+    store, comparisons, pair_of = _pair_store(tmp_path, "uniform")
+    with store:
+        pairs = sorted(set(pair_of.values()))
+        busy = pairs[0]
+        _judge(store, "x", [c for c in comparisons if pair_of[c] == busy][:20])
+        picks = _draws(store, store.policy, "fresh", 600)
+        share = Counter(pair_of[c] for c in picks)
+        assert set(share) == set(pairs)
+        assert all(0.25 < share[p] / 600 < 0.42 for p in pairs)
+
+
+def test_one_pair_queue_order_is_the_same_under_both_rules(tmp_path):
+    orders = {}
+    for selection in ("active", "uniform"):
+        policy = AssignmentPolicy(overlap=1, gold_rate=0.0, selection=selection)
+        store, comparisons, _ = build_store(tmp_path / f"one-{selection}.duckdb", n_sources=6,
+                                            policy=policy)
+        with store:
+            store.add_annotator("a")
+            orders[selection] = [job.comparison_id for job in drain(store, ["a"])]
+            assert orders[selection] == sorted(comparisons)
+    assert orders["active"] == orders["uniform"]
+
+
+def test_unknown_selection_is_refused():
+    with pytest.raises(ValueError, match="selection"):
+        AssignmentPolicy(selection="greedy")

@@ -20,6 +20,7 @@ flag                        environment variable             default
 ``--hf-annotators``         ``MTEDITLAB_HF_ANNOTATORS``      none (``*`` = any HF user)
 ``--reward-model``          ``MTEDITLAB_REWARD_MODEL``       ``checkpoints/mini/calibrated``
 ``--min-battles``           ``MTEDITLAB_MIN_BATTLES``        20 (fewer: provisional, unranked)
+``--queue-selection``       ``MTEDITLAB_QUEUE_SELECTION``    ``active`` (or ``uniform``)
 ``--auth``                  ``MTEDITLAB_AUTH``               none: the app is public
 ==========================  ===============================  ===================================
 
@@ -131,6 +132,7 @@ class AppConfig:
     seed_queue: int = 0                   # labeling items to generate at start when the queue is empty
     reward_model: str | None = DEFAULT_REWARD_MODEL  # calibrated reward model dir (its report)
     min_battles: int = 20                 # leaderboard: fewer battles = provisional, not ranked
+    queue_selection: str = "active"       # label queue: model pair by uncertainty, or uniform
     title: str = "MT-EditLab"
 
     def resolved_data_dir(self) -> Path:
@@ -218,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-battles", type=int, default=int(_env("MTEDITLAB_MIN_BATTLES", "20")),
                    metavar="N", help="leaderboard: models with fewer battles are shown apart "
                    "as provisional and not ranked [MTEDITLAB_MIN_BATTLES] (default 20)")
+    g.add_argument("--queue-selection", choices=("active", "uniform"),
+                   default=_env("MTEDITLAB_QUEUE_SELECTION", "active"),
+                   help="label queue: which model pair an annotator judges next. active: the "
+                   "pair whose rating difference one more judgment makes most certain "
+                   "(Chatbot Arena's rule on the Bradley–Terry fit); uniform: every pair with "
+                   "open items equally often [MTEDITLAB_QUEUE_SELECTION] (default active)")
     g.add_argument("--seed-queue", type=int, default=0, metavar="N",
                    help="when the labeling queue is empty at start, fill it with N world test "
                    "sessions edited by both sides (plus gold items), in the background once the "
@@ -242,6 +250,8 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
     port = args.port
     if port is not None and not 0 < port < 65536:
         raise ConfigError(f"--port must be 1..65535, got {port}")
+    if args.queue_selection not in ("active", "uniform"):
+        raise ConfigError(f"--queue-selection: active or uniform, got {args.queue_selection!r}")
     if args.steps is not None and not 1 <= args.steps <= 100:
         raise ConfigError(f"--steps must be 1..100, got {args.steps}")
     for flag, editor in (("--editor-a", args.editor_a), ("--editor-b", args.editor_b)):
@@ -263,7 +273,7 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
         anonymous=args.anonymous, device=args.device, steps=args.steps, strict=args.strict,
         max_batch=max(1, args.max_batch), concurrency=max(1, args.concurrency),
         seed_queue=max(0, args.seed_queue), reward_model=_opt(args.reward_model),
-        min_battles=max(0, args.min_battles),
+        min_battles=max(0, args.min_battles), queue_selection=args.queue_selection,
     )
 
 

@@ -82,13 +82,15 @@ class AppContext:
 
     @classmethod
     def create(cls, config: AppConfig, *, engine=None, store=None) -> "AppContext":
+        from labeling.queue import AssignmentPolicy
         from labeling.store import LabelStore, default_db_path
 
         from .engine import Engine
 
         owns = store is None
         if store is None:
-            store = LabelStore.open(default_db_path(config.resolved_data_dir()))
+            store = LabelStore.open(default_db_path(config.resolved_data_dir()),
+                                    policy=AssignmentPolicy(selection=config.queue_selection))
         try:
             engine = engine or Engine.from_config(config)
         except BaseException:
