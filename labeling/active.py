@@ -5,18 +5,20 @@ ranking"): pick pair a with probability
 
     P(a) ∝ √(Σ̂ₐₐ / nₐ) − √(Σ̂ₐₐ / (nₐ + 1)),
 
-the drop in the standard error of pair a's estimate that one more battle of that pair buys.
-Here nₐ is the number of battles pair a (models i, j) already had and Σ̂ₐₐ / nₐ is the variance
-of the fitted Bradley–Terry rating difference θ̂ᵢ − θ̂ⱼ, taken from the fit's covariance (the
-inverse of the observed Fisher information Σ_pairs n·p(1−p), restricted to rating differences;
-Chatbot Arena uses a sandwich estimate of the same quantity).  So
+the drop in the standard error of pair a's estimated win rate that one more battle of that
+pair buys.  Here nₐ is the number of battles pair a (models i, j) already had, and Σ̂ₐₐ / nₐ is
+the variance of the pair's win rate p̂ᵢⱼ = σ(θ̂ᵢ − θ̂ⱼ) under the Bradley–Terry fit: the delta
+method on the fit's covariance,
 
-    P(a) ∝ sd(θ̂ᵢ − θ̂ⱼ) · (1 − √(nₐ / (nₐ + 1))).
+    Σ̂ₐₐ / nₐ = (p̂ᵢⱼ(1 − p̂ᵢⱼ))² · Var(θ̂ᵢ − θ̂ⱼ),
+
+with Var(θ̂ᵢ − θ̂ⱼ) from the inverse of the observed information Σ n·p(1−p) (so battles of
+other pairs that link i and j count too; Chatbot Arena uses a sandwich estimate of the same
+covariance).  So P(a) ∝ sd(p̂ᵢⱼ) · (1 − √(nₐ / (nₐ + 1))): close pairs, whose outcome is the
+most uncertain, are asked most, and lopsided pairs little.
 
 A pair that never met has no finite variance (nₐ = 0): such pairs are served first, uniformly
-among themselves, which also joins the comparison graph as early as possible.  Pairs whose
-outcome is lopsided (p near 0 or 1) carry little information per battle, have a large
-variance and so keep being asked until their difference is pinned down.
+among themselves, which also joins the comparison graph as early as possible.
 
 Uniform selection picks every candidate pair with the same probability.
 
@@ -56,16 +58,19 @@ def pair_weights(w: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     seen = n_pair > 0
     if not seen.any():
         return out
-    cov = rating_covariance(w, fit_bt(w))
-    return pair_gain(cov, n_pair, i, j)
+    theta = fit_bt(w)
+    return pair_gain(theta, rating_covariance(w, theta), n_pair, i, j)
 
 
-def pair_gain(cov: np.ndarray, n_pair: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """√(Σ̂ₐₐ/nₐ) − √(Σ̂ₐₐ/(nₐ+1)) per pair from the rating covariance ``cov`` and the pairs'
-    battle counts ``n_pair`` (``+inf`` where nₐ = 0)."""
+def pair_gain(theta: np.ndarray, cov: np.ndarray, n_pair: np.ndarray, i: np.ndarray,
+              j: np.ndarray) -> np.ndarray:
+    """√(Σ̂ₐₐ/nₐ) − √(Σ̂ₐₐ/(nₐ+1)) per pair from the fitted ratings ``theta``, their covariance
+    ``cov`` and the pairs' battle counts ``n_pair`` (``+inf`` where nₐ = 0)."""
     n_pair = np.asarray(n_pair, dtype=float)
-    var = np.maximum(cov[i, i] + cov[j, j] - 2.0 * cov[i, j], 0.0)   # = Σ̂ₐₐ / nₐ
-    sigma_aa = n_pair * var                      # per-battle variance of pair a's difference
+    p = expit(theta[i] - theta[j])
+    var_diff = np.maximum(cov[i, i] + cov[j, j] - 2.0 * cov[i, j], 0.0)
+    var = (p * (1.0 - p)) ** 2 * var_diff        # Σ̂ₐₐ / nₐ: variance of the pair's win rate
+    sigma_aa = n_pair * var                      # per-battle variance
     with np.errstate(divide="ignore", invalid="ignore"):
         gain = np.sqrt(sigma_aa / n_pair) - np.sqrt(sigma_aa / (n_pair + 1.0))
     return np.where(n_pair > 0, gain, np.inf)

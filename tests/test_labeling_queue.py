@@ -150,14 +150,19 @@ def test_active_weight_is_chatbot_arenas_rule_on_the_bt_covariance():
     w = np.array([[0.0, 6.0], [4.0, 0.0]])             # 10 battles, 6–4
     weight = pair_weights(w, [0], [1])[0]
     p = 0.6                                             # the fitted P(0 beats 1)
-    var = 1.0 / (10 * p * (1 - p))                      # Var(θ̂₀ − θ̂₁) = Σ̂ₐₐ / nₐ
-    sigma = 10 * var
+    var_diff = 1.0 / (10 * p * (1 - p))                 # Var(θ̂₀ − θ̂₁)
+    sigma = 10 * (p * (1 - p)) ** 2 * var_diff          # nₐ · Var(p̂₀₁): p(1−p) per battle
+    assert sigma == pytest.approx(p * (1 - p))
     assert weight == pytest.approx(np.sqrt(sigma / 10) - np.sqrt(sigma / 11), rel=1e-3)
     # more battles of the same balance: a smaller gain; a pair that never met: served first
     assert pair_weights(10 * w, [0], [1])[0] < weight
     three = np.zeros((3, 3))
     three[:2, :2] = w
     assert np.isinf(pair_weights(three, [0, 1], [2, 2])).all()
+    # same number of battles: a close pair (5–5) is worth more than a lopsided one (9–1)
+    close_lopsided = np.array([[0.0, 5.0, 9.0], [5.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    close, lopsided = pair_weights(close_lopsided, [0, 0], [1, 2])
+    assert close > 1.5 * lopsided
 
 
 def _pair_store(tmp_path, selection):
@@ -172,10 +177,11 @@ def _pair_store(tmp_path, selection):
 
 
 def _judge(store, name, cids, turns=(None, 0, 1)):
+    """Even votes (A, B, tie in turn) on every turn of ``cids``."""
     store.add_annotator(name)
     for cid in cids:
-        for turn in turns:
-            store.record_judgment(cid, name, turn, "overall", "A", "A")
+        for turn, choice in zip(turns, ("A", "B", "tie")):
+            store.record_judgment(cid, name, turn, "overall", choice, "A")
 
 
 def _draws(store, policy, annotator, n, seed=0):
@@ -239,3 +245,24 @@ def test_one_pair_queue_order_is_the_same_under_both_rules(tmp_path):
 def test_unknown_selection_is_refused():
     with pytest.raises(ValueError, match="selection"):
         AssignmentPolicy(selection="greedy")
+
+
+def test_queue_selection_simulation_runs_and_reports(tmp_path, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import queue_selection
+
+    out = tmp_path / "q.json"
+    assert queue_selection.main(["--elo", "1000,1200,1250", "--reps", "3", "--budget", "3000",
+                                 "--checkpoints", "100,200", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| 1000, 1200, 1250 | uniform |" in table and "| 1000, 1200, 1250 | active |" in table
+    data = json.loads(out.read_text())
+    results = data["scenarios"][0]["results"]
+    for rule in ("uniform", "active"):
+        assert results[rule]["separated"] == 3           # 50 Elo apart: within 3,000 judgments
+        assert 0 < results[rule]["median"] <= 3000
+        assert set(results[rule]["half_width"]) == {"100", "200"}
