@@ -838,6 +838,35 @@ class LabelStore:
 
         return self._call(body)
 
+    def load_tables(self, files: Mapping[str, str | os.PathLike]) -> dict[str, int]:
+        """Fill an **empty** store from Parquet files of its own tables (``{table: path}``,
+        e.g. a snapshot written by :mod:`labeling.snapshots`), ids kept, in one transaction;
+        returns the rows loaded per table.  The images must already be in place."""
+        unknown = set(files) - set(TABLES)
+        if unknown:
+            raise ValueError(f"unknown tables {sorted(unknown)}")
+
+        def body(tx: _Tx) -> dict[str, int]:
+            for table in TABLES:
+                if _first(tx.cur.execute(f"SELECT count(*) FROM {table}"))[0]:
+                    raise StoreError(f"{self.path} is not empty ({table} has rows): a "
+                                     "snapshot is loaded only into an empty store")
+            loaded = {}
+            for table in TABLES:       # in dependency order
+                if table not in files:
+                    continue
+                path = str(Path(files[table])).replace("'", "''")
+                tx.cur.execute(f"INSERT INTO {table} SELECT * FROM read_parquet('{path}')")
+                loaded[table] = _first(tx.cur.execute(f"SELECT count(*) FROM {table}"))[0]
+            self._load_caches(tx.cur)
+            return loaded
+
+        try:
+            return self._call(body)
+        except BaseException:
+            self._call(lambda tx: self._load_caches(tx.cur))
+            raise
+
     def excluded_voters(self) -> set[str]:
         """Names of the annotators whose latest exclusion decision is 'excluded'."""
         frame = self.query(

@@ -167,3 +167,19 @@ def test_queue_selection_flag_environment_and_store_policy(monkeypatch, tmp_path
         assert ctx.store.policy.selection == "uniform"
     finally:
         ctx.close()
+
+
+def test_hub_dataset_flags(monkeypatch):
+    monkeypatch.delenv("MTEDITLAB_HUB_DATASET", raising=False)
+    monkeypatch.delenv("MTEDITLAB_HUB_EVERY", raising=False)
+    config = config_from_args([])
+    assert config.hub_dataset is None and config.hub_every == 5.0
+    monkeypatch.setenv("MTEDITLAB_HUB_DATASET", "someone/arena-labels")
+    monkeypatch.setenv("MTEDITLAB_HUB_EVERY", "2.5")
+    config = config_from_args([])
+    assert config.hub_dataset == "someone/arena-labels" and config.hub_every == 2.5
+    assert config_from_args(["--hub-dataset", "file:/tmp/x"]).hub_dataset == "file:/tmp/x"
+    assert config_from_args(["--hub-dataset", "none"]).hub_dataset is None
+    for bad in (["--hub-dataset", "not a repo"], ["--hub-every", "0"]):
+        with pytest.raises(ConfigError):
+            config_from_args(bad)

@@ -21,6 +21,11 @@ flag                        environment variable             default
 ``--reward-model``          ``MTEDITLAB_REWARD_MODEL``       ``checkpoints/mini/calibrated``
 ``--min-battles``           ``MTEDITLAB_MIN_BATTLES``        20 (fewer: provisional, unranked)
 ``--queue-selection``       ``MTEDITLAB_QUEUE_SELECTION``    ``active`` (or ``uniform``)
+``--hub-dataset``           ``MTEDITLAB_HUB_DATASET``        none (``user/name``: Parquet
+                                                             snapshots of the labels pushed
+                                                             there, resumed on a fresh start;
+                                                             ``file:DIR`` for a local folder)
+``--hub-every``             ``MTEDITLAB_HUB_EVERY``          5 (minutes between snapshots)
 ``--auth``                  ``MTEDITLAB_AUTH``               none: the app is public
 ==========================  ===============================  ===================================
 
@@ -35,6 +40,7 @@ import dataclasses
 import hashlib
 import hmac
 import os
+import re
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -133,6 +139,8 @@ class AppConfig:
     reward_model: str | None = DEFAULT_REWARD_MODEL  # calibrated reward model dir (its report)
     min_battles: int = 20                 # leaderboard: fewer battles = provisional, not ranked
     queue_selection: str = "active"       # label queue: model pair by uncertainty, or uniform
+    hub_dataset: str | None = None        # snapshot target: user/name (HF dataset) or file:DIR
+    hub_every: float = 5.0                # minutes between snapshot pushes
     title: str = "MT-EditLab"
 
     def resolved_data_dir(self) -> Path:
@@ -226,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "pair whose rating difference one more judgment makes most certain "
                    "(Chatbot Arena's rule on the Bradley–Terry fit); uniform: every pair with "
                    "open items equally often [MTEDITLAB_QUEUE_SELECTION] (default active)")
+    g.add_argument("--hub-dataset", default=_env("MTEDITLAB_HUB_DATASET"), metavar="REPO",
+                   help="keep the labels across restarts: push Parquet snapshots of the label "
+                   "store to this Hugging Face dataset repo (user/name, created private; token "
+                   "from HF_TOKEN) and, when the store starts empty, resume from the last one; "
+                   "file:DIR uses a local folder instead [MTEDITLAB_HUB_DATASET]")
+    g.add_argument("--hub-every", type=float,
+                   default=float(_env("MTEDITLAB_HUB_EVERY", "5")), metavar="MIN",
+                   help="minutes between snapshot pushes [MTEDITLAB_HUB_EVERY] (default 5)")
     g.add_argument("--seed-queue", type=int, default=0, metavar="N",
                    help="when the labeling queue is empty at start, fill it with N world test "
                    "sessions edited by both sides (plus gold items), in the background once the "
@@ -250,6 +266,12 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
     port = args.port
     if port is not None and not 0 < port < 65536:
         raise ConfigError(f"--port must be 1..65535, got {port}")
+    if not args.hub_every > 0:
+        raise ConfigError(f"--hub-every must be > 0 minutes, got {args.hub_every}")
+    hub = _opt(args.hub_dataset)
+    if hub and not (hub.startswith("file:") or re.fullmatch(r"(hf:)?[\w.-]+/[\w.-]+", hub)):
+        raise ConfigError(f"--hub-dataset: expected a dataset repo id user/name or file:DIR, "
+                          f"got {hub!r}")
     if args.queue_selection not in ("active", "uniform"):
         raise ConfigError(f"--queue-selection: active or uniform, got {args.queue_selection!r}")
     if args.steps is not None and not 1 <= args.steps <= 100:
@@ -274,6 +296,7 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
         max_batch=max(1, args.max_batch), concurrency=max(1, args.concurrency),
         seed_queue=max(0, args.seed_queue), reward_model=_opt(args.reward_model),
         min_battles=max(0, args.min_battles), queue_selection=args.queue_selection,
+        hub_dataset=_opt(args.hub_dataset), hub_every=args.hub_every,
     )
 
 

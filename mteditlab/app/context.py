@@ -79,6 +79,7 @@ class AppContext:
         self._annotator_lock = threading.Lock()
         self._events_lock = threading.Lock()
         self.closers: list = []   # called by close()
+        self.snapshots = None     # labeling.snapshots.SnapshotSync when --hub-dataset is set
 
     @classmethod
     def create(cls, config: AppConfig, *, engine=None, store=None) -> "AppContext":
@@ -97,7 +98,28 @@ class AppContext:
             if owns:
                 store.close()
             raise
-        return cls(config, engine, store, owns_store=owns)
+        ctx = cls(config, engine, store, owns_store=owns)
+        if config.hub_dataset:
+            ctx.start_snapshots()
+        return ctx
+
+    def start_snapshots(self) -> None:
+        """Labels that survive a restart (see :mod:`labeling.snapshots`): resume an empty
+        store from the target's last snapshot, then push snapshots every ``hub_every``
+        minutes and once more when the app closes."""
+        from labeling.snapshots import SnapshotSync, target_from_spec
+
+        sync = SnapshotSync(self.store, target_from_spec(self.config.hub_dataset),
+                            self.config.hub_every)
+        try:
+            sync.resume()
+        except Exception:  # noqa: BLE001 - serve anyway; the log says why nothing was loaded
+            log.exception("could not resume the labels from %s", sync.target.description)
+        sync.start()
+        self.snapshots = sync
+        self.closers.append(sync.stop)
+        log.info("label snapshots go to %s every %g min", sync.target.description,
+                 self.config.hub_every)
 
     def voter(self, session_hash: str | None) -> str:
         """Anonymous arena voter id of a browser session (see the module docstring)."""
