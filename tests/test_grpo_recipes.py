@@ -144,6 +144,8 @@ def test_rft_keeps_the_turns_that_passed_so_far_with_clean_targets(two_adapters)
     shared = rft_examples(editor, records, passed, "own", share=True)
     assert len(shared) == 4
     assert shared[3][0] is records[1].before[1] and torch.equal(shared[3][2], records[1].x0[0])
+    mixed = rft_examples(editor, records, passed, "own", share=True, mixed_only=True)   # turn 1: all passed
+    assert [e[0] for e in mixed] == [records[1].before[0], records[1].before[1]]
     off_track = np.array([[[True, True], [False, True]]])               # rollout 1 failed turn 1: not on track at 2
     # turn 1: rollout 1 learns from rollout 0; turn 2: only rollout 0 is on track
     assert [e[0] for e in rft_examples(editor, records, off_track, "own", share=True)] == \

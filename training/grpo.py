@@ -117,6 +117,7 @@ class GRPOConfig:
     rft_target: str = "render"            # own | render (world only)
     rft_threshold: float = 0.5            # a turn passes when its fused reward Σw·r/Σw ≥ this
     rft_share: bool = False               # failed on-track rollouts learn from a sibling that passed
+    rft_mixed_only: bool = False          # keep only (session, turn) groups with both passes and failures
     replay_size: int = 2048
     rft_batch_size: int = 32
     rft_updates: int = 8                  # optimizer steps per iteration
@@ -415,13 +416,15 @@ def flow_matching_loss(editor: Editor, batch: list[tuple], generator: torch.Gene
 
 
 def rft_examples(editor: Editor, records: list[TurnRecord], passed: np.ndarray, target: str,
-                 share: bool = False) -> list[tuple]:
+                 share: bool = False, mixed_only: bool = False) -> list[tuple]:
     """(input image, text, target latents) from a batch of rollouts; ``passed`` is ``[S, G, T]``.
 
     A rollout is *on track* at turn k when its turns before k all passed. Every on-track rollout that
     passed turn k is an example with its own output as target; with ``share``, every on-track rollout
     that failed turn k learns from a sibling that passed it (same session, same turn: its input shows
-    the same scene), its own input paired with the sibling's target (best-of-G distillation).
+    the same scene), its own input paired with the sibling's target (best-of-G distillation). With
+    ``mixed_only``, only (session, turn) groups whose on-track rollouts both passed and failed give
+    examples (what every rollout already gets right teaches little; DAPO's dynamic-sampling idea).
     ``own``: the winner's output latents; ``render``: the latents of the clean render of the scene the
     verifier reads in the winner's output (world only)."""
     S, G, T = passed.shape
@@ -431,6 +434,8 @@ def rft_examples(editor: Editor, records: list[TurnRecord], passed: np.ndarray, 
         for s in range(S):
             ready = np.flatnonzero(on_track[s, :, k])
             winners = [g for g in ready if passed[s, g, k]]
+            if mixed_only and len(winners) == len(ready):
+                continue
             for j, g in enumerate(ready if share and winners else winners):
                 w = s * G + (g if passed[s, g, k] else winners[j % len(winners)])
                 if target == "own":
@@ -697,7 +702,7 @@ def train(cfg: GRPOConfig) -> Path:
         else:
             new = (gold_examples(editor, sessions, cfg) if cfg.algo == "sft" else
                    rft_examples(editor, records, turn_passed(rewards, cfg.reward_weights, cfg.rft_threshold),
-                                cfg.rft_target, cfg.rft_share))
+                                cfg.rft_target, cfg.rft_share, cfg.rft_mixed_only))
             buffer[:] = (buffer + new)[-cfg.replay_size:]
             local.update({"buffer_new": float(len(new)), "buffer_size": float(len(buffer))})
             sampler = random.Random(f"{cfg.seed}/replay/{iteration}")
