@@ -219,7 +219,7 @@ def test_resume_after_sigkill_continues_and_matches_an_uninterrupted_run(tmp_pat
 
 def test_two_processes_with_accelerate_keep_the_adapter_in_sync(tmp_path, checkpoint):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m", "training.grpo",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "-m", "training.grpo",
            *_train_cmd(out, checkpoint, 2)[3:]]
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
