@@ -82,6 +82,10 @@ def test_arena_and_labeling_in_a_real_browser(tmp_path):
             assert "Saved 3 judgments" in label["status"]
             board = testing.leaderboard(page, shots)
             assert "human votes" in board["summary"] and "oracle" in board["table"]
+            # beside the plain ratings: the same models with appearance held equal
+            assert "style-controlled" in board["style"]
+            assert "oracle" in board["style"] and "identity" in board["style"]
+            assert "quality" in board["style_note"] and "tint" in board["style_note"]
         frame = ctx.store.judgments_frame(include_simulated=True)
     arena = frame[frame["annotator"].str.startswith("arena:")]
     assert list(arena["turn"]) == [0, 1, 2]

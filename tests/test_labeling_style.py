@@ -31,12 +31,18 @@ def _noisy(image: Image.Image, sigma: float, rng) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
+    store = build_style_store(tmp_path_factory.mktemp("style") / "labels.duckdb")
+    yield store
+    store.close()
+
+
+def build_style_store(path, n_sources: int = 60) -> LabelStore:
+    """A store with real world images from the three :data:`MODELS` and votes swayed by
+    appearance (see the module docstring); returned open."""
     rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("style") / "labels.duckdb"
     store = LabelStore.open(path)
     names = list(MODELS)
     store.add_annotator("voter")
-    n_sources = 60
     for s in range(n_sources):
         session = generate_session("test", s, turns=1)
         source = render(session.source)
@@ -59,8 +65,7 @@ def store(tmp_path_factory):
                 for turn, criterion in ((0, "overall"), (None, "overall"), (0, "quality")):
                     choice = "A" if rng.random() < 1 / (1 + np.exp(-z)) else "B"
                     store.record_judgment(cid, "voter", turn, criterion, choice, "A")
-    yield store
-    store.close()
+    return store
 
 
 def test_a_model_that_wins_by_looking_cleaner_drops_under_style_control(store):

@@ -121,6 +121,51 @@ def ratings(frame: pd.DataFrame, plot_dir: Path, min_battles: int = 0):
     return shown, plot, by_turn.round({"win_rate": 3}), turn_plot, provisional, text
 
 
+_FEATURES: dict = {}   # image sha -> its features (an image never changes)
+_FEATURES_MAX = 50_000
+
+
+def style_control(store, frame: pd.DataFrame, ranked: pd.DataFrame, world: bool = True,
+                  n_boot: int = 200) -> tuple[pd.DataFrame, str]:
+    """(table, note): the ranked models re-rated with appearance held equal (a contextual
+    Bradley–Terry with the judged outputs' image quality and tint as covariates, see
+    :mod:`labeling.style`), beside their plain rating; the note gives how much appearance
+    sways the votes.  Empty with a note when it cannot be computed."""
+    import warnings
+
+    from labeling import ratings as bt
+    from labeling.style import battle_features, style_controlled
+
+    if not world:
+        return pd.DataFrame(), ("*Style control reads the images as scenes of the built-in "
+                                "world; it is not available for these editors.*")
+    if ranked is None or len(ranked) < 2:
+        return pd.DataFrame(), ""
+    keep = set(ranked["model"])
+    battles = bt.battles(frame) if len(frame) else frame
+    battles = battles[battles["model_a"].isin(keep) & battles["model_b"].isin(keep)]
+    if battles.empty:
+        return pd.DataFrame(), ""
+    if len(_FEATURES) > _FEATURES_MAX:
+        _FEATURES.clear()
+    feats = battle_features(store, battles, cache=_FEATURES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table, coefficients = style_controlled(battles, feats, n_boot=n_boot)
+    if table.empty:
+        return table, ""
+    shown = table.rename(columns={"rating": "plain rating", "controlled": "style-controlled",
+                                  "change": "Δ"}).round(1)
+    parts = [f"{row.feature} {row.elo_per_sd:+.0f} [{row.lower:+.0f}, {row.upper:+.0f}]"
+             for row in coefficients.itertuples()]
+    note = ("**Style control**: ratings with appearance held equal — a Bradley–Terry fit "
+            "that also weighs the difference in image quality and background tint between "
+            "the two judged outputs, so a model cannot climb by looking cleaner while "
+            "following instructions worse. Sway of appearance on the votes (Elo points per "
+            "standard deviation of the difference, 95% interval): " + "; ".join(parts) + ".")
+    return shown, note
+
+
 def _number(value: float) -> str:
     """A rating for display: one decimal, or ±∞ for an open interval end."""
     return ("+∞" if value > 0 else "−∞") if np.isinf(value) else f"{value:.1f}"

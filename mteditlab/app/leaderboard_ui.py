@@ -1,7 +1,8 @@
 """The Leaderboard tab (public) and its admin panel (behind an admin credential).
 
 Public API endpoints: ``/leaderboard(source, blind_only, criterion)`` (ranked models; those
-under ``--min-battles`` battles apart as provisional, with notes on open intervals); admin:
+under ``--min-battles`` battles apart as provisional, with notes on open intervals; beside
+them the style-controlled ratings, see :func:`mteditlab.app.leaderboard.style_control`); admin:
 ``/admin_sign_in(name, password)``, ``/admin_refresh()``, ``/admin_export()``,
 ``/admin_seed_queue(n_sessions, n_turns)``, ``/admin_exclude_voter(voter, reason)``,
 ``/admin_restore_voter(voter, reason)`` — each admin endpoint re-checks the server-side admin
@@ -47,8 +48,14 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
                                 elem_id="lb-plot")
         turn_plot = gr.Image(label="Win rate by turn index", format="png", show_label=False,
                              interactive=False, buttons=["download"], elem_id="lb-turn-plot")
-    ratings_table = gr.Dataframe(label="Ratings", interactive=False, elem_id="lb-table")
+    with gr.Row(equal_height=False):
+        ratings_table = gr.Dataframe(label="Ratings", interactive=False, elem_id="lb-table",
+                                     scale=3)
+        style_table = gr.Dataframe(label="Style-controlled ratings (image quality and tint "
+                                   "held equal)", interactive=False, elem_id="lb-style",
+                                   scale=2)
     ratings_notes = gr.Markdown(elem_id="lb-notes")
+    style_note = gr.Markdown(elem_id="lb-style-note")
     provisional = gr.Dataframe(label=f"Provisional: fewer than {ctx.config.min_battles} "
                                "battles, not ranked", interactive=False, visible=False,
                                elem_id="lb-provisional")
@@ -96,7 +103,8 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
             events = gr.Dataframe(label="Flags and skips from the Label tab", interactive=False)
 
     board_outputs = [summary, ratings_plot, turn_plot, ratings_table, turn_table, agreement,
-                     machines_note, machines, ratings_notes, provisional]
+                     machines_note, machines, style_table, style_note, ratings_notes,
+                     provisional]
 
     def on_refresh(src, blind_only, crit):
         try:
@@ -109,8 +117,14 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
         except Exception as exc:  # noqa: BLE001
             log.exception("leaderboard failed")
             return [f"⚠️ The leaderboard could not be computed ({type(exc).__name__}: {exc})",
-                    None, None, None, None, None, "", gr.update(visible=False), "",
-                    gr.update(visible=False)]
+                    None, None, None, None, None, "", gr.update(visible=False), None, "",
+                    "", gr.update(visible=False)]
+        try:
+            style, style_text = lb.style_control(ctx.store, frame, table,
+                                                 world=ctx.engine.world)
+        except Exception as exc:  # noqa: BLE001 - the plain board still shows
+            log.exception("style control failed")
+            style, style_text = None, f"⚠️ Style control failed ({type(exc).__name__})."
         for old in plot_dir.glob("*.png"):  # keep the plot directory small
             if time.time() - old.stat().st_mtime > 600:
                 old.unlink(missing_ok=True)
@@ -120,7 +134,7 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
                      "store (annotators named `judge:…` / `reward:…`).*")
         return [lb.summary(frame), str(plot) if plot else None, str(tplot) if tplot else None,
                 table, by_turn, agree, note, gr.update(value=machine, visible=bool(len(machine))),
-                notes, gr.update(value=prov, visible=bool(len(prov)))]
+                style, style_text, notes, gr.update(value=prov, visible=bool(len(prov)))]
 
     board_inputs = [source, blind, criterion]
     refresh.click(on_refresh, board_inputs, board_outputs, api_name="leaderboard")

@@ -239,5 +239,8 @@ def leaderboard(page, shots: Path | None = None) -> dict:
     page.wait_for_selector("#lb-plot img")
     if shots is not None:
         page.screenshot(path=str(shots / "leaderboard.png"), full_page=True)
+    wait_text(page, "#lb-style-note", "Style control")
     return {"summary": page.locator("#lb-summary").inner_text(),
-            "table": page.locator("#lb-table").inner_text()}
+            "table": page.locator("#lb-table").inner_text(),
+            "style": page.locator("#lb-style").inner_text(),
+            "style_note": page.locator("#lb-style-note").inner_text()}
