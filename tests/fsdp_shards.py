@@ -56,7 +56,7 @@ def main(out: Path, data: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
-    cfg = GRPOConfig(editor="kontext", sessions_from=str(data), resolution="32", reward="qwen-vl=1.0",
+    cfg = GRPOConfig(editor="kontext", algo="nft", sessions_from=str(data), resolution="32", reward="qwen-vl=1.0",
                      sessions_per_step=1, num_generations=2, turns=2, steps=3, sde_window=1, learning_rate=1e-2)
     editor = sharded_editor(mesh)
     optimizer = torch.optim.AdamW(trained(editor), lr=cfg.learning_rate)

@@ -23,7 +23,8 @@ from training.grpo import GRPOConfig, ema_update, encode_subset, hacking_alarm, 
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--sessions-per-step", "2", "--num-generations", "4", "--turns", "2", "--steps", "3", "--sde-window", "1",
-        "--eval-every", "1000", "--eval-sessions", "2", "--save-every", "1", "--lora-rank", "2", "--lora-alpha", "4"]
+        "--eval-every", "1000", "--eval-sessions", "2", "--save-every", "1", "--lora-rank", "2", "--lora-alpha", "4",
+        "--algo", "nft", "--lora-targets", "attention", "--op-weights", ""]
 
 
 def test_sde_step_matches_the_design_formula():

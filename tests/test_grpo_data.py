@@ -28,7 +28,8 @@ from training.grpo import GRPOConfig, draw_data_sessions, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--editor", "kontext", "--sessions-per-step", "2", "--num-generations", "2", "--turns", "2", "--steps", "3",
-        "--sde-window", "1", "--save-every", "1", "--lora-rank", "2", "--lora-alpha", "4", "--resolution", "32"]
+        "--sde-window", "1", "--save-every", "1", "--lora-rank", "2", "--lora-alpha", "4", "--resolution", "32",
+        "--algo", "nft"]
 
 
 @pytest.fixture(scope="module")

@@ -205,6 +205,6 @@ def test_op_weights_oversample_sessions_with_weak_operations():
         drawn = [s for it in range(12) for s in draw_sessions(cfg, it)]
         return np.mean([any(t.edit.op == "swap" for t in s.turns) for s in drawn])
 
-    plain = GRPOConfig(sessions_per_step=16, turns=3)
+    plain = GRPOConfig(sessions_per_step=16, turns=3, op_weights="")
     assert [s.index for s in draw_sessions(plain, 3)] == [s.index for s in draw_sessions(plain, 3)]  # seeded
     assert share(GRPOConfig(sessions_per_step=16, turns=3, op_weights="swap=4")) > share(plain) + 0.15

@@ -85,21 +85,21 @@ class GRPOConfig:
     # model
     editor: str = "mini"
     editor_path: str | None = None
-    algo: str = "nft"                     # nft | grpo | rft | sft (supervised control)
-    lora_rank: int = 16
+    algo: str = "rft"                     # rft | nft | grpo | sft (supervised control)
+    lora_rank: int = 32
     lora_alpha: float = 32.0
-    lora_targets: str = "attention"       # attention | attention+conv | all (mini editor's module names)
+    lora_targets: str = "attention+conv"  # attention | attention+conv | all (mini editor's module names)
     # sampling
-    num_generations: int = 8              # G rollouts per session (the group)
-    sessions_per_step: int = 8
-    turns: int = 3
+    num_generations: int = 4              # G rollouts per session (the group)
+    sessions_per_step: int = 16
+    turns: int = 5
     steps: int = 10                       # denoising steps per turn
     sde_window: int = 2                   # SDE (trained) steps per turn; ODE elsewhere
     noise_level: float = 0.7              # a in std = a·sqrt(σ / (1 − σ))
     intent: str = "reconstruct"           # none | concat | reconstruct
     sessions_from: str | None = None      # DATASET: .jsonl / .parquet / folder / hf://NAME / .duckdb label store (default: the world)
     resolution: str | None = None         # kontext | qwen-edit | INT (≈ INT² px): data images' size (default: the editor's)
-    op_weights: str = ""                  # OP=WEIGHT,...: oversample sessions with these operations (e.g. swap=3,move=2)
+    op_weights: str = "swap=3"            # OP=WEIGHT,...: oversample sessions with these operations (e.g. swap=3,move=2)
     # objective
     learning_rate: float = 1e-3
     clip_range: float = 2e-3
@@ -114,9 +114,9 @@ class GRPOConfig:
     timesteps_per_sample: int = 1         # NFT: forward-process times trained per sample
     sample_by_old: bool = False           # NFT: rollouts drawn by the old (EMA) adapter
     # reward-filtered self-training (rft) and its supervised control (sft)
-    rft_target: str = "render"            # own | render (world only)
+    rft_target: str = "auto"              # own | render (world only) | auto: render on the world, own on data
     rft_threshold: float = 0.5            # a turn passes when its fused reward Σw·r/Σw ≥ this
-    rft_share: bool = False               # failed on-track rollouts learn from a sibling that passed
+    rft_share: bool = True                # failed on-track rollouts learn from a sibling that passed
     rft_mixed_only: bool = False          # keep only (session, turn) groups with both passes and failures
     replay_size: int = 2048
     rft_batch_size: int = 32
@@ -131,10 +131,10 @@ class GRPOConfig:
     trajectory_filter: bool = True
     discount: float = 0.8
     # operations
-    iterations: int = 100                 # ≈ 40 min on one thread of a 2-core CPU
-    max_minutes: float = 0.0              # stop after this much training time (0 = no limit)
-    eval_every: int = 20
-    eval_sessions: int = 64
+    iterations: int = 100                 # ≈ 55 min of training on one thread of a 2-core CPU
+    max_minutes: float = 60.0             # stop after this much training time (0 = no limit)
+    eval_every: int = 10
+    eval_sessions: int = 100
     save_every: int = 10
     hacking_window: int = 20
     hacking_reference: str = ""           # TERM held out of --reward the monitor compares against (default: the world's gold)
@@ -151,6 +151,8 @@ class GRPOConfig:
             raise ValueError(f"--algo must be one of {ALGOS}")
         if self.sample_by_old and self.algo != "nft":
             raise ValueError("--sample-by-old needs --algo nft (the old policy is NFT's)")
+        if self.rft_target == "auto":
+            self.rft_target = "own" if self.sessions_from else "render"
         if self.lora_targets not in LORA_TARGETS or self.rft_target not in ("own", "render") \
                 or self.old_decay not in ("constant", "ramp"):
             raise ValueError(f"bad --lora-targets ({sorted(LORA_TARGETS)}), --rft-target (own, render) "
@@ -842,7 +844,6 @@ def gathered_lora(editor: Editor, adapter: str) -> dict[str, torch.Tensor]:
 
 
 def parse_args(argv: list[str] | None = None) -> GRPOConfig:
-    defaults = GRPOConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (the only mode)")
     for f in fields(GRPOConfig):
@@ -850,10 +851,10 @@ def parse_args(argv: list[str] | None = None) -> GRPOConfig:
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=getattr(defaults, f.name))
+            parser.add_argument(flag, type=kind, default=f.default)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--broadcast", dest="broadcast", action="store_true", default=True,
                        help="one trajectory advantage on every turn and step (default)")

@@ -76,22 +76,25 @@ def evaluate(editor: MiniEditor, denoiser, num_sessions: int, turns: int = 3) ->
             "exposure_gap": [r["exposure_gap"] for r in rows]}
 
 
-def plot_losses(log_path: Path, out_path: Path) -> None:
+def plot_losses(log_path: Path, out_path: Path, eval_path: Path | None = None) -> None:
+    """Loss vs step (log scale); beside it, when ``eval_path`` exists, val overall success per turn vs step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in log_path.read_text().splitlines()]
-    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
-    plt.figure(figsize=(6, 3.5))
-    plt.plot(steps, losses, lw=0.8)
-    plt.yscale("log")
-    plt.xlabel("step")
-    plt.ylabel("flow-matching loss")
-    plt.title("mini editor pretraining")
-    plt.tight_layout()
-    plt.savefig(out_path, dpi=120)
-    plt.close()
+    evals = [json.loads(line) for line in eval_path.read_text().splitlines()] if eval_path and eval_path.exists() else []
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 3.5), squeeze=False)
+    axes[0, 0].plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.5)
+    axes[0, 0].set(yscale="log", xlabel="step", ylabel="flow-matching loss", title="mini editor pretraining")
+    for k in range(len(evals[0]["overall"]) if evals else 0):
+        axes[0, 1].plot([e["step"] for e in evals], [e["overall"][k] for e in evals], "o-", label=f"turn {k + 1}")
+    if evals:
+        axes[0, 1].set(xlabel="step", ylabel="val overall success", title="EMA on val (own outputs)")
+        axes[0, 1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (ema if args.export == "ema" else model).save_pretrained(args.out)
-    plot_losses(log_path, args.out / "loss.png")
+    plot_losses(log_path, args.out / "loss.png", eval_path)
     print(f"saved {args.export} weights to {args.out}")
 
 
