@@ -79,7 +79,7 @@ def main() -> int:
 
         engine = testing.make_engine(OracleEditor(), IdentityEditor())
     config = AppConfig(data_dir=data, annotators=Credentials.parse("alice:wonderland", "shots"),
-                       admins=Credentials.parse("root:secret", "shots"))
+                       admins=Credentials.parse("root:secret", "shots"), min_battles=1)  # a handful of votes
     session = generate_session("test", 3, turns=5)  # "Example 2"
     with testing.running_app(config, engine=engine) as (url, demo, ctx):
         populate_queue(ctx, n_sessions=4, n_turns=3, gold_every=0)
