@@ -18,7 +18,7 @@ from mteditlab.rewards.pairwise import PairwiseJudge, group_indices, win_rates
 from mteditlab.rewards.qwen_vl import QwenVLJudge
 from tests.chat_server import (DROP, ChatServer, TinyVLMResponder, completion, decode_data_url, error,
                                text_choice)
-from tests.tiny_qwen_vl import build_model, build_processor, build_tokenizer
+from tests.tiny_qwen_vl import build_model, build_processor, build_tokenizer, judge_samples
 
 FAST = dict(timeout=0.3, retries=2, backoff=0.01, model="tiny")
 
@@ -31,13 +31,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def samples():
-    red, green, blue = (Image.new("RGB", (32, 32), c) for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200)))
-    return [
-        EditSample(red, green, "make it green", history=["add a red square", "make it bigger"],
-                   intent="make the big square green"),
-        EditSample(blue, Image.new("RGBA", (32, 32), (0, 0, 0, 255)), "remove the blue circle"),
-        EditSample(green, red, "undo that", history=["make the square green"]),
-    ]
+    return judge_samples()
 
 
 def sample(instruction: str, colour=(90, 90, 90), **meta) -> EditSample:

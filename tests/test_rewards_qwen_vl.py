@@ -10,7 +10,7 @@ from PIL import Image
 from mteditlab.rewards.base import EditSample, RewardOutput, combine_overall
 from mteditlab.rewards.parsing import ScoreParseError, parse_score
 from mteditlab.rewards.qwen_vl import JUDGE_ID_ENV, QwenVLJudge
-from tests.tiny_qwen_vl import ARCHS, build_model, build_processor, build_tokenizer
+from tests.tiny_qwen_vl import ARCHS, build_model, build_processor, build_tokenizer, judge_samples
 
 
 
@@ -80,13 +80,7 @@ def parts(request, tokenizer):
 
 @pytest.fixture(scope="module")
 def samples():
-    red, green, blue = (Image.new("RGB", (32, 32), c) for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200)))
-    return [
-        EditSample(red, green, "make it green", history=["add a red square", "make it bigger"],
-                   intent="make the big square green"),
-        EditSample(blue, Image.new("RGBA", (32, 32), (0, 0, 0, 255)), "remove the blue circle"),
-        EditSample(green, red, "undo that", history=["make the square green"]),
-    ]
+    return judge_samples()
 
 
 def n_spans(row: torch.Tensor, token_id: int) -> int:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 
 import torch
+from PIL import Image
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
 from mteditlab.rewards import prompts
+from mteditlab.rewards.base import EditSample
 from mteditlab.rewards.qwen_vl import image_only_processor_class
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -104,3 +106,14 @@ def build_model(arch: str, tokenizer, *, config: dict | None = None, seed: int =
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(getattr(transformers, config_name)(**config)).eval()
+
+
+def judge_samples() -> list[EditSample]:
+    """Three turns to judge: a recolour with history and intent, an RGBA output, a referential undo."""
+    red, green, blue = (Image.new("RGB", (32, 32), c) for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200)))
+    return [
+        EditSample(red, green, "make it green", history=["add a red square", "make it bigger"],
+                   intent="make the big square green"),
+        EditSample(blue, Image.new("RGBA", (32, 32), (0, 0, 0, 255)), "remove the blue circle"),
+        EditSample(green, red, "undo that", history=["make the square green"]),
+    ]
