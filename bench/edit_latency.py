@@ -1,6 +1,6 @@
 """Latency of one side-by-side arena turn on the mini editor (base and LoRA sides, default steps).
 
-    python bench/edit_latency.py [--repeats 30] [--json out/bench/edit_latency.json]
+    python -m bench.edit_latency [--repeats 30] [--json out/bench/edit_latency.json]
 
 Prints a markdown table of medians (and p90) and where the time goes: text encoding (cached after
 the first call of a string), the UNet forwards, decoding, and the verifier's parse used by the arena.
@@ -12,17 +12,14 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mteditlab.editors.mini import DEFAULT_CHECKPOINT, MiniEditor  # noqa: E402
-from mteditlab.world import generate_session, parse_image, render  # noqa: E402
+from mteditlab.editors.mini import DEFAULT_CHECKPOINT, MiniEditor
+from mteditlab.world import generate_session, parse_image, render
 
 ADAPTER = DEFAULT_CHECKPOINT.parent / "grpo"
 

@@ -1,9 +1,9 @@
 """Cost of multi-turn RL at real size on one GPU: random-weight FLUX.1-Kontext-dev and Qwen-Image-Edit
 transformers (the published ``transformer/config.json`` values, written below) with a LoRA adapter.
 
-    python bench/gpu_real_size.py [--backends kontext qwen-edit] [--resolution 1024] [--batch 2] \\
+    python -m bench.gpu_real_size [--backends kontext qwen-edit] [--resolution 1024] [--batch 2] \\
         [--steps 10] [--lora-rank 64] [--no-gradient-checkpointing] [--json out/bench/gpu_real_size.json]
-    python bench/gpu_real_size.py --tiny      # the tests' tiny configs on the CPU: checks the script only
+    python -m bench.gpu_real_size --tiny      # the tests' tiny configs on the CPU: checks the script only
 
 Random weights cost the same compute as real ones; nothing is downloaded. Per backend, in bf16 with
 fp32 LoRA weights (rank ``--lora-rank`` on the editors' LoRA targets, plus the second ``old``
@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # transformer/config.json of black-forest-labs/FLUX.1-Kontext-dev
 KONTEXT_CONFIG = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,

@@ -1,8 +1,10 @@
 """Ablation of the multi-turn credit-assignment choices of ``training.grpo`` on the mini editor.
 
-    python bench/grpo_ablation.py [--iterations 24] [--jobs 2] [--test-sessions 100] [--arms reference,per-turn]
+    python -m bench.grpo_ablation [--iterations 24] [--jobs 2] [--test-sessions 100] [--arms reference,per-turn]
 
-Every arm is the shipped configuration (``GRPOConfig`` defaults) with one choice flipped; each is
+Every arm is the shipped configuration (``GRPOConfig`` defaults) on the NFT objective (``REFERENCE``:
+the credit-assignment choices act on advantages, which RFT and SFT do not use) with one choice
+flipped, plus the other objectives (GRPO, the default RFT, the supervised control); each is
 trained for the same number of iterations by the real command (``python -m training.grpo --lora``,
 one torch thread per job, ``--jobs`` arms at a time), then measured on the ``test`` split by
 ``python -m mteditlab.bench`` (``--test-sessions`` × 5 turns). *Time to target* is the training
@@ -29,12 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from training.grpo import GRPOConfig  # noqa: E402
+from training.grpo import GRPOConfig
 
 DEFAULTS = GRPOConfig()
 FLIPPED_FUSION = "reward" if DEFAULTS.fusion == "advantage" else "advantage"
+REFERENCE = ["--algo", "nft"]   # later flags override it (argparse keeps the last value)
 ARMS: dict[str, list[str]] = {
     "reference": [],
     "per-turn": ["--per-turn" if DEFAULTS.broadcast else "--broadcast"],
@@ -43,6 +45,8 @@ ARMS: dict[str, list[str]] = {
     "no trajectory filter": ["--no-trajectory-filter" if DEFAULTS.trajectory_filter else "--trajectory-filter"],
     # Flow-GRPO at the NFT learning rate (1e-3) degrades within 20 iterations; 3e-4 is its stable rate here
     "grpo": ["--algo", "grpo", "--learning-rate", "3e-4"],
+    "rft (default)": ["--algo", "rft"],
+    "sft control": ["--algo", "sft"],
 }
 
 
@@ -57,7 +61,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     test_json = out / "test.json"
     with (args.out / f"{slug(arm)}.log").open("a") as log:
         if not (out / "adapter").exists():
-            subprocess.run([sys.executable, "-m", "training.grpo", "--lora", *ARMS[arm], "--iterations",
+            subprocess.run([sys.executable, "-m", "training.grpo", "--lora", *REFERENCE, *ARMS[arm], "--iterations",
                             str(args.iterations), "--eval-every", str(args.eval_every), "--eval-sessions",
                             str(args.eval_sessions), "--seed", str(args.seed), "--out", str(out)],
                            cwd=ROOT, env=env, stdout=log, stderr=log, check=True)
@@ -167,7 +171,7 @@ def main() -> None:
                f"({args.eval_sessions} sessions) turn-3 overall ≥ {target:.3f} (base {base_val:.3f} + "
                f"{args.target_gain}), checked every {args.eval_every} iterations; minutes = training time "
                f"(rollout + reward + update), evaluations excluded.\n\n"
-               f"Reproduce: `python bench/grpo_ablation.py --iterations {args.iterations} --test-sessions "
+               f"Reproduce: `python -m bench.grpo_ablation --iterations {args.iterations} --test-sessions "
                f"{args.test_sessions}`\n")
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
     args.markdown.write_text(f"# Multi-turn credit assignment: ablation\n\n{caption}\n{table}\n\n"

@@ -1,6 +1,6 @@
 """Cost of one multi-turn GRPO / NFT iteration on the mini editor, split by phase.
 
-    python bench/grpo_step.py [--iterations 5] [--json out/bench/grpo_step.json] [TRAINER FLAGS ...]
+    python -m bench.grpo_step [--iterations 5] [--json out/bench/grpo_step.json] [TRAINER FLAGS ...]
 
 Runs the real trainer (``training.grpo.train``) for a few iterations with the default configuration,
 changed by any trainer flags given (``--algo grpo``, ``--steps 8``, ...), into a scratch directory and
@@ -15,13 +15,10 @@ import json
 import platform
 import resource
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training.grpo import parse_args, train  # noqa: E402
+from training.grpo import parse_args, train
 
 
 def main() -> None:

@@ -10,7 +10,7 @@
 
 Prints a markdown table and writes JSON (``--out``, default ``out/bench/label_store.json``)
 with writers, judgments, per_second, p99_ms, lost, duplicated and the leaderboard figures.
-Run with ``nice -n 10 python bench/label_store.py``; on a shared CPU the figures are a
+Run with ``nice -n 10 python -m bench.label_store``; on a shared CPU the figures are a
 lower bound.
 """
 
@@ -30,10 +30,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from labeling import ratings  # noqa: E402
-from labeling.store import LabelStore  # noqa: E402
+from labeling import ratings
+from labeling.store import LabelStore
 
 CRITERIA = ("overall", "instruction", "consistency", "quality")
 

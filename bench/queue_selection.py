@@ -16,7 +16,7 @@ runs: the judgments needed (median, quartiles; runs that did not separate within
 ``--budget`` count at the budget, as a lower bound) and the mean 95% half-width of the
 adjacent differences (Elo points) at fixed budgets.
 
-    python bench/queue_selection.py        # markdown table; JSON in out/bench/queue_selection.json
+    python -m bench.queue_selection        # markdown table; JSON in out/bench/queue_selection.json
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from labeling.active import SELECTIONS, choose_pair, pair_gain, rating_covariance  # noqa: E402
-from labeling.ratings import ELO_SCALE, fit_bt  # noqa: E402
+from labeling.active import SELECTIONS, choose_pair, pair_gain, rating_covariance
+from labeling.ratings import ELO_SCALE, fit_bt
 
 Z95 = 1.959964
 

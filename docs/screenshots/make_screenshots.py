@@ -1,7 +1,7 @@
 """Regenerate the app screenshots in this directory (a real browser: Debian's chromium).
 
-    python docs/screenshots/make_screenshots.py            # the default editors (mini vs mini+RL)
-    python docs/screenshots/make_screenshots.py --reference  # oracle vs identity (no checkpoints)
+    python -m docs.screenshots.make_screenshots            # the default editors (mini vs mini+RL)
+    python -m docs.screenshots.make_screenshots --reference  # oracle vs identity (no checkpoints)
 
 Launches the app on a temporary data directory, fills the labeling queue with a few world test
 sessions, plays a 3-turn arena session with votes, labels one item with the keyboard and opens
@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
 
 
 def verifier_pick(status: str) -> str:

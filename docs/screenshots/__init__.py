@@ -1,0 +1,1 @@
+"""The app screenshots and the script that regenerates them."""
