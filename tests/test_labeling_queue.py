@@ -249,11 +249,8 @@ def test_unknown_selection_is_refused():
 
 def test_queue_selection_simulation_runs_and_reports(tmp_path, capsys):
     import json
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import queue_selection
+    from bench import queue_selection
 
     out = tmp_path / "q.json"
     assert queue_selection.main(["--elo", "1000,1200,1250", "--reps", "3", "--budget", "3000",

@@ -266,8 +266,7 @@ def test_read_only_and_one_store_per_file_per_process(populated, tmp_path):
 
 
 HOLDER = """
-import sys, time
-sys.path.insert(0, {repo!r})
+import time
 from labeling.store import LabelStore
 store = LabelStore.open({path!r})
 store.add_annotator("holder")
@@ -292,8 +291,7 @@ def test_second_process_gets_a_clear_message_and_can_read_a_snapshot(populated, 
     live.start()
     has_cursor.wait()
     store.close()  # releases the file anyway, or the holder below could not open it
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(repo=str(REPO),
-                                                                    path=str(path))],
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(path=str(path))], cwd=REPO,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ready"
@@ -322,7 +320,6 @@ def test_second_process_gets_a_clear_message_and_can_read_a_snapshot(populated, 
 
 WRITER = """
 import sys, threading
-sys.path.insert(0, {repo!r})
 from labeling.store import LabelStore
 store = LabelStore.open({path!r})
 lock = threading.Lock()
@@ -345,8 +342,7 @@ def test_acknowledged_judgments_survive_sigkill(populated):
     path = store.path
     store.close()
     child = subprocess.Popen(
-        [sys.executable, "-c", WRITER.format(repo=str(REPO), path=str(path),
-                                             cid=comparisons[0])],
+        [sys.executable, "-c", WRITER.format(path=str(path), cid=comparisons[0])], cwd=REPO,
         stdout=subprocess.PIPE, text=True)
     acked = []
     while len(acked) < 1500:
