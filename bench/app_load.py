@@ -78,8 +78,11 @@ def launch(data: Path, port: int, extra: list[str], log_path: Path) -> subproces
            "--port", str(port), *extra]
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     log = open(log_path, "w")
+    # SIGINT stops the app cleanly (it then logs its profile); a bench started in the
+    # background has SIGINT ignored, which the app would inherit: restore it
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_up(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -285,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait()
     log_text = log_path.read_text(errors="replace")
     sides = re.findall(r"Side [AB] .*", log_text)
+    found = re.search(r"app profile: (\{.*\})", log_text)
+    profile = json.loads(found.group(1)) if found else None
     check = verify(work / "data" / "labels.duckdb", players)
     turns = [s for p in players for s in p.turn_s]
     votes = [s for p in players for s in p.vote_s]
@@ -297,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "fallback_notices": sides,
         "cpu": {"cores": os.cpu_count(), "loadavg_before": load_before,
                 "loadavg_after": load_after,
-                "note": "CPU shared with a training job; OMP_NUM_THREADS="
+                "note": "OMP_NUM_THREADS="
                         + os.environ.get("OMP_NUM_THREADS", "unset")},
         "sessions": sum(p.sessions for p in players), "turns": len(turns), "votes": len(votes),
         "errors": len(errors), "error_examples": errors[:10],
@@ -309,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                            "max": max(votes, default=None)},
         "turns_per_s": round(len(turns) / wall, 2) if wall else None,
         "database": check,
+        "server_profile": profile,
     }
     out = args.json or work / "app_load.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -334,6 +340,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<{width}}  {value}")
     if sides:
         print("  editors: " + " | ".join(sides))
+    if profile:
+        print("  server profile (seconds; batch sizes in items):")
+        for name, row in profile.items():
+            if "histogram" in row:
+                print(f"    {name:<44} mean {row['mean']:.1f}  max {row['max']}  "
+                      f"({row['n']} batches)")
+            else:
+                print(f"    {name:<44} p50 {row['p50']:.3f}  p95 {row['p95']:.3f}  "
+                      f"mean {row['mean']:.3f}  n {row['n']}")
     for e in errors[:5]:
         print(f"  error: {e}")
     print(f"  json: {out}")
