@@ -9,6 +9,10 @@ The same file is the entry point of the Hugging Face Space (README front matter:
 
 import sys
 
+from mteditlab.app.threads import set_wait_policy
+
+set_wait_policy()  # OpenMP reads it once, when torch loads: before anything imports torch
+
 
 def main(argv=None) -> int:
     from mteditlab.app.config import ConfigError, config_from_args

@@ -183,3 +183,32 @@ def test_hub_dataset_flags(monkeypatch):
     for bad in (["--hub-dataset", "not a repo"], ["--hub-every", "0"]):
         with pytest.raises(ConfigError):
             config_from_args(bad)
+
+
+def test_thread_policy_flags_and_wait_policy(monkeypatch):
+    """--threads / MTEDITLAB_THREADS, --take-turns; app.py sets OMP_WAIT_POLICY=PASSIVE before
+    torch loads (unless set) and the policy gives torch the threads asked for."""
+    for name in ("MTEDITLAB_THREADS", "MTEDITLAB_TAKE_TURNS"):
+        monkeypatch.delenv(name, raising=False)
+    config = config_from_args([])
+    assert config.threads is None and config.take_turns is False
+    assert config_from_args(["--threads", "3", "--take-turns"]).threads == 3
+    assert config_from_args(["--take-turns"]).take_turns is True
+    assert config_from_args(["--threads", "auto"]).threads is None
+    monkeypatch.setenv("MTEDITLAB_THREADS", "1")
+    monkeypatch.setenv("MTEDITLAB_TAKE_TURNS", "1")
+    config = config_from_args([])
+    assert config.threads == 1 and config.take_turns is True
+    for bad in ("0.5", "-2", "many"):
+        with pytest.raises(ConfigError):
+            config_from_args(["--threads", bad])
+    code = ("import os, sys\nos.environ.pop('OMP_WAIT_POLICY', None)\nimport app\n"
+            "from mteditlab.app.threads import apply_thread_policy, auto_threads\n"
+            "print('POLICY', os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)\n"
+            "import torch\nprint('SET', apply_thread_policy(1), torch.get_num_threads(), "
+            "sys.getswitchinterval() < 0.005, auto_threads() >= 1)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "POLICY PASSIVE False" in out.stdout
+    assert "SET 1 1 True True" in out.stdout

@@ -8,9 +8,14 @@ store=…)``) and launch it on a free port with ``prevent_thread_lock=True``; ``
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
-import gradio as gr
+# gradio recomputes its monitoring summary (a pandas frame of the last 10,000 events) after
+# every event by default: under load that is most of the server's own CPU time
+os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
+
+import gradio as gr  # noqa: E402
 
 from .arena import Arena
 from .arena_ui import build_arena_tab
@@ -19,6 +24,7 @@ from .context import AppContext
 from .label import Labeling, seed_queue_in_background
 from .label_ui import SHORTCUTS_JS, build_label_tab
 from .leaderboard_ui import build_leaderboard_tab
+from .threads import apply_thread_policy
 
 log = logging.getLogger("mteditlab.app")
 
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from labeling.store import StoreError
 
+    apply_thread_policy(config.threads)
     try:
         demo = build_app(config)
     except StoreError as exc:

@@ -26,6 +26,8 @@ flag                        environment variable             default
                                                              there, resumed on a fresh start;
                                                              ``file:DIR`` for a local folder)
 ``--hub-every``             ``MTEDITLAB_HUB_EVERY``          5 (minutes between snapshots)
+``--threads``               ``MTEDITLAB_THREADS``            auto (half the available cores)
+``--take-turns``            ``MTEDITLAB_TAKE_TURNS``         off (both sides run at once)
 ``--auth``                  ``MTEDITLAB_AUTH``               none: the app is public
 ==========================  ===============================  ===================================
 
@@ -135,6 +137,8 @@ class AppConfig:
     strict: bool = False                  # fail instead of falling back when an editor is missing
     max_batch: int = 16                   # edits batched per editor call under load
     concurrency: int = 32                 # gradio queue default concurrency limit
+    threads: int | None = None            # torch intra-op threads (None: half the cores)
+    take_turns: bool = False              # the sides' batches take turns instead of sharing
     seed_queue: int = 0                   # labeling items to generate at start when the queue is empty
     reward_model: str | None = DEFAULT_REWARD_MODEL  # calibrated reward model dir (its report)
     min_battles: int = 20                 # leaderboard: fewer battles = provisional, not ranked
@@ -220,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="events processed at once (edits are batched per editor anyway)")
     g.add_argument("--max-batch", type=int, default=16,
                    help="largest batch of concurrent edits sent to one editor call")
+    g.add_argument("--threads", default=_env("MTEDITLAB_THREADS", "auto"), metavar="N",
+                   help="torch intra-op threads of each side's editor, or 'auto': half the "
+                   "cores this process may use (the sides run at once), at least 1, at most 8. "
+                   "Give fewer when another heavy job shares the "
+                   "machine; idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE unless set) "
+                   "[MTEDITLAB_THREADS] (default auto)")
+    g.add_argument("--take-turns", dest="take_turns", action="store_true",
+                   default=_bool_env("MTEDITLAB_TAKE_TURNS", False),
+                   help="run one side's batch at a time with every thread, instead of both "
+                   "sides at once on half the threads each [MTEDITLAB_TAKE_TURNS]")
     g.add_argument("--reward-model", default=_env("MTEDITLAB_REWARD_MODEL", DEFAULT_REWARD_MODEL),
                    help="directory of the calibrated reward model (python -m "
                    "training.reward_model --out DIR); the leaderboard shows its held-out "
@@ -279,6 +293,17 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
     for flag, editor in (("--editor-a", args.editor_a), ("--editor-b", args.editor_b)):
         if editor not in ALL_EDITORS:
             raise ConfigError(f"{flag}: unknown editor {editor!r}; one of {', '.join(ALL_EDITORS)}")
+    threads_text = str(args.threads).strip().lower()
+    if threads_text in ("", "auto", "0"):
+        threads = None
+    else:
+        try:
+            threads = int(threads_text)
+        except ValueError:
+            threads = -1
+        if not 1 <= threads <= 1024:
+            raise ConfigError(f"--threads must be a whole number 1..1024 or auto, got "
+                              f"{args.threads!r}")
     hf = tuple(n.strip() for n in (args.hf_annotators or "").split(",") if n.strip())
     lora_b = args.lora_b
     if lora_b == "default":  # the shipped RL adapter belongs to the mini editor only
@@ -294,6 +319,7 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
         auth=Credentials.parse(args.auth, "--auth"),
         anonymous=args.anonymous, device=args.device, steps=args.steps, strict=args.strict,
         max_batch=max(1, args.max_batch), concurrency=max(1, args.concurrency),
+        threads=threads, take_turns=args.take_turns,
         seed_queue=max(0, args.seed_queue), reward_model=_opt(args.reward_model),
         min_battles=max(0, args.min_battles), queue_selection=args.queue_selection,
         hub_dataset=_opt(args.hub_dataset), hub_every=args.hub_every,
