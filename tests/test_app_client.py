@@ -75,6 +75,8 @@ def test_three_turn_arena_session_with_votes_lands_in_duckdb(app):
         assert len(out[GAL_L]) == len(out[GAL_R]) == k + 2     # source + every turn
         out = c.predict(k + 1, "overall", api_name=f"/vote_{picks[k]}")
         assert f"Vote stored for turn {k + 1}" in status(out), status(out)
+        # a vote answers with the pictures as they are (plain values, never gr.update())
+        assert len(out[GAL_L]) == len(out[GAL_R]) == k + 2
         shown = " ".join(str(o) for o in out)
         assert "oracle" not in shown and "identity" not in shown   # hidden until the end
     out = c.predict(api_name="/end_session")

@@ -115,3 +115,24 @@ def test_arena_progress_names_screen_sides_only(tmp_path):
 def test_progress_fraction(fraction_input, expected):
     assert progress_fraction(fraction_input) == pytest.approx(expected)
 
+
+
+def test_progress_reports_are_throttled_between_start_and_finish():
+    """A long edit reports each side's start and finish, and in between at most every
+    REPORT_EVERY_S (not on every step: under load each report costs the server CPU)."""
+    from mteditlab.app.engine import REPORT_EVERY_S
+
+    steps, delay = 40, 0.02   # 0.8 s per side, one step every 20 ms
+    engine = testing.make_engine(testing.paced_editor(OracleEditor(), delay, steps=steps),
+                                 testing.paced_editor(IdentityEditor(), delay, steps=steps))
+    image, text = _session_input()
+    reports = []
+    try:
+        results = run_pair(engine, {"A": image, "B": image}, text, None, 1, None,
+                           progress=reports.append)
+    finally:
+        engine.close()
+    assert all(err is None for _, _, err in results.values())
+    assert reports[-1] == {"A": (steps, steps), "B": (steps, steps)}
+    assert any(0 < r["A"][0] < steps for r in reports)      # intermediate steps still shown
+    assert len(reports) <= 4 + steps * delay / REPORT_EVERY_S + 2   # not one per step (80)

@@ -176,6 +176,13 @@ class Arena:
         self.store = ctx.store
         self.bank = ctx.bank
         self.rng = random.Random()
+        if self.engine.world:
+            # the world reader builds its templates on first use (~0.3 s): do it now, not
+            # inside the first requests (under load every one of them would build them)
+            try:
+                read_world_scene(Image.new("RGB", (self.engine.size, self.engine.size)))
+            except Exception:  # noqa: BLE001 - a warm-up only
+                log.debug("world reader warm-up failed", exc_info=True)
 
     # ------------------------------------------------------------------- starting a session
     def _begin(self, state: ArenaState, image: Image.Image, label: str, suggestions: list[str],
@@ -261,14 +268,18 @@ class Arena:
         if progress is not None:
             def report(done):
                 progress(progress_fraction(done), self.progress_text(state, done))
-        results = run_pair(self.engine, inputs, text, intent, turn_seed(seed, 0, k), steps,
-                           progress=report)
+        timings = self.ctx.timings
+        with timings.timed("edit: both sides (run_pair)"):
+            results = run_pair(self.engine, inputs, text, intent, turn_seed(seed, 0, k), steps,
+                               progress=report)
         failed = {side: err for side, (_, _, err) in results.items() if err}
         if failed:
             parts = [f"{self._label(state, side)} failed ({err})" for side, err in failed.items()]
             raise ArenaError("The edit did not go through: " + "; ".join(parts) + ". The session "
                              "is unchanged: try again, or another instruction.")
-        outputs = {side: self.bank.put(results[side][0]) for side in "AB"}
+        with timings.timed("edit: PNG-encode outputs into the bank"):
+            outputs = {side: self.bank.put(results[side][0]) for side in "AB"}
+        verdict_start = time.perf_counter()
         verdicts = {}
         for side in "AB":
             try:
@@ -276,6 +287,7 @@ class Arena:
                                          inputs[side], results[side][0])
             except Exception:  # noqa: BLE001 - a verdict is an extra, never a failure
                 verdicts[side] = None
+        timings.add("edit: verifier verdicts", time.perf_counter() - verdict_start)
         state.turns.append(TurnRecord(text, step, intent is not None, seed, steps, outputs,
                                       {s: round(results[s][1], 4) for s in "AB"}, verdicts,
                                       time.time()))
@@ -305,11 +317,12 @@ class Arena:
         choice = choice_from_screen(pick, state.left)
         blind = state.anonymous and not state.revealed
         latency_ms = max(0.0, (time.time() - record.shown_at) * 1000.0)
-        comparison = self._store_sessions(state, turn, {"blind": blind})
-        self.ctx.ensure_annotator(voter)
-        jid = self.store.record_judgment(comparison, voter, turn - 1, criterion, choice,
-                                         state.left, latency_ms=latency_ms, simulated=False,
-                                         blind=blind)
+        with self.ctx.timings.timed("vote: store images, sessions, judgment"):
+            comparison = self._store_sessions(state, turn, {"blind": blind})
+            self.ctx.ensure_annotator(voter)
+            jid = self.store.record_judgment(comparison, voter, turn - 1, criterion, choice,
+                                             state.left, latency_ms=latency_ms,
+                                             simulated=False, blind=blind)
         record.vote = {"pick": pick, "choice": choice, "criterion": criterion,
                        "judgment_id": int(jid), "comparison_id": int(comparison),
                        "blind": blind}

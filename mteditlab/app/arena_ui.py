@@ -14,6 +14,7 @@ the screen always shows exactly what the server holds.  Public API endpoints (fo
 from __future__ import annotations
 
 import logging
+import time
 
 import gradio as gr
 
@@ -114,28 +115,34 @@ def build_arena_tab(ctx, arena: Arena) -> None:
                columns["right"][1], columns["left"][2], columns["right"][2], status, turn_no,
                *vote_btns.values(), fork_no, suggestions, instruction, history]
 
-    def render(st: ArenaState, clear_instruction: bool = False, images: bool = True) -> list:
-        """All outputs from the state; ``images=False`` leaves the pictures as they are on
-        screen (votes and refusals change none), which keeps those answers small."""
+    def render(st: ArenaState, clear_instruction: bool = False, choices: bool = False) -> list:
+        """All outputs from the state.  Pictures are always plain values (display file paths):
+        any ``gr.update(...)``, even an empty one, makes gradio rebuild that component and its
+        API schema on the server's event loop (a gallery's costs milliseconds), which under load
+        was most of the event loop's time.  ``choices`` re-sends the suggestions list (only a
+        new source changes it)."""
         can_vote = st.can_vote()
-        options = list(dict.fromkeys(st.suggestions))
-        if images:
-            pictures = [ctx.display.path(st.source) if st.source else None,
-                        arena.current(st, "left"), arena.current(st, "right"),
-                        arena.strip(st, "left"), arena.strip(st, "right")]
+        src = ctx.display.path(st.source) if st.source else None
+        cur_l, cur_r = arena.current(st, "left"), arena.current(st, "right")
+        strip_l, strip_r = arena.strip(st, "left"), arena.strip(st, "right")
+        if choices:
+            suggestion_box = gr.update(choices=list(dict.fromkeys(st.suggestions)), value=None)
         else:
-            pictures = [gr.update()] * 5
-        src, cur_l, cur_r, strip_l, strip_r = pictures
+            suggestion_box = None
         return [st, src, arena.title(st, "left"), arena.title(st, "right"),
                 cur_l, cur_r, strip_l, strip_r, arena.status(st), st.n,
                 *[gr.update(interactive=can_vote) for _ in PICKS],
                 gr.update(value=max(0, st.n - 1), maximum=max(0, st.n)),
-                gr.update(choices=options, value=None),
+                suggestion_box,
                 gr.update(value="") if clear_instruction else gr.update(), arena.history(st)]
 
-    def run(op, st: ArenaState, request: gr.Request | None, *args, clear=False, images=True):
+    def run(op, st: ArenaState, request: gr.Request | None, *args, clear=False, choices=False):
         key = getattr(request, "session_hash", None) or st.arena_id or "anon"
+        name = getattr(op, "__name__", "op")
+        waited = time.perf_counter()
         with ctx.lock_for(key):
+            ctx.timings.add(f"{name}: session lock wait", time.perf_counter() - waited)
+            start = time.perf_counter()
             try:
                 st.message = op(st, *args)
                 ok = True
@@ -149,19 +156,21 @@ def build_arena_tab(ctx, arena: Arena) -> None:
                               "the session is unchanged.")
                 gr.Warning(st.message)
                 ok = False
-            return render(st, clear_instruction=clear and ok, images=images and ok)
+            ctx.timings.add(f"{name}: handler", time.perf_counter() - start)
+            with ctx.timings.timed(f"{name}: render answer (display files)"):
+                return render(st, clear_instruction=clear and ok, choices=choices and ok)
 
     def on_random(st, request: gr.Request):
-        return run(arena.start_random, st, request)
+        return run(arena.start_random, st, request, choices=True)
 
     def on_example(st, choice, request: gr.Request):
         if not choice:
             return render(st)
         number = str(choice).replace("Example", "").strip()
-        return run(arena.start_example, st, request, number)
+        return run(arena.start_example, st, request, number, choices=True)
 
     def on_upload(st, file, request: gr.Request):
-        return run(arena.start_upload, st, request, file)
+        return run(arena.start_upload, st, request, file, choices=True)
 
     def on_edit(st, text, seed_value, steps_value, request: gr.Request,
                 progress=gr.Progress()):
@@ -171,8 +180,9 @@ def build_arena_tab(ctx, arena: Arena) -> None:
 
     def make_vote(pick):
         def on_vote(st, turn, crit, request: gr.Request):
-            return run(lambda s, t, c: arena.vote(s, pick, t, c, voter_name(ctx, request)), st,
-                       request, turn, crit, images=False)
+            def vote(s, t, c):
+                return arena.vote(s, pick, t, c, voter_name(ctx, request))
+            return run(vote, st, request, turn, crit)
         on_vote.__name__ = f"vote_{pick}"
         return on_vote
 
@@ -183,10 +193,10 @@ def build_arena_tab(ctx, arena: Arena) -> None:
         return run(arena.fork, st, request, turn)
 
     def on_reset(st, request: gr.Request):
-        return run(arena.reset, st, request)
+        return run(arena.reset, st, request, choices=True)
 
     def on_end(st, request: gr.Request):
-        return run(arena.end_session, st, request, images=False)
+        return run(arena.end_session, st, request)
 
     def on_settings(st, intent_on, verdict_on, anonymous_on, request: gr.Request):
         def apply(s, a, b, c):

@@ -13,6 +13,7 @@ is never stored, exported or shown.  The secret is 32 random bytes generated onc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -28,9 +29,9 @@ from typing import Any
 
 from .config import AppConfig
 from .images import DisplayFiles, ImageBank
+from .profile import Timings
 
 log = logging.getLogger("mteditlab.app")
-_STRIPES = 64
 SECRET_FILENAME = "voter_secret.key"
 ANON_PREFIX = "arena:anon-"
 
@@ -74,11 +75,14 @@ class AppContext:
         self.bank = ImageBank(fallback=store.image_bytes)
         self.display_dir = Path(tempfile.mkdtemp(prefix="mteditlab-display-"))
         self.display = DisplayFiles(self.bank, self.display_dir)
-        self._locks = [threading.RLock() for _ in range(_STRIPES)]
+        self._session_locks: dict[str, list] = {}   # key -> [RLock, holders and waiters]
+        self._session_locks_guard = threading.Lock()
         self._annotators: set[str] = set()
         self._annotator_lock = threading.Lock()
         self._events_lock = threading.Lock()
         self.closers: list = []   # called by close()
+        # request timings (see mteditlab.app.profile), shared with the engine's workers
+        self.timings = getattr(engine, "timings", None) or Timings()
         self.snapshots = None     # labeling.snapshots.SnapshotSync when --hub-dataset is set
 
     @classmethod
@@ -125,9 +129,24 @@ class AppContext:
         """Anonymous arena voter id of a browser session (see the module docstring)."""
         return voter_id(self.secret, session_hash)
 
-    def lock_for(self, key: str) -> threading.RLock:
-        """A lock serialising the events of one user session (striped by key)."""
-        return self._locks[hash(key) % _STRIPES]
+    @contextlib.contextmanager
+    def lock_for(self, key: str):
+        """Serialise the events of one user session: a lock of that session's own (counted,
+        dropped when nobody holds or waits for it), so two people never wait for each other
+        (a fixed set of striped locks made unrelated sessions queue behind each other's edits)."""
+        with self._session_locks_guard:
+            entry = self._session_locks.get(key)
+            if entry is None:
+                entry = self._session_locks[key] = [threading.RLock(), 0]
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._session_locks_guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    self._session_locks.pop(key, None)
 
     def ensure_annotator(self, name: str) -> None:
         with self._annotator_lock:
@@ -161,6 +180,9 @@ class AppContext:
         return out
 
     def close(self) -> None:
+        summary = self.timings.summary()
+        if summary:
+            log.info("app profile: %s", json.dumps(summary))
         for closer in self.closers:
             closer()
         if self.engine is not None:

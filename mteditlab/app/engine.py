@@ -15,7 +15,9 @@ Fallbacks (never crash on a fresh clone; ``--strict`` turns them into errors)
 Running edits
     Each side has an :class:`EditorWorker`: a thread that gathers the edit requests queued by
     concurrent users into one ``edit_batch`` call (up to ``max_batch``; items with the same step
-    count), so 20 users cost one batched forward pass per side rather than 20.  Item i of a batch
+    count), so 20 users cost one batched forward pass per side rather than 20.  The two sides'
+    batches run at the same time, each on the app's intra-op threads (``--threads``, see
+    :mod:`mteditlab.app.threads`); ``--take-turns`` runs one side's batch at a time.  Item i of a batch
     depends only on its own seed (the editor protocol), so batching never changes a result.  On
     ZeroGPU Spaces the GPU exists only inside ``spaces.GPU`` functions, so there the edits run
     directly inside :func:`run_pair`, which carries the decorator (a no-op elsewhere).
@@ -23,8 +25,8 @@ Running edits
 Progress
     Editors report each denoising step (``edit_batch(..., callback=)``); the worker passes the
     steps of a batch to every request in it, and :func:`run_pair` hands the caller each side's
-    ``(steps done, steps in all)`` from the caller's own thread (where ``gr.Progress`` works),
-    whenever they change.  Editors that have no denoising loop (the reference editors) report
+    ``(steps done, steps in all)`` from the caller's own thread (where ``gr.Progress`` works):
+    when a side starts and when it finishes at once, in between every ``REPORT_EVERY_S``.  Editors that have no denoising loop (the reference editors) report
     their side finished when their result arrives.
 """
 
@@ -44,6 +46,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from .config import WORLD_EDITORS, AppConfig, SideSpec, resolve_path
+from .profile import Timings
 
 log = logging.getLogger("mteditlab.app")
 EDIT_TIMEOUT_S = 300.0
@@ -184,6 +187,7 @@ class _Request:
     steps: int | None
     future: concurrent.futures.Future
     on_step: Callable[[int, int], Any] | None = None
+    queued_at: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 def takes_callback(editor) -> bool:
@@ -214,12 +218,16 @@ def _fan_out(callbacks: list) -> Callable[[int, int], None] | None:
 class EditorWorker:
     """One thread per editor that batches concurrent requests (see the module docstring)."""
 
-    def __init__(self, side: Side, max_batch: int = 16, gather_s: float = 0.01):
+    def __init__(self, side: Side, max_batch: int = 16, gather_s: float = 0.01,
+                 timings: Timings | None = None, run_lock: threading.Lock | None = None):
         self.side = side
+        self.timings = timings if timings is not None else Timings()
         self.max_batch = max_batch
         self.gather_s = gather_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()  # for direct (unbatched) calls
+        # held while the editor runs; shared by both sides' workers when their batches take
+        # turns on the CPU (see Engine)
+        self._lock = run_lock or threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"editor-{side.key}", daemon=True)
         self._stopped = False
         self._thread.start()
@@ -286,12 +294,18 @@ class EditorWorker:
         live = [r for r in reqs if r.future.set_running_or_notify_cancel()]
         if not live:
             return
+        key = self.side.key
         try:
             with self._lock:
+                start = time.perf_counter()
+                for r in live:
+                    self.timings.add(f"editor {key}: queue wait", start - r.queued_at)
                 outputs = self._edit_batch(
                     [r.image for r in live], [r.instruction for r in live],
                     [r.intent for r in live], [r.seed for r in live], steps,
                     _fan_out([r.on_step for r in live]))
+                self.timings.add(f"editor {key}: batch compute", time.perf_counter() - start)
+            self.timings.count(f"editor {key}: batch size", len(live))
             self.batches += 1
             self.items += len(live)
         except Exception as exc:  # noqa: BLE001
@@ -314,17 +328,24 @@ class EditorWorker:
 class Engine:
     """Both sides, their workers and the working image size."""
 
-    def __init__(self, a: Side, b: Side, notices: list[str], max_batch: int = 16):
+    def __init__(self, a: Side, b: Side, notices: list[str], max_batch: int = 16,
+                 take_turns: bool = False):
         self.sides = {"A": a, "B": b}
         self.notices = notices
         self.size = working_size(a, b)
         self.batching = not on_zero_gpu()
-        self.workers = {k: EditorWorker(s, max_batch) for k, s in self.sides.items()}
+        self.timings = Timings()
+        # take_turns: one side's batch at a time (a lock shared by both workers); measured
+        # against both at once in docs/app_load.md
+        self.take_turns = take_turns
+        shared = threading.Lock() if take_turns else None
+        self.workers = {k: EditorWorker(s, max_batch, timings=self.timings, run_lock=shared)
+                        for k, s in self.sides.items()}
 
     @classmethod
     def from_config(cls, config: AppConfig) -> "Engine":
         a, b, notices = load_sides(config)
-        return cls(a, b, notices, config.max_batch)
+        return cls(a, b, notices, config.max_batch, take_turns=config.take_turns)
 
     @property
     def world(self) -> bool:
@@ -353,8 +374,10 @@ class PairProgress:
 
     def step(self, side: str, done: int, total: int) -> None:
         with self._lock:
+            first = self._steps[side][1] is None
             self._steps[side] = (int(done), int(total))
-        self.changed.set()
+        if first:   # a side started: show it at once; later steps are polled (REPORT_EVERY_S)
+            self.changed.set()
 
     def finish(self, side: str) -> None:
         with self._lock:
@@ -375,6 +398,10 @@ def progress_fraction(steps: dict[str, tuple[int, int | None]]) -> float:
 
 
 ProgressFn = Callable[[dict[str, tuple[int, int | None]]], Any]
+# progress goes out when a side starts or finishes and otherwise at most this often: every
+# report is a message through gradio's event loop, and waking each waiting request on every
+# denoising step of a 16-item batch costs the editors the CPU they need
+REPORT_EVERY_S = 0.25
 
 
 def run_pair(engine: Engine, inputs: dict[str, Image.Image], instruction: str, intent: str | None,
@@ -414,6 +441,7 @@ def _run_pair_batched(engine: Engine, inputs, instruction, intent, seed, steps,
     deadline = start + EDIT_TIMEOUT_S
     shown = None
     while True:
+        tracker.changed.clear()   # before looking: a side finishing from now on wakes the wait
         all_done = all(f.done() for f in futures.values())
         if progress is not None:
             now = tracker.snapshot()
@@ -425,8 +453,7 @@ def _run_pair_batched(engine: Engine, inputs, instruction, intent, seed, steps,
                     log.debug("progress report failed", exc_info=True)
         if all_done or time.perf_counter() >= deadline:
             break
-        tracker.changed.wait(min(0.25, max(0.0, deadline - time.perf_counter())))
-        tracker.changed.clear()
+        tracker.changed.wait(min(REPORT_EVERY_S, max(0.0, deadline - time.perf_counter())))
     results: dict[str, tuple[Image.Image | None, float, str | None]] = {}
     for k, fut in futures.items():
         if not fut.done():
