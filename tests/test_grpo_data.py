@@ -205,7 +205,7 @@ def test_two_processes_prepare_the_real_backend_and_keep_the_adapter_in_sync(tmp
     assert two[0]["loss"] != one[0]["loss"]   # each process rolled its own sessions (4 in all, not 2)
     assert [sorted(r) for r in two] == [sorted(r) for r in one]   # same columns as one process
     assert all(math.isfinite(r["loss"]) for r in two)
-    assert np.isfinite([v for r in two for v in r.values() if isinstance(v, float)]).all()
+    assert not [k for r in two for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)]
     assert trained(out[2] / "adapter") and trained(out[1] / "adapter")   # gradients flow through checkpointing
 
 

@@ -724,7 +724,8 @@ def train(cfg: GRPOConfig) -> Path:
         checksums = accelerator.gather(torch.stack([full_tensor(p).detach().double().sum() for p in trainable]).sum().view(1))
         local.update({k: float(np.mean(v)) for k, v in loss_stats.items()})
         local["loss_terms"] = float(len(loss_stats.get("loss", [])))   # loss evaluations this iteration
-        averaged = accelerator.reduce(torch.tensor(list(local.values()), dtype=torch.float64), reduction="mean")
+        # mean over processes of what each could measure (a process whose rewards all failed counts as missing)
+        averaged = accelerator.gather(torch.tensor([list(local.values())], dtype=torch.float64)).nanmean(0)
         summed = accelerator.reduce(torch.tensor(list(counts.values()), dtype=torch.float64), reduction="sum") \
             if counts else torch.zeros(0)
         row = {"kind": "train", "iteration": iteration + 1, **timings, "train_minutes": minutes,
