@@ -1,12 +1,13 @@
 """Multi-turn RL of a LoRA adapter on a flow-matching editor: Flow-GRPO, DiffusionNFT and
 reward-filtered self-training (RFT), with a supervised control (SFT).
 
-    python -m training.grpo --lora                       # NFT on the mini editor, verifier (+ quality) reward
+    python -m training.grpo --lora                       # RFT on the mini editor, verifier (+ quality) reward
     python -m training.grpo --lora --algo grpo --learning-rate 3e-4 --reward judge=1.0
-    accelerate launch --num_processes 2 -m training.grpo --lora   # data-parallel, gradients all-reduced
-    python -m training.grpo --lora --editor kontext --sessions-from data/sessions --reward qwen-vl=1.0 \
+    python -m training.grpo --lora --algo sft            # the supervised control
+    accelerate launch --num_processes 2 --multi_gpu -m training.grpo --lora   # data-parallel, gradients all-reduced
+    python -m training.grpo --lora --algo nft --editor kontext --sessions-from data/sessions --reward qwen-vl=1.0 \
         --reward-paths qwen-vl=http://HOST:8000/v1 --hacking-reference calibrated
-    accelerate launch --config_file configs/accelerate/fsdp.yaml -m training.grpo --lora --editor kontext ...
+    accelerate launch --config_file configs/accelerate/fsdp.yaml -m training.grpo --lora --algo nft --editor kontext ...
 
 One iteration, top to bottom:
 
