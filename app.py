@@ -9,20 +9,20 @@ The same file is the entry point of the Hugging Face Space (README front matter:
 
 import sys
 
-from mteditlab.app.threads import set_wait_policy
+from ui.threads import set_wait_policy
 
 set_wait_policy()  # OpenMP reads it once, when torch loads: before anything imports torch
 
 
 def main(argv=None) -> int:
-    from mteditlab.app.config import ConfigError, config_from_args
+    from ui.config import ConfigError, config_from_args
 
     try:
         config_from_args(argv)  # parse first: --help and bad flags answer before heavy imports
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from mteditlab.app.build import main as run
+    from ui.build import main as run
 
     return run(argv)
 

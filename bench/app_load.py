@@ -206,7 +206,7 @@ class Player(threading.Thread):
 def verify(db: Path, players: list[Player]) -> dict:
     from labeling.store import LabelStore
 
-    from mteditlab.app.context import server_secret, voter_id
+    from ui.context import server_secret, voter_id
 
     secret = server_secret(db.parent)
     for p in players:

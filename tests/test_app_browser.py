@@ -5,7 +5,7 @@ the leaderboard, checks the screen and the database, and saves screenshots (to
 
 The arena runs two flow editors that take real denoising steps at a visible pace (the
 oracle's and the identity's results, reached in 10 steps each; see
-:func:`mteditlab.app.testing.paced_editor`)."""
+:func:`ui.testing.paced_editor`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mteditlab.app import testing
+from ui import testing
 from mteditlab.editors.reference import IdentityEditor, OracleEditor
 from mteditlab.world import generate_session
 
@@ -52,7 +52,7 @@ def check_progress(frames: list[dict]) -> None:
 
 
 def test_arena_and_labeling_in_a_real_browser(tmp_path):
-    from mteditlab.app.label import populate_queue
+    from ui.label import populate_queue
 
     shots = Path(os.environ.get("MTEDITLAB_SCREENSHOTS") or tmp_path / "shots")
     shots.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mteditlab.app.testing import make_engine, running_app, app_config
+from ui.testing import make_engine, running_app, app_config
 from mteditlab.editors.reference import IdentityEditor, OracleEditor
 from mteditlab.world import generate_session, render
 
@@ -227,7 +227,7 @@ def test_undo_fork_reset_and_the_unvoted_tail_is_stored(app):
 
 
 def test_labeling_an_item_stores_exactly_its_judgments(app):
-    from mteditlab.app.label import populate_queue
+    from ui.label import populate_queue
 
     url, ctx = app
     made = populate_queue(ctx, n_sessions=3, n_turns=2, gold_every=0, start=100)

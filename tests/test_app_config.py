@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mteditlab.app.config import (DEFAULT_ADAPTER, AppConfig, ConfigError, Credentials, SideSpec,
+from ui.config import (DEFAULT_ADAPTER, AppConfig, ConfigError, Credentials, SideSpec,
                                   config_from_args)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_credentials(tmp_path):
 
 
 def test_fallbacks_when_weights_are_missing(tmp_path):
-    from mteditlab.app.engine import load_sides
+    from ui.engine import load_sides
 
     empty = tmp_path / "no-checkpoint"
     empty.mkdir()
@@ -102,9 +102,9 @@ def test_fallbacks_when_weights_are_missing(tmp_path):
 
 
 def test_missing_adapter_falls_back_to_the_oracle_on_side_b(tmp_path):
-    from mteditlab.app.build import _notice
-    from mteditlab.app.context import AppContext
-    from mteditlab.app.engine import load_sides
+    from ui.build import _notice
+    from ui.context import AppContext
+    from ui.engine import load_sides
     from mteditlab.editors.mini import MiniEditor
 
     checkpoint = tmp_path / "mini"
@@ -115,7 +115,7 @@ def test_missing_adapter_falls_back_to_the_oracle_on_side_b(tmp_path):
     a, b, notices = load_sides(config)
     assert a.editor_name == f"mini@{checkpoint}" and a.adapter is None
     assert b.model == "oracle" and "oracle" in notices[0] and "LoRA" in notices[0]
-    from mteditlab.app.engine import Engine
+    from ui.engine import Engine
 
     ctx = AppContext.create(config, engine=Engine(a, b, notices))
     try:
@@ -128,7 +128,7 @@ def test_missing_adapter_falls_back_to_the_oracle_on_side_b(tmp_path):
 
 def test_fresh_clone_default_config_builds(tmp_path):
     """The defaults build whether or not the trained checkpoints are present."""
-    from mteditlab.app.build import build_app
+    from ui.build import build_app
 
     demo = build_app(AppConfig(data_dir=tmp_path / "data"))
     ctx = demo.mteditlab_ctx
@@ -157,8 +157,8 @@ def test_queue_selection_flag_environment_and_store_policy(monkeypatch, tmp_path
     monkeypatch.setenv("MTEDITLAB_QUEUE_SELECTION", "greedy")
     with pytest.raises((ConfigError, SystemExit)):
         config_from_args([])
-    from mteditlab.app.context import AppContext
-    from mteditlab.app.testing import app_config, make_engine
+    from ui.context import AppContext
+    from ui.testing import app_config, make_engine
     from mteditlab.editors.reference import IdentityEditor, OracleEditor
 
     ctx = AppContext.create(app_config(tmp_path / "d", queue_selection="uniform"),
@@ -203,7 +203,7 @@ def test_thread_policy_flags_and_wait_policy(monkeypatch):
         with pytest.raises(ConfigError):
             config_from_args(["--threads", bad])
     code = ("import os, sys\nos.environ.pop('OMP_WAIT_POLICY', None)\nimport app\n"
-            "from mteditlab.app.threads import apply_thread_policy, auto_threads\n"
+            "from ui.threads import apply_thread_policy, auto_threads\n"
             "print('POLICY', os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)\n"
             "import torch\nprint('SET', apply_thread_policy(1), torch.get_num_threads(), "
             "sys.getswitchinterval() < 0.005, auto_threads() >= 1)")

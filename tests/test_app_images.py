@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mteditlab.app.images import (MAX_PIXELS, ImageBank, ImageInputError, for_display, load_upload,
+from ui.images import (MAX_PIXELS, ImageBank, ImageInputError, for_display, load_upload,
                                   prepare_source)
 from mteditlab.world import generate_session, render
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from mteditlab.app.testing import app_config, make_engine, running_app
+from ui.testing import app_config, make_engine, running_app
 from mteditlab.editors.reference import IdentityEditor, OracleEditor
 from tests.test_labeling_queue import add_arena_battles
 
@@ -29,7 +29,7 @@ def client(url: str) -> Client:
 
 
 def test_an_annotator_gets_a_labeling_item_among_hundreds_of_arena_battles(app):
-    from mteditlab.app.label import populate_queue
+    from ui.label import populate_queue
 
     url, ctx = app
     battles = set(add_arena_battles(ctx.store, 300))
@@ -84,7 +84,7 @@ def test_no_stored_exported_or_displayed_value_holds_the_session_hash(app, tmp_p
 
 
 def test_the_voter_secret_is_made_once_and_kept(tmp_path):
-    from mteditlab.app.context import server_secret, voter_id
+    from ui.context import server_secret, voter_id
 
     first = server_secret(tmp_path)
     assert server_secret(tmp_path) == first
@@ -157,7 +157,7 @@ def rendered(markdown: str) -> tuple[str, str]:
 
 @pytest.mark.parametrize("text", HOSTILE)
 def test_user_text_renders_literally(text):
-    from mteditlab.app.text import md_literal
+    from ui.text import md_literal
 
     out, visible = rendered(md_literal(text))
     assert visible == text
@@ -194,7 +194,7 @@ def test_only_the_admin_sees_the_database_path(app):
 
 
 def test_lone_surrogates_are_cleaned_like_control_characters(app):
-    from mteditlab.app.arena import clean_instruction
+    from ui.arena import clean_instruction
 
     assert clean_instruction("change the\ud800 background\udfff to\x07 black") == \
         "change the background to black"
@@ -202,7 +202,7 @@ def test_lone_surrogates_are_cleaned_like_control_characters(app):
         clean_instruction("\ud800\udbff")
     # a browser's JSON can carry a lone surrogate (JSON.stringify escapes it); httpx cannot
     # send one, so the arena operation is called on the running app's own context
-    from mteditlab.app.arena import Arena, ArenaState
+    from ui.arena import Arena, ArenaState
 
     url, ctx = app
     arena, state = Arena(ctx), ArenaState()
@@ -252,7 +252,7 @@ def test_seed_queue_runs_after_the_server_is_up_with_a_progress_bar(tmp_path):
     from pathlib import Path
 
     from labeling.store import LabelStore
-    from mteditlab.app.testing import free_port
+    from ui.testing import free_port
 
     repo = Path(__file__).resolve().parents[1]
     port, log_path = free_port(), tmp_path / "app.log"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mteditlab.app import testing
-from mteditlab.app.arena import Arena, ArenaState
-from mteditlab.app.engine import progress_fraction, run_pair, takes_callback
+from ui import testing
+from ui.arena import Arena, ArenaState
+from ui.engine import progress_fraction, run_pair, takes_callback
 from mteditlab.editors.reference import IdentityEditor, OracleEditor
 from mteditlab.world import generate_session, render
 
@@ -89,7 +89,7 @@ def test_arena_progress_names_screen_sides_only(tmp_path):
     config = testing.app_config(tmp_path / "data")
     engine = testing.make_engine(testing.paced_editor(OracleEditor(), 0.01, steps=3),
                                  testing.paced_editor(IdentityEditor(), 0.01, steps=3))
-    from mteditlab.app.context import AppContext
+    from ui.context import AppContext
 
     ctx = AppContext.create(config, engine=engine)
     try:
@@ -120,7 +120,7 @@ def test_progress_fraction(fraction_input, expected):
 def test_progress_reports_are_throttled_between_start_and_finish():
     """A long edit reports each side's start and finish, and in between at most every
     REPORT_EVERY_S (not on every step: under load each report costs the server CPU)."""
-    from mteditlab.app.engine import REPORT_EVERY_S
+    from ui.engine import REPORT_EVERY_S
 
     steps, delay = 40, 0.02   # 0.8 s per side, one step every 20 ms
     engine = testing.make_engine(testing.paced_editor(OracleEditor(), delay, steps=steps),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mteditlab.app.testing import app_config, make_engine, running_app
+from ui.testing import app_config, make_engine, running_app
 from mteditlab.editors.reference import IdentityEditor, OracleEditor
 from tests.test_labeling_style import build_style_store
 

@@ -101,10 +101,10 @@ def test_scheduled_pushes_carry_new_judgments_and_only_changed_files(tmp_path):
 
 
 def test_app_restart_keeps_arena_votes_and_labels(tmp_path):
-    from mteditlab.app.arena import Arena, ArenaState
-    from mteditlab.app.context import AppContext
-    from mteditlab.app.label import populate_queue
-    from mteditlab.app.testing import app_config, make_engine
+    from ui.arena import Arena, ArenaState
+    from ui.context import AppContext
+    from ui.label import populate_queue
+    from ui.testing import app_config, make_engine
     from mteditlab.editors.reference import IdentityEditor, OracleEditor
 
     remote = tmp_path / "remote"

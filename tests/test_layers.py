@@ -2,11 +2,11 @@
 
 Layers, bottom to top; a module may import its own layer and any layer below it:
 
-    0  core      ``mteditlab.*`` except ``mteditlab.app``: the world, flow math, editors, rewards,
+    0  core      ``mteditlab.*``: the world, flow math, editors, rewards,
                  evaluation (``mteditlab.bench``), text encoder, session data
     1  labeling  ``labeling.*``: the DuckDB store, queue, ratings, agreement, exports, simulation
     2  training  ``training.*``: pretraining, the judge, the reward model, the RL trainer
-    3  app       ``mteditlab.app.*`` and ``app.py``: the Gradio UI
+    3  app       ``ui.*`` and ``app.py``: the Gradio UI
     4  tools     ``tests``, ``bench``, ``docs``, ``examples``: scripts and checks that may import any
                  layer and that no layered module imports
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("mteditlab", "labeling", "training")
+PACKAGES = ("mteditlab", "labeling", "training", "ui")
 SCRIPTS = ("app.py",)
 LAYERS = ("core", "labeling", "training", "app", "tools")
 TOOLS = ("tests", "bench", "docs", "examples")
@@ -43,7 +43,7 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset()
 def layer_of(module: str) -> int | None:
     """Rank of a project module in LAYERS; None for modules outside the project (stdlib, third party)."""
     top = module.split(".")[0]
-    if module == "mteditlab.app" or module.startswith("mteditlab.app.") or top == "app":
+    if top in ("ui", "app"):
         return LAYERS.index("app")
     if top == "mteditlab":
         return LAYERS.index("core")
@@ -73,7 +73,7 @@ def imports_of(source: str, module: str, is_package: bool) -> list[Import]:
                 name = ".".join(base + ([node.module] if node.module else []))
             else:
                 name = node.module or ""
-            # ``from pkg import sub`` may name a submodule (``from mteditlab import app``): judge each
+            # ``from pkg import sub`` may name a submodule (``from mteditlab import world``): judge each
             # name as pkg.name, which has the layer of pkg unless it is a subpackage of another layer
             found += [Import(name if alias.name == "*" else f"{name}.{alias.name}", node.lineno)
                       for alias in node.names]
@@ -129,7 +129,7 @@ def test_allow_list_is_current():
 
 def test_every_layer_is_scanned():
     modules = project_modules()
-    assert {"mteditlab", "mteditlab.world", "mteditlab.app", "labeling", "training", "app"} <= modules.keys()
+    assert {"mteditlab", "mteditlab.world", "ui", "labeling", "training", "app"} <= modules.keys()
     assert {layer_of(m) for m in modules} == {0, 1, 2, 3}
 
 
@@ -144,8 +144,8 @@ if TYPE_CHECKING:
 
 class Panel:
     def draw(self):
-        import mteditlab.app.arena as arena
-        from mteditlab import app
+        import ui.arena as arena
+        import ui
 
 def load():
     import importlib
@@ -153,9 +153,9 @@ def load():
 '''
     found = {(i.module, i.line) for i in imports_of(source, "mteditlab.rewards.base", is_package=False)}
     assert {("os", 2), ("mteditlab.rewards.store", 3), ("mteditlab.world.render", 4),
-            ("training.grpo.GRPOConfig", 7), ("mteditlab.app.arena", 11), ("mteditlab.app", 12),
+            ("training.grpo.GRPOConfig", 7), ("ui.arena", 11), ("ui", 12),
             ("bench.queue_selection", 16), ("tests", 16)} <= found
     assert {i.module for i in imports_of("from . import x", "labeling", is_package=True)} == {"labeling.x"}
     ranks = [layer_of(m) for m in ("os", "mteditlab.world", "labeling.store", "training.grpo",
-                                   "mteditlab.app.arena", "app", "bench.queue_selection")]
+                                   "ui.arena", "app", "bench.queue_selection")]
     assert ranks == [None, 0, 1, 2, 3, 3, 4]

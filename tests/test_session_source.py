@@ -137,9 +137,9 @@ def test_fold_prefixes_keeps_the_longest_per_source():
 
 
 def test_arena_sessions_made_by_the_app_read_back_as_training_sessions(tmp_path):
-    from mteditlab.app.arena import Arena, ArenaState
-    from mteditlab.app.context import AppContext
-    from mteditlab.app.testing import app_config, make_engine
+    from ui.arena import Arena, ArenaState
+    from ui.context import AppContext
+    from ui.testing import app_config, make_engine
     from mteditlab.editors.reference import IdentityEditor, OracleEditor
 
     ctx = AppContext.create(app_config(tmp_path / "data"), engine=make_engine(OracleEditor(), IdentityEditor()))

@@ -62,9 +62,9 @@ def verifier_keys(ctx, annotator: str) -> list[str]:
 
 
 def main() -> int:
-    from mteditlab.app import testing
-    from mteditlab.app.config import AppConfig, Credentials
-    from mteditlab.app.label import populate_queue
+    from ui import testing
+    from ui.config import AppConfig, Credentials
+    from ui.label import populate_queue
     from mteditlab.world import generate_session
 
     parser = argparse.ArgumentParser()

@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 
-log = logging.getLogger("mteditlab.app")
+log = logging.getLogger("mteditlab.ui")
 MAX_AUTO_THREADS = 8
 ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 SWITCH_INTERVAL_S = float(os.environ.get("MTEDITLAB_SWITCH_INTERVAL", "0.0005"))

@@ -15,7 +15,7 @@ from .config import oauth_available
 from .label import MAX_LABEL_TURNS, RUBRIC, LabelError, Labeling, LabelState
 from .text import NO_LATEX, md_literal
 
-log = logging.getLogger("mteditlab.app")
+log = logging.getLogger("mteditlab.ui")
 CHOICES = [("1 · Left better", "left"), ("2 · Right better", "right"), ("3 · Tie", "tie"),
            ("4 · Both bad", "both_bad")]
 

@@ -22,14 +22,14 @@ from .arena import CRITERIA, MAX_SEED, PICKS, Arena, ArenaError, ArenaState, fin
 from .text import NO_LATEX
 from .worldview import EXAMPLES, GRAMMAR
 
-log = logging.getLogger("mteditlab.app")
+log = logging.getLogger("mteditlab.ui")
 VOTE_LABELS = {"left": "👈 A is better", "right": "👉 B is better", "tie": "🤝 Tie",
                "both_bad": "👎 Both bad"}
 
 
 def voter_name(ctx, request: gr.Request | None) -> str:
     """Arena voters: the signed-in user, else one anonymous id per browser session (a keyed
-    hash of its session hash, never the hash itself: see :mod:`mteditlab.app.context`)."""
+    hash of its session hash, never the hash itself: see :mod:`ui.context`)."""
     username = getattr(request, "username", None) if request is not None else None
     if username:
         return f"arena:{username}"

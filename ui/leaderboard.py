@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-log = logging.getLogger("mteditlab.app")
+log = logging.getLogger("mteditlab.ui")
 MACHINE_PREFIXES = ("judge:", "reward:")
 SOURCES = ("all human votes", "arena votes", "label judgments")
 CRITERIA_ALL = "all criteria"

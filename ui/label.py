@@ -26,7 +26,7 @@ import time
 
 from labeling.queue import LABELING_ITEM
 
-log = logging.getLogger("mteditlab.app")
+log = logging.getLogger("mteditlab.ui")
 MAX_LABEL_TURNS = 8
 LABEL_CRITERION = "overall"
 RESERVED_PREFIXES = ("arena:", "judge:", "reward:", "hf:")

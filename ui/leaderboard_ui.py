@@ -2,7 +2,7 @@
 
 Public API endpoints: ``/leaderboard(source, blind_only, criterion)`` (ranked models; those
 under ``--min-battles`` battles apart as provisional, with notes on open intervals; beside
-them the style-controlled ratings, see :func:`mteditlab.app.leaderboard.style_control`); admin:
+them the style-controlled ratings, see :func:`ui.leaderboard.style_control`); admin:
 ``/admin_sign_in(name, password)``, ``/admin_refresh()``, ``/admin_export()``,
 ``/admin_seed_queue(n_sessions, n_turns)``, ``/admin_exclude_voter(voter, reason)``,
 ``/admin_restore_voter(voter, reason)`` — each admin endpoint re-checks the server-side admin
@@ -22,7 +22,7 @@ import gradio as gr
 from . import leaderboard as lb
 from .arena import CRITERIA
 
-log = logging.getLogger("mteditlab.app")
+log = logging.getLogger("mteditlab.ui")
 
 
 @dataclasses.dataclass

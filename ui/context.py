@@ -31,7 +31,7 @@ from .config import AppConfig
 from .images import DisplayFiles, ImageBank
 from .profile import Timings
 
-log = logging.getLogger("mteditlab.app")
+log = logging.getLogger("mteditlab.ui")
 SECRET_FILENAME = "voter_secret.key"
 ANON_PREFIX = "arena:anon-"
 
@@ -81,7 +81,7 @@ class AppContext:
         self._annotator_lock = threading.Lock()
         self._events_lock = threading.Lock()
         self.closers: list = []   # called by close()
-        # request timings (see mteditlab.app.profile), shared with the engine's workers
+        # request timings (see ui.profile), shared with the engine's workers
         self.timings = getattr(engine, "timings", None) or Timings()
         self.snapshots = None     # labeling.snapshots.SnapshotSync when --hub-dataset is set
 

@@ -2,7 +2,7 @@
 
 State
     :class:`ArenaState` lives in a ``gr.State``: small and deep-copyable (images are sha256
-    keys into the process's :class:`~mteditlab.app.images.ImageBank`).  Gradio hands the same
+    keys into the process's :class:`~ui.images.ImageBank`).  Gradio hands the same
     object to every event of a browser session, so operations mutate it in place, under a
     per-session lock, and only after everything that can fail has succeeded.
 
@@ -53,7 +53,7 @@ from .text import md_literal
 from .worldview import (IntentStep, format_verdict, random_test_scene, read_world_scene,
                         resolve_turn, test_scene, verdict)
 
-log = logging.getLogger("mteditlab.app")
+log = logging.getLogger("mteditlab.ui")
 PICKS = ("left", "right", "tie", "both_bad")
 CRITERIA = ("overall", "instruction", "consistency", "quality")
 MAX_INSTRUCTION_CHARS = 500
@@ -250,7 +250,7 @@ class Arena:
 
     def edit(self, state: ArenaState, instruction, seed, steps, progress=None) -> str:
         """One turn on both sides.  ``progress(fraction, text)``, when given, is called as the
-        editors take their denoising steps (see :func:`~mteditlab.app.engine.run_pair`)."""
+        editors take their denoising steps (see :func:`~ui.engine.run_pair`)."""
         if state.source is None:
             raise ArenaError("Start a session first: a random scene, an example or an upload.")
         self._require_open(state)
@@ -450,7 +450,7 @@ class Arena:
 
     def strip(self, state: ArenaState, screen: str) -> list[tuple[str, str]]:
         """History strip of one screen side: the source, then every turn with its caption
-        (display files, see :class:`~mteditlab.app.images.DisplayFiles`)."""
+        (display files, see :class:`~ui.images.DisplayFiles`)."""
         if state.source is None:
             return []
         side = state.side_on(screen)
@@ -471,7 +471,7 @@ class Arena:
 
     def history(self, state: ArenaState) -> str:
         """The session's turns, oldest first: instruction, intent, verdicts, vote (Markdown;
-        the person's text shown literally, see :mod:`mteditlab.app.text`)."""
+        the person's text shown literally, see :mod:`ui.text`)."""
         if not state.turns:
             return ""
         picks = {"left": "A better", "right": "B better", "tie": "tie", "both_bad": "both bad"}

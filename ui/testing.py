@@ -56,7 +56,7 @@ def paced_editor(reference, delay_s: float = 0.1, steps: int = 10):
 
 
 def make_engine(a, b, names=None, max_batch: int = 16):
-    """An :class:`~mteditlab.app.engine.Engine` around two editor objects (``names``: the store
+    """An :class:`~ui.engine.Engine` around two editor objects (``names``: the store
     names (editor, adapter) of each side; default their ``name`` attributes)."""
     from .engine import Engine, Side
 

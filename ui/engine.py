@@ -17,7 +17,7 @@ Running edits
     concurrent users into one ``edit_batch`` call (up to ``max_batch``; items with the same step
     count), so 20 users cost one batched forward pass per side rather than 20.  The two sides'
     batches run at the same time, each on the app's intra-op threads (``--threads``, see
-    :mod:`mteditlab.app.threads`); ``--take-turns`` runs one side's batch at a time.  Item i of a batch
+    :mod:`ui.threads`); ``--take-turns`` runs one side's batch at a time.  Item i of a batch
     depends only on its own seed (the editor protocol), so batching never changes a result.  On
     ZeroGPU Spaces the GPU exists only inside ``spaces.GPU`` functions, so there the edits run
     directly inside :func:`run_pair`, which carries the decorator (a no-op elsewhere).
@@ -48,7 +48,7 @@ from PIL import Image
 from .config import WORLD_EDITORS, AppConfig, SideSpec, resolve_path
 from .profile import Timings
 
-log = logging.getLogger("mteditlab.app")
+log = logging.getLogger("mteditlab.ui")
 EDIT_TIMEOUT_S = 300.0
 
 

@@ -26,7 +26,7 @@ from .label_ui import SHORTCUTS_JS, build_label_tab
 from .leaderboard_ui import build_leaderboard_tab
 from .threads import apply_thread_policy
 
-log = logging.getLogger("mteditlab.app")
+log = logging.getLogger("mteditlab.ui")
 
 CSS = """
 #arena-status, #label-status, #label-header { min-height: 2em; }

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(Gradio; runs locally or as a Hugging Face Space).",
         epilog="Every flag can also be set by the environment variable shown in brackets. "
                "Credentials: 'name:password' pairs separated by commas, or @FILE with one per "
-               "line; a password may be 'sha256:<hex>'. See mteditlab/app/config.py.",
+               "line; a password may be 'sha256:<hex>'. See ui/config.py.",
     )
     g = parser.add_argument_group("arena sides (default: mini base vs mini + the RL adapter)")
     for side, editor, lora in (("a", "mini", None), ("b", "mini", "default")):
