@@ -22,7 +22,7 @@ from mteditlab.editors.hub import EditCondition, resolve_device, resolve_dtype
 from mteditlab.editors.kontext import KontextEditor
 from mteditlab.editors.qwen_edit import QwenEditEditor
 from mteditlab.flow import ode_step
-from tests.tiny_pipelines import tiny_kontext, tiny_qwen_edit
+from tests.tiny_pipelines import save_as_published, tiny_kontext, tiny_qwen_edit
 
 STEPS = 3
 TEXTS = ["make the sky red", "add a small yellow cat on the left"]
@@ -239,6 +239,18 @@ def test_from_pretrained_reads_a_local_directory_named_by_the_environment(tmp_pa
     assert isinstance(editor.pipe, FluxKontextPipeline)
     with pytest.raises(EditorError, match="accelerator"):
         KontextEditor.from_pretrained(offload=True)
+
+
+def test_a_published_qwen_image_edit_directory_loads_without_torchvision(tmp_path):
+    """The published repositories declare ``transformers.Qwen2VLProcessor``, whose video processor needs
+    torchvision; without it the backend builds the image-only processor and the pipeline edits as built."""
+    built = tiny_qwen_edit()
+    save_as_published(built, tmp_path)
+    editor = QwenEditEditor.from_pretrained(str(tmp_path), device="cpu", **QWEN_AREAS)
+    image = Image.new("RGB", (48, 32), (200, 40, 40))
+    again = QwenEditEditor(built, device="cpu", **QWEN_AREAS)
+    assert np.array_equal(np.asarray(editor.edit(image, "make it blue", seed=3, steps=2)),
+                          np.asarray(again.edit(image, "make it blue", seed=3, steps=2)))
 
 
 def test_dtype_and_device_defaults(monkeypatch):

@@ -130,6 +130,39 @@ def test_kontext_trains_on_data_sessions_with_the_served_judge_and_resumes(tmp_p
     assert torch.equal(loaded[name], saved[key]) and saved[key].abs().sum() > 0   # trained, not the zero init
 
 
+def test_qwen_image_edit_trains_on_data_sessions_with_the_served_judge_and_resumes(tmp_path, dataset, tiny_judge,
+                                                                                 monkeypatch):
+    """The same path on Qwen-Image-Edit, saved as its published repository lays it out (small VL and
+    context areas, so that the tiny model's context is a few tokens)."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    from mteditlab.editors.qwen_edit import AREAS_ENV, QwenEditEditor
+    from tests.tiny_pipelines import save_as_published, tiny_qwen_edit
+
+    monkeypatch.setenv(AREAS_ENV, f"{56 * 56},{64 * 64}")
+    pipe_dir = save_as_published(tiny_qwen_edit(), tmp_path / "tiny-qwen-edit")
+    server, vocab = tiny_judge
+    judge = f"{server.url}?model=tiny-qwen-vl&top_logprobs={vocab}&min_score_mass=0&sub_scores=if+quality"
+    out = tmp_path / "run"
+    args = ["--lora", *TINY, "--editor", "qwen-edit", "--editor-path", str(pipe_dir), "--sessions-from", str(dataset),
+            "--reward", "qwen-vl=1.0", "--reward-paths", f"qwen-vl={judge}", "--out", str(out)]
+    train(parse_args([*args, "--iterations", "1"]))
+    first = rows_of(out)
+    train(parse_args([*args, "--iterations", "2"]))   # resumes from the checkpoint at iteration 1
+    rows = rows_of(out)
+    assert [r["iteration"] for r in rows] == [1, 2] and rows[:1] == first
+    for row in rows:
+        assert "gold_success" not in row and row["failures/qwen-vl"] == 0 and 0 <= row["reward/qwen-vl"] <= 1
+        assert row["lora_in_sync"] and math.isfinite(row["loss"])
+
+    saved = load_file(out / "adapter" / "pytorch_lora_weights.safetensors")
+    pipe = QwenImageEditPlusPipeline.from_pretrained(pipe_dir, **QwenEditEditor.pipeline_components(pipe_dir))
+    pipe.load_lora_weights(out / "adapter")   # diffusers' own loader
+    loaded = dict(pipe.transformer.named_parameters())
+    key = next(k for k in saved if "lora_B" in k)
+    name = key.removeprefix("transformer.").replace("lora_B.weight", "lora_B.default_0.weight")
+    assert torch.equal(loaded[name], saved[key]) and saved[key].abs().sum() > 0
+
 def scripted_judge(route, body, headers):
     """A served judge: the digit probabilities depend on the request; every third chat fails (HTTP 500)."""
     if route == "models":

@@ -8,7 +8,9 @@ settings so σ grids depend on the image size exactly as they do for the real ch
 
 from __future__ import annotations
 
+import json
 import string
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -148,3 +150,16 @@ def tiny_qwen_edit(plus: bool = True) -> QwenImageEditPlusPipeline | QwenImageEd
     return _eval(pipeline_class(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=vae,
                                 text_encoder=text_encoder, tokenizer=tokenizer, processor=processor,
                                 transformer=transformer))
+
+
+def save_as_published(pipe, path: Path) -> Path:
+    """Save ``pipe`` as its published repository lays it out: a tiny Qwen-Image-Edit's image-only
+    processor (used because torchvision does not import here) is declared in ``model_index.json``
+    as the ``transformers`` ``Qwen2VLProcessor`` the real repositories name."""
+    pipe.save_pretrained(path)
+    index = Path(path) / "model_index.json"
+    config = json.loads(index.read_text())
+    if "processor" in config:
+        config["processor"] = ["transformers", "Qwen2VLProcessor"]
+        index.write_text(json.dumps(config, indent=2))
+    return Path(path)

@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -78,12 +78,14 @@ def model_index(model_id: str, env_var: str | None = None) -> Path:
 
 def load_pipeline(model_id: str, pipeline_classes: Sequence[type], *, dtype: str | torch.dtype | None = None,
                   device: str | torch.device | None = None, offload: bool | None = None,
-                  env_var: str | None = None):
+                  env_var: str | None = None, components: Callable[[Path], dict] | None = None):
     """Load a diffusers pipeline from local files only.
 
     The class is taken from the checkpoint's ``model_index.json`` and must be one of
     ``pipeline_classes``. ``offload=True`` enables model CPU offload onto ``device`` (an
-    accelerator); otherwise the whole pipeline moves to ``device``.
+    accelerator); otherwise the whole pipeline moves to ``device``. ``components(root)`` returns
+    components built by hand from the pipeline directory ``root``, passed to ``from_pretrained``
+    in place of the ones ``model_index.json`` names.
     """
     index = model_index(model_id, env_var)
     device, offload = resolve_device(device), resolve_offload(offload)
@@ -95,7 +97,8 @@ def load_pipeline(model_id: str, pipeline_classes: Sequence[type], *, dtype: str
     if offload and device.type == "cpu":
         raise EditorError("Offloading moves weights from the CPU to an accelerator: it needs a non-CPU device.")
     try:
-        pipe = classes[class_name].from_pretrained(str(index.parent), dtype=dtype, local_files_only=True)
+        built = components(index.parent) if components else {}
+        pipe = classes[class_name].from_pretrained(str(index.parent), dtype=dtype, local_files_only=True, **built)
     except (OSError, ValueError) as error:
         raise EditorError(f"Could not load {model_id} from {index.parent} (incomplete download?): {error}. "
                           f"Complete it with `hf download {model_id}`.") from error
@@ -169,8 +172,13 @@ class PipelineEditor(Editor):
         local files only; ``dtype``/``device``/``offload`` default to ``$MTEDITLAB_DTYPE``/``_DEVICE``/``_OFFLOAD``."""
         model_id = model_id or os.environ.get(cls.model_id_env) or cls.default_model_id
         pipe = load_pipeline(model_id, cls.pipeline_classes, dtype=dtype, device=device, offload=offload,
-                             env_var=cls.model_id_env)
+                             env_var=cls.model_id_env, components=cls.pipeline_components)
         return cls(pipe, **kwargs)
+
+    @classmethod
+    def pipeline_components(cls, root: Path) -> dict:
+        """Components this backend builds itself from the pipeline directory ``root`` (none here)."""
+        return {}
 
     # ---- sizes and the σ grid ---------------------------------------------------------------------
     def output_size(self, images: Sequence[Image.Image]) -> tuple[int, int]:

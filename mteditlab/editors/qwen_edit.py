@@ -3,14 +3,21 @@ Qwen-Image-Edit-2509, ``QwenImageEditPipeline`` for the original Qwen-Image-Edit
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
 from PIL import Image
+from transformers import Qwen2VLProcessor
+from transformers.utils import is_torchvision_available
 
 from mteditlab.editors.hub import EditCondition, PipelineEditor
+from mteditlab.rewards.qwen_vl import image_only_processor_class
+
+AREAS_ENV = "MTEDITLAB_QWEN_EDIT_AREAS"
 
 
 class QwenEditEditor(PipelineEditor):
@@ -20,7 +27,9 @@ class QwenEditEditor(PipelineEditor):
     The output takes the input's size rounded down to the model's multiple (16). As in the
     pipelines, the VL encoder sees the image resized to ``condition_area`` pixels and the context
     latents come from the image resized to ``context_area`` pixels (the pipeline's values by
-    default: 384² and 1024² for the Plus pipeline, 1024² for both in the original one).
+    default: 384² and 1024² for the Plus pipeline, 1024² for both in the original one; the
+    environment variable ``MTEDITLAB_QWEN_EDIT_AREAS=CONDITION,CONTEXT`` in pixels overrides them
+    wherever the editor is built: app, benchmark, trainer).
 
     No true CFG: one transformer call per step with the positive prompt only — in the RL path (the
     policy is the conditional model, as in Flow-GRPO / DiffusionNFT) and therefore in the app too;
@@ -41,8 +50,19 @@ class QwenEditEditor(PipelineEditor):
         super().__init__(pipe, device=device)
         self.plus = isinstance(pipe, QwenImageEditPlusPipeline)
         one_megapixel = 1024 * 1024  # QwenImageEditPipeline's size for both the VL and the VAE paths
-        self.condition_area = condition_area or (edit_plus.CONDITION_IMAGE_SIZE if self.plus else one_megapixel)
-        self.context_area = context_area or (edit_plus.VAE_IMAGE_SIZE if self.plus else one_megapixel)
+        env = os.environ.get(AREAS_ENV, "").split(",")
+        self.condition_area = (condition_area or int(env[0] or 0) or
+                               (edit_plus.CONDITION_IMAGE_SIZE if self.plus else one_megapixel))
+        self.context_area = (context_area or (int(env[1] or 0) if len(env) > 1 else 0) or
+                             (edit_plus.VAE_IMAGE_SIZE if self.plus else one_megapixel))
+
+    @classmethod
+    def pipeline_components(cls, root: Path) -> dict:
+        """Without torchvision, the pipeline's ``Qwen2VLProcessor`` cannot be built (its video
+        processor needs torchvision): load the image-only variant from ``root/processor`` instead."""
+        if is_torchvision_available():
+            return {}
+        return {"processor": image_only_processor_class(Qwen2VLProcessor).from_pretrained(root / "processor")}
 
     @torch.no_grad()
     def encode(self, images: Sequence[Image.Image], texts: Sequence[str]) -> EditCondition:
