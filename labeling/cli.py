@@ -1,4 +1,4 @@
-"""``python -m labeling``: init, stats, leaderboard, agreement, export.
+"""``python -m labeling``: init, stats, leaderboard, agreement, export (and simulate, rate).
 
 Global options: ``--data-dir`` (default ``$MTEDITLAB_DATA`` or ``./data``), ``--db`` (default
 ``<data dir>/labels.duckdb``) and ``--read-only`` (read the database, or a snapshot of it while
@@ -24,7 +24,7 @@ import pandas as pd
 from labeling import agreement, ratings
 from labeling.store import LabelStore, StoreError, default_db_path
 
-EXTENSIONS: list[str] = ["labeling.simulate"]
+EXTENSIONS: list[str] = ["labeling.simulate", "labeling.raters"]
 
 
 def open_store(args: argparse.Namespace, writable: bool = False) -> LabelStore:
