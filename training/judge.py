@@ -54,6 +54,7 @@ MINI_EDITOR_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "
 
 # ---- training -----------------------------------------------------------------------------------
 def predict_examples(judge: MiniJudge, examples: Examples, with_intent: bool = True) -> np.ndarray:
+    """The judge's probabilities ``[N, 4]`` (``HEADS`` order) for ``examples``, with or without their intents."""
     segs = [examples.segments(i, with_intent) for i in range(len(examples))]
     return judge.predict(examples.source, examples.edited, segs)
 
