@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from labeling.active import SELECTIONS, choose_pair, pair_gain, rating_covariance
-from labeling.ratings import ELO_SCALE, fit_bt
+from labeling.ratings import ELO_SCALE, fit_ratings
 
 Z95 = 1.959964
 
@@ -51,7 +51,7 @@ def simulate(theta: np.ndarray, rule: str, rng: np.random.Generator, budget: int
     while n < budget:
         n_pair = (w + w.T)[i, j]
         if rule == "active" and n_pair.any():
-            fitted = fit_bt(w)
+            fitted = fit_ratings(w)
             weights = pair_gain(fitted, rating_covariance(w, fitted), n_pair, i, j)
         else:
             weights = np.full(len(i), np.inf)    # nothing fitted yet: every pair unmet
@@ -67,7 +67,7 @@ def simulate(theta: np.ndarray, rule: str, rng: np.random.Generator, budget: int
             else:
                 w[b, a] += 1.0
         n += batch
-        fitted = fit_bt(w)
+        fitted = fit_ratings(w)
         cov = rating_covariance(w, fitted)
         diff = fitted[hi] - fitted[lo]
         sd = np.sqrt(np.maximum(cov[hi, hi] + cov[lo, lo] - 2 * cov[hi, lo], 0.0))

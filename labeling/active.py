@@ -49,7 +49,7 @@ def pair_weights(w: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Active-selection weight of each candidate pair (``i[k]``, ``j[k]``) given the battles so
     far as a win matrix ``w`` (M, M; ties as half a win each): the formula of the module
     docstring, ``+inf`` for a pair that never met."""
-    from labeling.ratings import fit_bt
+    from labeling.ratings import fit_ratings
 
     w = np.asarray(w, dtype=float)
     i, j = np.asarray(i, dtype=int), np.asarray(j, dtype=int)
@@ -58,7 +58,7 @@ def pair_weights(w: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     seen = n_pair > 0
     if not seen.any():
         return out
-    theta = fit_bt(w)
+    theta = fit_ratings(w)
     return pair_gain(theta, rating_covariance(w, theta), n_pair, i, j)
 
 

@@ -104,8 +104,8 @@ def pair_counts(frame: pd.DataFrame) -> PairCounts:
     return PairCounts(models, pairs // m, pairs % m, table[pairs].astype(float), bad[pairs])
 
 
-def fit_bt(w: np.ndarray, l2: float = L2, max_iter: int = 100, tol: float = 1e-9,
-           max_step: float = 2.0) -> np.ndarray:
+def fit_ratings(w: np.ndarray, l2: float = L2, max_iter: int = 100, tol: float = 1e-9,
+                max_step: float = 2.0) -> np.ndarray:
     """Maximise the penalised BT log-likelihood for win matrices ``w`` (…, M, M); returns θ.
 
     Newton's method; each step is scaled so that no θ moves by more than ``max_step`` and
@@ -132,7 +132,7 @@ def fit_bt(w: np.ndarray, l2: float = L2, max_iter: int = 100, tol: float = 1e-9
 
 
 def to_elo(theta: np.ndarray) -> np.ndarray:
-    """Elo-scale ratings, 1000 + 400·θ/ln 10 (θ centred, as :func:`fit_bt` returns it)."""
+    """Elo-scale ratings, 1000 + 400·θ/ln 10 (θ centred, as :func:`fit_ratings` returns it)."""
     return ELO_BASE + ELO_SCALE * theta
 
 
@@ -141,7 +141,7 @@ def bootstrap_ratings(pc: PairCounts, n_boot: int, seed: int, l2: float = L2) ->
     rng = np.random.default_rng(seed)
     total = pc.counts.sum()
     draws = rng.multinomial(int(total), (pc.counts / total).ravel(), size=n_boot)
-    return to_elo(fit_bt(pc.win_matrix(draws.reshape(n_boot, *pc.counts.shape)), l2=l2))
+    return to_elo(fit_ratings(pc.win_matrix(draws.reshape(n_boot, *pc.counts.shape)), l2=l2))
 
 
 def rank_by_intervals(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
@@ -229,7 +229,7 @@ def _ranked(frame: pd.DataFrame, n_boot: int, seed: int, l2: float) -> pd.DataFr
     if connected_components(played, directed=False)[0] > 1:
         warnings.warn("the models do not form one connected comparison graph; ratings of "
                       "different components are not comparable", stacklevel=3)
-    rating = to_elo(fit_bt(pc.win_matrix(), l2=l2))
+    rating = to_elo(fit_ratings(pc.win_matrix(), l2=l2))
     boots = bootstrap_ratings(pc, n_boot, seed, l2=l2)
     lower, upper = np.percentile(boots, [2.5, 97.5], axis=0)
     wins, losses, ties, bad = _record(pc)

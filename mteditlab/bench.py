@@ -32,21 +32,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from mteditlab.editors import EDITORS, Editor, get_editor
-from mteditlab.intent import INTENT_MODES, turn_seed, turn_text
+from mteditlab.intent import INTENT_MODES
 from mteditlab.rewards.features import TINT_SCALE, image_features, parse_cached
+from mteditlab.rollout import Step, edit_step, rollout
 from mteditlab.world import Session, render, score_turn, sessions as make_sessions
-
-
-def _edit_all(editor: Editor, inputs: list[Image.Image], items: list[tuple[Session, int]], *, seed: int,
-              steps: int | None, intent: str, batch_size: int) -> list[Image.Image]:
-    outputs = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        texts = [turn_text(s, k, intent) for s, k in chunk]
-        outputs += editor.edit_batch(inputs[start:start + batch_size], [t[0] for t in texts],
-                                     intents=[t[1] for t in texts],
-                                     seeds=[turn_seed(seed, s.index, k) for s, k in chunk], steps=steps)
-    return outputs
 
 
 def run_benchmark(editor: Editor, sessions: Sequence[Session], *, seed: int = 0, steps: int | None = None,
@@ -54,25 +43,21 @@ def run_benchmark(editor: Editor, sessions: Sequence[Session], *, seed: int = 0,
     """Roll ``editor`` over ``sessions`` (own outputs) and, from turn 2 on, also from the true previous
     scene; return the metrics dictionary (see module docstring)."""
     turns = len(sessions[0].turns)
-    current = [render(s.source) for s in sessions]
+    step = edit_step(editor.edit_batch, seed=seed, steps=steps, intent=intent, batch_size=batch_size)
     own = np.zeros((len(sessions), turns, 4))  # if, cc, ga, success
     looks = np.zeros((len(sessions), turns, 2))  # quality, tint
     forced = np.zeros((len(sessions), turns))
-    for k in tqdm(range(turns), desc=f"bench {editor.name}", disable=not progress):
-        items = [(s, k) for s in sessions]
-        outputs = _edit_all(editor, current, items, seed=seed, steps=steps, intent=intent, batch_size=batch_size)
-        for i, (s, before, after) in enumerate(zip(sessions, current, outputs)):
+
+    def score(k: int, inputs: list[Image.Image], outputs: list[Image.Image]) -> None:
+        for i, (s, before, after) in enumerate(zip(sessions, inputs, outputs)):
             scene = parse_cached(after, after.width)  # parsed once: the verdict, the looks, the next turn
             own[i, k] = list(score_turn(s, k, parse_cached(before, before.width), scene).as_dict().values())
             features = image_features(after, after.width, scene=scene)
             looks[i, k] = features["quality"], features["tint"] * TINT_SCALE * 255
-        if k == 0:
-            forced[:, 0] = own[:, 0, 3]
-        else:
-            truth = [render(s.turns[k].before) for s in sessions]
-            tf_out = _edit_all(editor, truth, items, seed=seed, steps=steps, intent=intent, batch_size=batch_size)
-            forced[:, k] = [score_turn(s, k, b, a).success for s, b, a in zip(sessions, truth, tf_out)]
-        current = outputs
+        forced[:, k] = teacher_forced_success(step, sessions, k) if k else own[:, 0, 3]
+
+    rollout(sessions, step, turns=turns, sources=[render(s.source) for s in sessions], on_turn=score,
+            progress=progress, desc=f"bench {editor.name}")
     all_ok = np.cumprod(own[:, :, 3], axis=1)
     per_session = {"if": own[:, :, 0], "cc": own[:, :, 1], "ga": own[:, :, 2], "success": own[:, :, 3],
                    "overall": all_ok, "teacher_forced_success": forced, "exposure_gap": forced - own[:, :, 3],
@@ -89,6 +74,12 @@ def run_benchmark(editor: Editor, sessions: Sequence[Session], *, seed: int = 0,
     return {"editor": editor.name, "split": sessions[0].split, "start": sessions[0].index, "sessions": len(sessions),
             "turns": turns, "seed": seed, "steps": steps or editor.default_steps, "intent": intent,
             "per_turn": per_turn, "per_session": {k: v.tolist() for k, v in per_session.items()}}
+
+
+def teacher_forced_success(step: Step, sessions: Sequence[Session], k: int) -> list[bool]:
+    """Per session, whether ``step`` passes turn ``k`` fed the true previous scene."""
+    truth = [render(s.turns[k].before) for s in sessions]
+    return [score_turn(s, k, b, a).success for s, b, a in zip(sessions, truth, step(k, truth, sessions))]
 
 
 def standard_error(values: np.ndarray) -> float:
@@ -121,12 +112,11 @@ def pass_at_k(editor: Editor, sessions: Sequence[Session], k: int, *, seed: int 
     previous scene; pass@1 = mean success, pass@k = P(any of the k succeeds), per turn and per op."""
     turns = len(sessions[0].turns)
     ok = np.zeros((len(sessions), turns, k), dtype=bool)
+    samplers = [edit_step(editor.edit_batch, seed=seed + j, steps=steps, intent=intent, batch_size=batch_size)
+                for j in range(k)]
     for t in tqdm(range(turns), desc=f"pass@{k}", disable=not progress):
-        items = [(s, t) for s in sessions]
-        truth = [render(s.turns[t].before) for s in sessions]
-        for j in range(k):
-            outputs = _edit_all(editor, truth, items, seed=seed + j, steps=steps, intent=intent, batch_size=batch_size)
-            ok[:, t, j] = [score_turn(s, t, b, a).success for s, b, a in zip(sessions, truth, outputs)]
+        for j, step in enumerate(samplers):
+            ok[:, t, j] = teacher_forced_success(step, sessions, t)
     ops = np.array([[s.turns[t].edit.op for t in range(turns)] for s in sessions])
 
     def rates(mask):

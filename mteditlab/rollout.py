@@ -1,6 +1,7 @@
 """The multi-turn rollout loop: turn k of every session is edited from that session's turn k−1 output.
 
-    per_turn = rollout(sessions, edit_step(editor, seed=0), turns=5)   # per_turn[k][i]: session i, turn k
+    per_turn = rollout(sessions, edit_step(editor.edit_batch, seed=0), turns=5, sources=sources)
+    # per_turn[k][i]: session i, turn k
 
 Every multi-turn caller goes through :func:`rollout`: the benchmark, judge training data, the label
 queue's items, the annotator simulation and the RL trainer's sampling. What differs between them is
@@ -43,9 +44,10 @@ def rollout(items: Sequence[Item], step: Step, *, turns: int, sources: Sequence[
     return per_turn
 
 
-def edit_step(editor, *, seed: int, steps: int | None = None, intent: str = "reconstruct",
-              batch_size: int = 64) -> Step:
-    """The step of an :class:`~mteditlab.editors.Editor` over sessions: ``edit_batch`` in chunks of
+def edit_step(edit_batch: Callable[..., list[Image.Image]], *, seed: int, steps: int | None = None,
+              intent: str = "reconstruct", batch_size: int = 64) -> Step:
+    """The step of an editor over sessions: ``edit_batch(images, instructions, *, intents, seeds,
+    steps)`` (an :class:`~mteditlab.editors.Editor`'s, or a function of its signature) in chunks of
     ``batch_size``, with the turn's text for ``intent`` mode (:func:`~mteditlab.intent.turn_text`)
     and the seed ``turn_seed(seed, session.index, k)``, so an output depends only on its session,
     turn and input, never on the batch it was in."""
@@ -55,9 +57,9 @@ def edit_step(editor, *, seed: int, steps: int | None = None, intent: str = "rec
         for start in range(0, len(sessions), batch_size):
             chunk = sessions[start:start + batch_size]
             texts = [turn_text(s, k, intent) for s in chunk]
-            outputs += editor.edit_batch(inputs[start:start + batch_size], [t[0] for t in texts],
-                                         intents=[t[1] for t in texts],
-                                         seeds=[turn_seed(seed, s.index, k) for s in chunk], steps=steps)
+            outputs += edit_batch(inputs[start:start + batch_size], [t[0] for t in texts],
+                                  intents=[t[1] for t in texts],
+                                  seeds=[turn_seed(seed, s.index, k) for s in chunk], steps=steps)
         return outputs
 
     return step

@@ -51,7 +51,7 @@ def test_fit_matches_independent_scipy_mle():
     frame = simulate(truth, 6000, rng, tie_rate=0.15)
     frame.loc[frame.index[:200], "choice"] = "both_bad"
     pc = ratings.pair_counts(frame)
-    ours = ratings.fit_bt(pc.win_matrix())
+    ours = ratings.fit_ratings(pc.win_matrix())
     theirs = independent_fit(frame, list(pc.models))
     np.testing.assert_allclose(ours, theirs, atol=1e-3)
     assert abs(ours.sum()) < 1e-9  # centred, as the ridge implies
@@ -89,7 +89,7 @@ def test_bootstrap_is_seeded_and_vectorised():
 def test_ties_count_half_and_both_bad_is_a_tie():
     frame = pd.DataFrame({"model_a": ["x"] * 3, "model_b": ["y"] * 3,
                           "choice": ["A", "tie", "both_bad"]})
-    theta = ratings.fit_bt(ratings.pair_counts(frame).win_matrix(), l2=1e-9)
+    theta = ratings.fit_ratings(ratings.pair_counts(frame).win_matrix(), l2=1e-9)
     assert theta[0] - theta[1] == pytest.approx(np.log(2.0), abs=1e-6)  # 2 wins vs 1
     table = ratings.ratings_table(frame, n_boot=20).set_index("model")
     assert table.loc["x", ["wins", "ties", "both_bad", "losses"]].tolist() == [1, 1, 1, 0]

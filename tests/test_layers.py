@@ -2,9 +2,10 @@
 
 Layers, bottom to top; a module may import its own layer and any layer below it:
 
-    0  core      ``mteditlab.*``: the world, flow math, editors, rewards,
-                 evaluation (``mteditlab.bench``), text encoder, session data
-    1  labeling  ``labeling.*``: the DuckDB store, queue, ratings, agreement, exports, simulation
+    0  core      ``mteditlab.*``: the world, flow math, editors, rewards, the rollout loop,
+                 evaluation (``mteditlab.bench``), simulated editors and annotators, text encoder,
+                 session data
+    1  labeling  ``labeling.*``: the DuckDB store, queue, ratings, agreement, exports, simulated labels
     2  training  ``training.*``: pretraining, the judge, the reward model, the RL trainer
     3  app       ``ui.*`` and ``app.py``: the Gradio UI
     4  tools     ``tests``, ``bench``, ``docs``, ``examples``: scripts and checks that may import any

@@ -106,7 +106,7 @@ def test_text_segments():
 
 
 def test_training_labels_are_the_verifiers():
-    from training.judge import synthetic_examples
+    from training.judge_data import synthetic_examples
 
     examples = synthetic_examples("train", 2, branches=4, forced=("identity",), seed=3)
     assert len(examples) == 2 * 5 * 4
@@ -138,7 +138,8 @@ def test_training_runs_two_steps_end_to_end(tmp_path):
 
 def test_editor_outputs_are_labelled_by_the_verifier(tmp_path):
     from mteditlab.editors import get_editor
-    from training.judge import editor_examples, main
+    from training.judge import main
+    from training.judge_data import editor_examples
 
     examples = editor_examples(get_editor("identity"), "train", 2, progress=False)
     assert len(examples) == 10 and {m["origin"] for m in examples.meta} == {"identity"}

@@ -12,6 +12,7 @@ from labeling.store import LabelStore
 from mteditlab.rewards import get_reward
 from mteditlab.rewards.base import EditSample
 from mteditlab.rewards.calibrated import ARTIFACT, CalibratedReward
+from mteditlab.simulation import TINTS, tint_image
 from mteditlab.world import generate_session, render
 from training import reward_model
 
@@ -74,7 +75,7 @@ def test_calibrated_reward_loads_the_artifact_and_scores_edit_samples(fitted):
     k = 1
     before = render(session.turns[k].before)
     clean = render(session.turns[k].after)
-    tinted = sim.tint_image(clean, sim.TINTS[session.turns[k].after.background][0])
+    tinted = tint_image(clean, TINTS[session.turns[k].after.background][0])
     samples = _samples_for_turn(session, k, [clean, tinted, before])  # correct, tinted, no-op
     samples.append(EditSample(before, clean, "no ground truth"))
     result = reward.score(samples)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from labeling import cli
-from labeling.simulate import (BIASES, DEFAULT_BIAS, PROFILES, Profile, SyntheticEditor, decide, make_annotators,
-                               simulate, turn_utility)
+from labeling.simulate import simulate
 from labeling.store import LabelStore
 from mteditlab.rewards.features import image_features
+from mteditlab.simulation import (BIASES, DEFAULT_BIAS, PROFILES, Profile, SyntheticEditor, decide, make_annotators,
+                                  turn_utility)
 from mteditlab.world import TurnScore, generate_session, render, score_turn
 
 

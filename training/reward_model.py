@@ -195,8 +195,8 @@ def _targets(choice: np.ndarray) -> np.ndarray:
     return np.select([choice == "A", choice == "B"], [1.0, 0.0], 0.5)
 
 
-def fit_bt(z: np.ndarray, a, b, choice, *, abs_weight: float | None = None,
-           l2: float | None = None) -> tuple[np.ndarray, float]:
+def fit_reward_model(z: np.ndarray, a, b, choice, *, abs_weight: float | None = None,
+                     l2: float | None = None) -> tuple[np.ndarray, float]:
     """Weights and bias minimising the objective in the module docstring."""
     abs_weight = ABS_WEIGHT if abs_weight is None else abs_weight
     l2 = L2 if l2 is None else l2
@@ -317,7 +317,7 @@ def run(args) -> dict:
             "weights": [0.0] * len(names), "bias": 0.0}
     model = CalibratedReward(spec, judge)
     z = model.standardized(data.raw)
-    w, bias = fit_bt(z, data.a[train], data.b[train], data.choice[train])
+    w, bias = fit_reward_model(z, data.a[train], data.b[train], data.choice[train])
     spec["weights"], spec["bias"] = w.tolist(), bias
     model = CalibratedReward(spec, judge)
 

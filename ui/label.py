@@ -240,7 +240,7 @@ def _populate_chunk(ctx, start: int, n_sessions: int, n_turns: int, gold_idx: li
                     seed: int) -> dict:
     """One chunk of :func:`populate_queue`: sessions ``start …``; gold on ``gold_idx``."""
     from mteditlab.editors import get_editor
-    from mteditlab.intent import turn_seed, turn_text
+    from mteditlab.rollout import edit_step, rollout
     from mteditlab.world import render, sessions as make_sessions
 
     store, engine = ctx.store, ctx.engine
@@ -248,14 +248,8 @@ def _populate_chunk(ctx, start: int, n_sessions: int, n_turns: int, gold_idx: li
     sources = [render(s.source) for s in sessions]
     source_shas = [store.put_image(img) for img in sources]
 
-    def roll(run_batch) -> list[list]:
-        current, per_turn = list(sources), []
-        for k in range(n_turns):
-            texts = [turn_text(s, k, "reconstruct") for s in sessions]
-            current = run_batch(current, [t[0] for t in texts], [t[1] for t in texts],
-                                [turn_seed(seed, s.index, k) for s in sessions])
-            per_turn.append(current)
-        return per_turn
+    def roll(edit_batch) -> list[list]:
+        return rollout(sessions, edit_step(edit_batch, seed=seed), turns=n_turns, sources=sources)
 
     def store_side(editor_name, adapter, per_turn, tag) -> list[int]:
         ids = []
@@ -271,7 +265,8 @@ def _populate_chunk(ctx, start: int, n_sessions: int, n_turns: int, gold_idx: li
     sides = {}
     for key, side in engine.sides.items():
         worker = engine.workers[key]
-        per_turn = roll(lambda imgs, ins, ints, seeds: worker.edit_many(imgs, ins, ints, seeds))
+        per_turn = roll(lambda images, texts, *, intents, seeds, steps: worker.edit_many(
+            images, texts, intents, seeds, steps))
         sides[key] = store_side(side.editor_name, side.adapter, per_turn, key)
     for a, b in zip(sides["A"], sides["B"]):
         store.add_comparison(a, b)
@@ -281,10 +276,8 @@ def _populate_chunk(ctx, start: int, n_sessions: int, n_turns: int, gold_idx: li
         keep = [sessions[i] for i in gold_idx]
         sessions[:], sources[:], source_shas[:] = keep, [sources[i] for i in gold_idx], \
             [source_shas[i] for i in gold_idx]
-        good = store_side("oracle", None, roll(lambda imgs, ins, ints, seeds: oracle.edit_batch(
-            imgs, ins, intents=ints, seeds=seeds)), "gold-correct")
-        bad = store_side("identity", None, roll(lambda imgs, ins, ints, seeds: noop.edit_batch(
-            imgs, ins, intents=ints, seeds=seeds)), "gold-noop")
+        good = store_side("oracle", None, roll(oracle.edit_batch), "gold-correct")
+        bad = store_side("identity", None, roll(noop.edit_batch), "gold-noop")
         for g, b in zip(good, bad):
             store.add_comparison(g, b, gold="A")
             created["gold"] += 1

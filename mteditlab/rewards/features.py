@@ -7,7 +7,7 @@ scene gives the *clean* image the editor should have drawn if it meant that scen
 * ``quality`` = ``1 − min(1, RMS(residual) / QUALITY_RMS_SCALE)`` over all pixels and channels
   (values in [0, 1] units). 1 = pixel-exact render of the scene it shows. Reference points at
   32×32 (40 train scenes): a clean render 0.999 (uint8 rounding); mild blur (Gaussian σ 0.6 px)
-  0.88–0.96; a background tint of norm 24/255 (``labeling.simulate.TINTS``) ≈ 0.8; junk in a cell
+  0.88–0.96; a background tint of norm 24/255 (``mteditlab.simulation.TINTS``) ≈ 0.8; junk in a cell
   (an ``UNKNOWN`` read) lower still.
 * ``tint`` = ``min(1, ‖median residual over pure-background pixels‖₂ / TINT_SCALE)``: how far the
   background colour is from the nearest palette background (0 = on the palette; a 24/255 tint
