@@ -3,12 +3,13 @@
 Start with :class:`labeling.store.LabelStore`; ``python -m labeling --help`` for the CLI.
 """
 
+from labeling.connection import default_db_path
+from labeling.errors import (DuplicateJudgmentError, ReadOnlyStoreError, SchemaVersionError,
+                             StoreError, StoreLockedError)
 from labeling.queue import Assignment, AssignmentPolicy
-from labeling.store import (CHOICES, DuplicateJudgmentError, LabelSelection, LabelStore,
-                            ReadOnlyStoreError, SchemaVersionError, StoreError,
-                            StoreLockedError, choice_from_screen, default_db_path, model_name)
+from labeling.selection import LabelSelection
+from labeling.store import CHOICES, LabelStore, model_name
 
 __all__ = ["Assignment", "AssignmentPolicy", "CHOICES", "DuplicateJudgmentError",
            "LabelSelection", "LabelStore", "ReadOnlyStoreError", "SchemaVersionError",
-           "StoreError", "StoreLockedError", "choice_from_screen", "default_db_path",
-           "model_name"]
+           "StoreError", "StoreLockedError", "default_db_path", "model_name"]

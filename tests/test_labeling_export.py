@@ -21,7 +21,7 @@ def labelled(tmp_path_factory):
          turns=(None, 0, 1, 2))
     vote(store, comparisons, ["bot"], {"mini": 0.0, "mini+lora:ck/grpo": 1.0}, rng,
          turns=(None, 2), simulated=True)
-    store.record_judgment(golds[0], "ann1", None, "overall", "both_bad", "A", 100.0)
+    store.record_judgment(golds[0], "ann1", None, "overall", "both_bad", "A", 100.0, blind=True)
     yield store, comparisons, golds
     store.close()
 

@@ -65,7 +65,7 @@ def test_push_then_resume_a_fresh_store_from_a_folder_target(tmp_path):
         assert fresh.get_image(info["A"]["outputs"][0]).size == (4, 4)
         # the store goes on from there: new ids, the queue remembers who has what
         fresh.add_annotator("ann3")
-        jid = fresh.record_judgment(comparisons[0], "ann3", None, "quality", "A", "A")
+        jid = fresh.record_judgment(comparisons[0], "ann3", None, "quality", "A", "A", blind=True)
         assert jid > before["judgments"]["judgment_id"].max()
         job = fresh.next_assignment("ann1")
         assert job.assignment_id > before["assignments"]["assignment_id"].max()
@@ -92,7 +92,7 @@ def test_scheduled_pushes_carry_new_judgments_and_only_changed_files(tmp_path):
             n = pq.read_table(remote / "judgments.parquet").num_rows
             sessions_mtime = (remote / "sessions.parquet").stat().st_mtime_ns
             store.add_annotator("late")
-            store.record_judgment(comparisons[1], "late", None, "overall", "tie", "B")
+            store.record_judgment(comparisons[1], "late", None, "overall", "tie", "B", blind=True)
             assert wait_for(lambda: pq.read_table(remote / "judgments.parquet").num_rows == n + 1)
             assert wait_for(lambda: sync.scheduler.pushes >= 4)
             assert (remote / "sessions.parquet").stat().st_mtime_ns == sessions_mtime
