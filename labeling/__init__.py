@@ -8,7 +8,8 @@ from labeling.errors import (DuplicateJudgmentError, ReadOnlyStoreError, SchemaV
                              StoreError, StoreLockedError)
 from labeling.queue import Assignment, AssignmentPolicy
 from labeling.selection import LabelSelection
-from labeling.store import CHOICES, LabelStore, model_name
+from labeling.schema import CHOICES
+from labeling.store import LabelStore, model_name
 
 __all__ = ["Assignment", "AssignmentPolicy", "CHOICES", "DuplicateJudgmentError",
            "LabelSelection", "LabelStore", "ReadOnlyStoreError", "SchemaVersionError",

@@ -33,7 +33,7 @@ import pandas as pd
 from scipy.special import chdtrc
 
 from labeling.selection import without_gold
-from labeling.store import CHOICES
+from labeling.schema import CHOICES
 
 UNIT = ["comparison_id", "turn", "criterion"]
 

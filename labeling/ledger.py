@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from labeling.errors import DuplicateJudgmentError
-from labeling.schema import ID_COLUMNS
+from labeling.schema import CHOICES, CRITERION_RE, ID_COLUMNS, SIDES
 from labeling.writer import Batched, Tx
 
 _JUDGMENT_SCHEMA = pa.schema([
@@ -33,7 +33,7 @@ _JUDGMENT_SCHEMA = pa.schema([
 
 @dataclasses.dataclass
 class JudgmentRequest(Batched):
-    """One judgment to append (already type-checked); its future gets the judgment id."""
+    """One judgment to append, its fields checked on creation; its future gets the id."""
 
     comparison_id: int
     annotator: str
@@ -45,6 +45,22 @@ class JudgmentRequest(Batched):
     simulated: bool | None
     blind: bool
     created_at: dt.datetime
+
+    def __post_init__(self) -> None:
+        if self.choice not in CHOICES:
+            raise ValueError(f"choice must be one of {CHOICES}, got {self.choice!r}")
+        if self.left not in SIDES:
+            raise ValueError(f"left must be one of {SIDES}, got {self.left!r}")
+        if not isinstance(self.criterion, str) or not CRITERION_RE.fullmatch(self.criterion):
+            raise ValueError(f"criterion must match {CRITERION_RE.pattern}, "
+                             f"got {self.criterion!r}")
+        if self.turn is not None and (isinstance(self.turn, bool)
+                                      or not isinstance(self.turn, int)):
+            raise TypeError(f"turn must be an int or None, got {self.turn!r}")
+        if self.latency_ms is not None and not self.latency_ms >= 0:
+            raise ValueError(f"latency_ms must be >= 0, got {self.latency_ms!r}")
+        if not isinstance(self.blind, bool):
+            raise TypeError(f"blind must be a bool, got {self.blind!r}")
 
 
 class Ledger:

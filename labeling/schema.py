@@ -14,12 +14,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 from pathlib import Path
 
 from labeling.errors import SchemaVersionError
 
 log = logging.getLogger("mteditlab.labeling")
-KINDS = ("arena", "item", "gold")
+KINDS = ("arena", "item", "gold")      # comparisons.kind
+CHOICES = ("A", "B", "tie", "both_bad")  # judgments.choice, gold_items.answer
+SIDES = ("A", "B")                      # judgments.left_side, assignments.left_side
+CRITERION_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")  # judgments.criterion
 EVENTS_FILENAME = "app_events.jsonl"   # skips and flags before schema v4, beside the database
 
 

@@ -1,10 +1,9 @@
 """The label store: one DuckDB file plus a content-addressed image directory beside it.
 
 :class:`LabelStore` is the one entry point: every read and write of labels goes through its
-methods.  It is built from :mod:`labeling.connection` (opening the file),
-:mod:`labeling.schema` (tables and migrations), :mod:`labeling.writer` (the single writer
-thread), :mod:`labeling.ledger` (what writes are checked against), :mod:`labeling.blobs`
-(the images) and :mod:`labeling.queue` (what an annotator judges next).
+methods.  Built from :mod:`~labeling.connection`, :mod:`~labeling.schema`,
+:mod:`~labeling.writer`, :mod:`~labeling.ledger`, :mod:`~labeling.blobs`,
+:mod:`~labeling.queue` and :mod:`~labeling.reads` (its read methods).
 
 Ownership and concurrency
     One process owns the database read-write (DuckDB's rule).  Inside it, every write goes
@@ -35,7 +34,6 @@ import datetime as dt
 import json
 import os
 import random
-import re
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,12 +47,9 @@ from labeling.errors import ReadOnlyStoreError, StoreError
 from labeling.ledger import JudgmentRequest, Ledger
 from labeling.queue import Assignment, AssignmentPolicy, open_assignment, pick_comparison, release
 from labeling.reads import StoreReads
-from labeling.schema import KINDS, TABLES, check_readable, migrate
+from labeling.schema import CHOICES, CRITERION_RE, KINDS, SIDES, TABLES, check_readable, migrate
 from labeling.writer import Tx, Writer
 
-CHOICES = ("A", "B", "tie", "both_bad")
-SIDES = ("A", "B")
-_CRITERION_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 def model_name(editor: str, adapter: str | None) -> str:
@@ -118,17 +113,19 @@ class LabelStore(StoreReads):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, fn) -> Any:
-        """Run ``fn(tx)`` in a write transaction on the writer thread."""
+    def _write(self) -> Writer:
         if self._writer is None:
             raise ReadOnlyStoreError(f"{self.path} is open read-only")
-        return self._writer.call(fn)
+        return self._writer
+
+    def _call(self, fn) -> Any:
+        """Run ``fn(tx)`` in a write transaction on the writer thread."""
+        return self._write().call(fn)
 
     # ------------------------------------------------------------------------------ writes
     def put_image(self, image: bytes | bytearray | memoryview | Image.Image) -> str:
         """Store an image (encoded bytes or PIL) once; returns its sha256 (canonical PNG)."""
-        if self._writer is None:
-            raise ReadOnlyStoreError(f"{self.path} is open read-only")
+        self._write()
         sha, png, img = self.blobs.put(image)
         now = _now()
         self._call(lambda tx: tx.cur.execute(
@@ -278,21 +275,7 @@ class LabelStore(StoreReads):
         judge did not see which model was on which side (labeling always; the arena until the
         names are shown).
         """
-        if choice not in CHOICES:
-            raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
-        if left not in SIDES:
-            raise ValueError(f"left must be one of {SIDES}, got {left!r}")
-        if not isinstance(criterion, str) or not _CRITERION_RE.fullmatch(criterion):
-            raise ValueError(f"criterion must match {_CRITERION_RE.pattern}, got {criterion!r}")
-        if turn is not None and (isinstance(turn, bool) or not isinstance(turn, int)):
-            raise TypeError(f"turn must be an int or None, got {turn!r}")
-        if latency_ms is not None and not latency_ms >= 0:
-            raise ValueError(f"latency_ms must be >= 0, got {latency_ms!r}")
-        if not isinstance(blind, bool):
-            raise TypeError(f"blind must be a bool, got {blind!r}")
-        if self._writer is None:
-            raise ReadOnlyStoreError(f"{self.path} is open read-only")
-        return self._writer.submit(JudgmentRequest(
+        return self._write().submit(JudgmentRequest(
             int(comparison_id), annotator, turn, criterion, choice, left,
             None if latency_ms is None else float(latency_ms),
             None if simulated is None else bool(simulated), blind, _now()))
@@ -407,7 +390,7 @@ def _gold_rows(gold: str | Mapping[str, str] | None) -> list[tuple[str, str]]:
     if not items:
         raise ValueError("gold mapping is empty")
     for criterion, answer in items.items():
-        if criterion != "*" and not _CRITERION_RE.fullmatch(str(criterion)):
+        if criterion != "*" and not CRITERION_RE.fullmatch(str(criterion)):
             raise ValueError(f"bad gold criterion {criterion!r}")
         if answer not in CHOICES:
             raise ValueError(f"gold answer must be one of {CHOICES}, got {answer!r}")

@@ -26,8 +26,9 @@ Votes and the server-side re-check
 Storage (DuckDB, through :class:`labeling.store.LabelStore`)
     An accepted vote on turn k stores the images, each side's session up to turn k (a
     ``sessions`` row each, meta ``origin: arena`` with the arena id, branch, blindness, seeds and
-    steps), a comparison of the two (A = the configured side A) and the judgment (turn k, the
-    criterion, choice naming sessions, which side was on the left, ms from display to vote).
+    steps), a comparison of the two (kind ``'arena'``, A = the configured side A) and the
+    judgment (turn k, the criterion, choice naming sessions, which side was on the left, ms
+    from display to vote).
     The judgment records ``blind``.  The vote is acknowledged only after the judgment
     committed.  Ending a session with turns
     nobody voted on (reset, new source, fork or undo past them) stores the whole session as a

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from labeling.store import CHOICES
+from labeling.schema import CHOICES
 
 from .screen import PICKS, choice_from_screen
 

@@ -184,7 +184,7 @@ def machine_agreement(store) -> pd.DataFrame:
     """Judge / reward-model agreement with the human majority (see the module docstring)."""
     from labeling import agreement as ag
     from labeling.selection import without_gold
-    from labeling.store import CHOICES
+    from labeling.schema import CHOICES
 
     frame = without_gold(store.judgments_frame(include_simulated=True))
     machine = _machine(frame["annotator"])

@@ -5,7 +5,7 @@ the left; :func:`choice_from_screen` maps a screen vote to that choice."""
 
 from __future__ import annotations
 
-from labeling.store import SIDES
+from labeling.schema import SIDES
 
 PICKS = ("left", "right", "tie", "both_bad")
 
