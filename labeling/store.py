@@ -87,8 +87,7 @@ class LabelStore(StoreReads):
             self._rng = random.Random(self.policy.seed)
             self._pair_rng = random.Random(f"pairs:{self.policy.seed}")  # model-pair draws
             self._writer = Writer(cur, f"labelstore-writer:{self.path.name}",
-                                  lambda batch: self._ledger.write_judgments(
-                                      self._writer.transaction, batch), max_batch)
+                                  self._ledger.write_judgments, max_batch)
         except BaseException:
             self._db.close()
             raise

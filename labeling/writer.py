@@ -3,9 +3,10 @@
 Any number of threads hand it work and wait for the result.  :meth:`Writer.call` runs one
 function in its own transaction.  :meth:`Writer.submit` queues a :class:`Batched` request;
 consecutive requests that queue up while the writer is busy are handed together (up to
-``max_batch``) to ``write_batch``, which writes them in one transaction and resolves each
-request's future (group commit: durability per request at the throughput of batched inserts).
-A result is returned only after its transaction committed.
+``max_batch``) to ``write_batch(transaction, batch)``, which writes them in one
+``transaction`` (:meth:`Writer.transaction`) and resolves each request's future (group
+commit: durability per request at the throughput of batched inserts).  A result is returned
+only after its transaction committed.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Writer:
     """The writer thread over cursor ``cur`` (see the module docstring)."""
 
     def __init__(self, cur: duckdb.DuckDBPyConnection, name: str,
-                 write_batch: Callable[[list], None], max_batch: int = 512):
+                 write_batch: Callable[[Callable, list], None], max_batch: int = 512):
         self._cur, self._write_batch, self._max_batch = cur, write_batch, max_batch
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -69,7 +70,7 @@ class Writer:
 
     def transaction(self, body: Callable[[Tx], Any]) -> Any:
         """Run ``body(tx)`` between BEGIN and COMMIT (ROLLBACK on error), then its on-commit
-        updates.  Only on the writer thread (inside ``write_batch``)."""
+        updates.  Only on the writer thread."""
         tx = Tx(self._cur, [])
         self._cur.execute("BEGIN")
         try:
@@ -121,4 +122,4 @@ class Writer:
                     carry = nxt
                     break
                 batch.append(nxt)
-            self._write_batch(batch)
+            self._write_batch(self.transaction, batch)

@@ -26,13 +26,16 @@ def _labelled_store(path: Path):
     store.add_annotator("arena:anon-1")
     store.set_voter_excluded("arena:anon-1", True, admin="root", reason="test")
     store.next_assignment("ann1")
+    store.add_annotator("ann9")
+    job = store.next_assignment("ann9")
+    store.release_assignment("ann9", job.comparison_id, flag="blurry")
     return store, comparisons
 
 
 def _frames(store):
     return {t: store.table(t).sort_values(list(store.table(t).columns[:1])).reset_index(drop=True)
             for t in ("annotators", "sessions", "turns", "comparisons", "gold_items",
-                      "judgments", "assignments", "voter_exclusions", "images")}
+                      "judgments", "assignments", "voter_exclusions", "skips", "images")}
 
 
 def test_push_then_resume_a_fresh_store_from_a_folder_target(tmp_path):
@@ -61,6 +64,7 @@ def test_push_then_resume_a_fresh_store_from_a_folder_target(tmp_path):
         for table, frame in before.items():
             pd.testing.assert_frame_equal(frame, after[table], check_dtype=False, obj=table)
         assert fresh.excluded_voters() == {"arena:anon-1"}
+        assert list(fresh.skips()["reason"]) == ["blurry"]
         info = fresh.get_comparison(comparisons[0])              # images came along
         assert fresh.get_image(info["A"]["outputs"][0]).size == (4, 4)
         # the store goes on from there: new ids, the queue remembers who has what
