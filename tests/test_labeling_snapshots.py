@@ -13,7 +13,8 @@ import pytest
 
 from labeling.snapshots import (FolderTarget, HubTarget, SnapshotSync, target_from_spec,
                                 wait_for)
-from labeling.store import LabelStore, StoreError
+from labeling.errors import StoreError
+from labeling.store import LabelStore
 from tests.test_labeling_store import build_store, vote
 
 MODELS = (("mini", None), ("mini", "lora:ck/grpo"))
