@@ -82,7 +82,7 @@ def write_load(writers: int, judgments: int, workdir: Path) -> dict:
                 t0 = time.perf_counter()
                 jid = store.record_judgment(cid, name, turn, criterion, choice,
                                             "A" if rng.random() < 0.5 else "B",
-                                            float(rng.integers(300, 9000)))
+                                            float(rng.integers(300, 9000)), blind=True)
                 times.append(time.perf_counter() - t0)
                 mine.append(((cid, name, turn, criterion), jid))
             with lock:

@@ -3,12 +3,14 @@
 Start with :class:`labeling.store.LabelStore`; ``python -m labeling --help`` for the CLI.
 """
 
+from labeling.connection import default_db_path
+from labeling.errors import (DuplicateJudgmentError, ReadOnlyStoreError, SchemaVersionError,
+                             StoreError, StoreLockedError)
 from labeling.queue import Assignment, AssignmentPolicy
-from labeling.store import (CHOICES, DuplicateJudgmentError, LabelSelection, LabelStore,
-                            ReadOnlyStoreError, SchemaVersionError, StoreError,
-                            StoreLockedError, choice_from_screen, default_db_path, model_name)
+from labeling.selection import LabelSelection
+from labeling.schema import CHOICES
+from labeling.store import LabelStore, model_name
 
 __all__ = ["Assignment", "AssignmentPolicy", "CHOICES", "DuplicateJudgmentError",
            "LabelSelection", "LabelStore", "ReadOnlyStoreError", "SchemaVersionError",
-           "StoreError", "StoreLockedError", "choice_from_screen", "default_db_path",
-           "model_name"]
+           "StoreError", "StoreLockedError", "default_db_path", "model_name"]

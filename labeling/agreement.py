@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 from scipy.special import chdtrc
 
-from labeling.store import CHOICES, without_gold
+from labeling.selection import without_gold
+from labeling.schema import CHOICES
 
 UNIT = ["comparison_id", "turn", "criterion"]
 

@@ -22,7 +22,10 @@ from pathlib import Path
 import pandas as pd
 
 from labeling import agreement, ratings
-from labeling.store import LabelStore, StoreError, default_db_path
+from labeling.connection import default_db_path
+from labeling.errors import SchemaVersionError, StoreError, StoreLockedError
+from labeling.selection import LabelSelection
+from labeling.store import LabelStore
 
 EXTENSIONS: list[str] = ["labeling.simulate", "labeling.raters"]
 
@@ -44,10 +47,16 @@ def add_label_options(parser: argparse.ArgumentParser) -> None:
                         "or simulated when there are no human labels)")
 
 
+def describe_selection(selection: LabelSelection) -> str:
+    """The selection's counts and choice, with the flag that adds simulated labels left out."""
+    hint = " (pass --include-simulated to add the simulated)" if selection.left_out else ""
+    return selection.describe() + hint
+
+
 def _select(store: LabelStore, args) -> pd.DataFrame:
     """The judgments the options select, after printing the counts behind the choice."""
     selection = store.label_selection(args.include_simulated)
-    print(selection.describe())
+    print(describe_selection(selection))
     return store.judgments_frame(selection.include_simulated)
 
 
@@ -134,7 +143,7 @@ def cmd_export(args) -> int:
     out = args.out or Path(args.db).parent / "exports" / args.format
     with open_store(args) as store:
         selection = store.label_selection(args.include_simulated)
-        print(selection.describe())
+        print(describe_selection(selection))
         if args.format == "hf":
             dataset = export.to_dataset(store, selection.include_simulated)
             dataset.save_to_disk(str(out))
@@ -200,5 +209,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (StoreError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}{_hint(exc, args.db)}", file=sys.stderr)
         return 2
+
+
+def _hint(exc: Exception, db: Path) -> str:
+    """The commands that get past ``exc`` on database ``db`` (empty when none apply)."""
+    if isinstance(exc, StoreLockedError):
+        return (f"\nTo read it meanwhile, take a snapshot:\n"
+                f"  python -m labeling --db {db} --read-only stats   (or leaderboard, agreement)\n"
+                f"  python -m labeling --db {db} --read-only export --format parquet --out DIR")
+    if isinstance(exc, SchemaVersionError) and exc.older:
+        return f"\nMigrate it: python -m labeling --db {db} init"
+    if isinstance(exc, FileNotFoundError) and not Path(db).exists():
+        return f"\nCreate one with: python -m labeling --db {db} init"
+    return ""

@@ -9,8 +9,9 @@ One row per judgment (:func:`label_rows`).  What was judged:
 
 Labels follow Pick-a-Pic: ``label_a``/``label_b`` = 1/0 for A, 0/1 for B and 0.5/0.5 for a tie;
 ``both_bad`` is also 0.5/0.5 (no preference, as in the ratings) with ``both_bad`` = True.
-Every row carries ``simulated`` and ``gold``; which labels are exported follows
-:class:`labeling.store.LabelSelection` (human only unless asked, or unless there are none).
+Every row carries ``simulated``, ``blind``, the comparison's ``kind`` ('item', 'gold', 'arena')
+and ``gold``; which labels are exported follows :class:`labeling.selection.LabelSelection`
+(human only unless asked, or unless there are none).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from labeling.store import TABLES, LabelStore
+from labeling.schema import TABLES
+from labeling.store import LabelStore
 
 LABELS = {"A": (1.0, 0.0), "B": (0.0, 1.0), "tie": (0.5, 0.5), "both_bad": (0.5, 0.5)}
 IMAGE_COLUMNS = ("source", "input_a", "input_b", "output_a", "output_b")
@@ -39,6 +41,7 @@ FEATURES = datasets.Features({
     "annotator": datasets.Value("string"),
     "simulated": datasets.Value("bool"),
     "blind": datasets.Value("bool"),
+    "kind": datasets.Value("string"),
     "gold": datasets.Value("bool"),
     "model_a": datasets.Value("string"),
     "model_b": datasets.Value("string"),

@@ -23,9 +23,9 @@ functions on the store's single writer thread, so two annotators never race for 
   ``selection="uniform"`` draws every pair with open work equally often.  Within the pair, the
   comparison closest to complete overlap is served first (then the oldest).  With one model
   pair both rules serve the same order.
-* **Labeling items only.** Arena battles (comparisons whose sessions carry meta
-  ``origin: arena``) are votes people cast in the arena, not work for annotators: the SQL that
-  picks the next item never selects them, so they get no assignment rows.
+* **Labeling items only.** Only comparisons of kind ``'item'`` and ``'gold'`` are served;
+  arena battles (kind ``'arena'``) are votes people cast in the arena, not work for
+  annotators, so they get no assignment rows.
 * **Resume.** An annotator who asks again before judging their open assignment gets the same
   one back (a page refresh does not burn items).
 
@@ -74,15 +74,24 @@ class Assignment:
     assigned_at: dt.datetime
 
 
-ARENA_ORIGIN = "arena"
-LABELING_ITEM = (  # SQL condition on comparisons ``c``: not an arena battle
-    "c.session_a NOT IN (SELECT session_id FROM sessions "
-    f"WHERE json_extract_string(meta, '$.origin') = '{ARENA_ORIGIN}')"
-)
 _JUDGED = (
     "EXISTS (SELECT 1 FROM judgments j "
     "WHERE j.annotator_id = a.annotator_id AND j.comparison_id = a.comparison_id)"
 )
+_UNSEEN = (  # on comparisons ``c``, parameter: the annotator id
+    "c.comparison_id NOT IN (SELECT comparison_id FROM assignments WHERE annotator_id = ?)"
+)
+# The open labeling items (kind 'item', fewer than ``overlap`` holders, unseen by the
+# annotator) as comparisons ``c``; parameters: expiry time, overlap, annotator id.
+_OPEN_ITEMS = f"""WITH holders AS (
+        SELECT a.comparison_id, count(*) AS n FROM assignments a
+        WHERE a.assigned_at > ? OR {_JUDGED}
+        GROUP BY a.comparison_id)
+    {{select}}
+    FROM comparisons c
+    {{join}}
+    LEFT JOIN holders h USING (comparison_id)
+    WHERE c.kind = 'item' AND coalesce(h.n, 0) < ? AND {_UNSEEN}"""
 
 
 def open_assignment(cur, annotator_id: int, expired_before: dt.datetime):
@@ -106,29 +115,20 @@ def pick_comparison(
 ) -> int | None:
     """Choose the next comparison id for ``annotator_id`` under ``policy`` (None: nothing left).
 
-    Only labeling items are candidates (never arena battles, see :data:`LABELING_ITEM`).
+    Only labeling items are candidates (kinds 'item' and 'gold'; never arena battles).
     Gold is drawn with probability ``policy.gold_rate`` when an unseen gold item exists;
     otherwise a model pair is drawn by ``policy.selection`` among the pairs with open ordinary
     comparisons (with ``pair_rng``, default ``rng``), and that pair's open comparison nearest
     to full overlap is served.  When no ordinary work is left the queue is empty: gold alone is
     never served.
     """
-    unseen = (
-        "c.comparison_id NOT IN (SELECT comparison_id FROM assignments WHERE annotator_id = ?)"
-    )
     ordinary = cur.execute(
-        f"""WITH holders AS (
-                SELECT a.comparison_id, count(*) AS n FROM assignments a
-                WHERE a.assigned_at > ? OR {_JUDGED}
-                GROUP BY a.comparison_id)
-            SELECT c.comparison_id, least(sa.model, sb.model) AS m1,
-                   greatest(sa.model, sb.model) AS m2
-            FROM comparisons c
-            JOIN sessions sa ON sa.session_id = c.session_a
-            JOIN sessions sb ON sb.session_id = c.session_b
-            LEFT JOIN holders h USING (comparison_id)
-            WHERE NOT c.is_gold AND coalesce(h.n, 0) < ? AND {unseen} AND {LABELING_ITEM}
-            ORDER BY coalesce(h.n, 0) DESC, c.comparison_id""",
+        _OPEN_ITEMS.format(
+            select="SELECT c.comparison_id, least(sa.model, sb.model) AS m1, "
+                   "greatest(sa.model, sb.model) AS m2",
+            join="JOIN sessions sa ON sa.session_id = c.session_a "
+                 "JOIN sessions sb ON sb.session_id = c.session_b")
+        + " ORDER BY coalesce(h.n, 0) DESC, c.comparison_id",
         [expired_before, policy.overlap, annotator_id],
     ).fetchall()
     if not ordinary:
@@ -136,8 +136,7 @@ def pick_comparison(
     if rng.random() < policy.gold_rate:
         gold = cur.execute(
             f"""SELECT c.comparison_id FROM comparisons c
-                WHERE c.is_gold AND {unseen} AND {LABELING_ITEM}
-                ORDER BY c.comparison_id""",
+                WHERE c.kind = 'gold' AND {_UNSEEN} ORDER BY c.comparison_id""",
             [annotator_id],
         ).fetchall()
         if gold:
@@ -160,6 +159,13 @@ def pick_comparison(
     return first[pairs[chosen]]
 
 
+def count_open(cur, annotator_id: int, policy: AssignmentPolicy,
+               expired_before: dt.datetime) -> int:
+    """How many ordinary labeling items the queue could still serve ``annotator_id``."""
+    return cur.execute(_OPEN_ITEMS.format(select="SELECT count(*)", join=""),
+                       [expired_before, policy.overlap, annotator_id]).fetchall()[0][0]
+
+
 def battle_matrix(cur, models: list[str]):
     """Win matrix (M, M) over ``models`` of every judgment on an ordinary (non-gold)
     comparison between two of them: W[i, j] = wins of i over j + ½ ties (both-bad as a tie)."""
@@ -170,7 +176,7 @@ def battle_matrix(cur, models: list[str]):
            JOIN comparisons c USING (comparison_id)
            JOIN sessions sa ON sa.session_id = c.session_a
            JOIN sessions sb ON sb.session_id = c.session_b
-           WHERE NOT c.is_gold GROUP BY ALL""").fetchall()
+           WHERE c.kind <> 'gold' GROUP BY ALL""").fetchall()
     index = {m: k for k, m in enumerate(models)}
     w = np.zeros((len(models), len(models)))
     for a, b, choice, n in rows:

@@ -78,7 +78,7 @@ def rate_comparisons(store, reward: RewardModel, *, name: str | None = None, com
         comparison_ids = store.query(
             """SELECT DISTINCT j.comparison_id FROM judgments j JOIN annotators a USING (annotator_id)
                JOIN comparisons c USING (comparison_id)
-               WHERE NOT j.simulated AND NOT c.is_gold AND a.name NOT LIKE 'judge:%' AND a.name NOT LIKE 'reward:%'
+               WHERE NOT j.simulated AND c.kind <> 'gold' AND a.name NOT LIKE 'judge:%' AND a.name NOT LIKE 'reward:%'
                ORDER BY 1""").comparison_id.tolist()
     done = set(store.query(
         """SELECT DISTINCT comparison_id FROM judgments JOIN annotators USING (annotator_id) WHERE name = ?""",

@@ -39,7 +39,7 @@ import pandas as pd
 from scipy.sparse.csgraph import connected_components
 from scipy.special import expit
 
-from labeling.store import without_gold
+from labeling.selection import without_gold
 
 ELO_BASE = 1000.0
 ELO_SCALE = 400.0 / math.log(10.0)

@@ -129,7 +129,7 @@ def simulate(store: LabelStore, *, sessions: int = 200, turns: int = 3, annotato
             cid = store.add_comparison(*ids)
             comparisons.append(cid)
             pending += [executor.submit(store.record_judgment, cid, name, turn, "overall", choice,
-                                        left, latency, True)
+                                        left, latency, True, blind=True)
                         for name, turn, choice, left, latency in votes]
         for future in pending:
             future.result()

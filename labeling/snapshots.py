@@ -38,19 +38,15 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol
 
+from labeling.schema import SCHEMA_VERSION, TABLES
+
 log = logging.getLogger("mteditlab.labeling")
 SNAPSHOT_DIR = "snapshot"
-_KEYS = {"annotators": "annotator_id", "images": "sha256", "sessions": "session_id",
-         "turns": "session_id, turn_index", "comparisons": "comparison_id",
-         "gold_items": "comparison_id, criterion", "judgments": "judgment_id",
-         "assignments": "assignment_id", "voter_exclusions": "exclusion_id"}
 
 
 # ------------------------------------------------------------------------------ export
 def export_snapshot(store, folder: str | os.PathLike) -> dict:
     """Write (update) a snapshot of ``store`` in ``folder``; returns the manifest."""
-    from labeling.store import SCHEMA_VERSION, TABLES
-
     folder = Path(folder)
     tables_dir, images_dir = folder / "tables", folder / "images"
     tables_dir.mkdir(parents=True, exist_ok=True)
@@ -58,18 +54,13 @@ def export_snapshot(store, folder: str | os.PathLike) -> dict:
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
     counts = {}
     try:
-        cur = store._con.cursor()      # its own cursor: one read transaction for every table
-        try:
-            cur.execute("BEGIN TRANSACTION")
-            for table in TABLES:
+        with store.consistent_reads() as cur:     # every table from one read transaction
+            for table, key in TABLES.items():
                 counts[table] = cur.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                 tmp = work / f"{table}.parquet"
-                cur.execute(f"COPY (SELECT * FROM {table} ORDER BY {_KEYS[table]}) TO "
+                cur.execute(f"COPY (SELECT * FROM {table} ORDER BY {key}) TO "
                             f"'{_sql_path(tmp)}' (FORMAT parquet)")
             shas = [r[0] for r in cur.execute("SELECT sha256 FROM images").fetchall()]
-            cur.execute("COMMIT")
-        finally:
-            cur.close()
         for table in TABLES:
             _replace_if_changed(work / f"{table}.parquet", tables_dir / f"{table}.parquet")
         for sha in shas:
@@ -77,7 +68,7 @@ def export_snapshot(store, folder: str | os.PathLike) -> dict:
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = work / f"{sha}.png"
-                shutil.copyfile(store._image_path(sha), tmp)
+                shutil.copyfile(store.blobs.path(sha), tmp)
                 os.replace(tmp, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -112,8 +103,6 @@ def _sql_path(path: Path) -> str:
 def restore_snapshot(store, folder: str | os.PathLike) -> dict:
     """Load the snapshot in ``folder`` into an **empty** ``store`` (ids kept); returns the row
     counts loaded.  Refuses a non-empty store or another schema version."""
-    from labeling.store import SCHEMA_VERSION
-
     folder = Path(folder)
     manifest = _read_manifest(folder)
     if manifest is None:
@@ -127,7 +116,7 @@ def restore_snapshot(store, folder: str | os.PathLike) -> dict:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
-    tables = {t: folder / "tables" / f"{t}.parquet" for t in _KEYS}
+    tables = {t: folder / "tables" / f"{t}.parquet" for t in TABLES}
     return store.load_tables({t: p for t, p in tables.items() if p.exists()})
 
 

@@ -87,13 +87,14 @@ def test_arena_and_labeling_in_a_real_browser(tmp_path):
             assert "oracle" in board["style"] and "identity" in board["style"]
             assert "quality" in board["style_note"] and "tint" in board["style_note"]
         frame = ctx.store.judgments_frame(include_simulated=True)
-    arena = frame[frame["annotator"].str.startswith("arena:")]
+    arena = frame[frame["kind"] == "arena"]
     assert list(arena["turn"]) == [0, 1, 2]
     left = arena["left"].iloc[0]
     right = "B" if left == "A" else "A"
     assert list(arena["choice"]) == [left, "tie", right] and arena["blind"].all()
     alice = frame[frame["annotator"] == "alice"]
     assert list(alice["turn"].astype("Float64").fillna(-1)) == [0, 1, -1]
+    assert (alice["kind"] != "arena").all() and alice["blind"].all()
     a_left = alice["left"].iloc[0]
     a_right = "B" if a_left == "A" else "A"
     assert list(alice["choice"]) == [a_left, "tie", a_right]     # keys 1, 3, 2

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ui.screen import choice_from_screen
 from ui.testing import make_engine, running_app, app_config
 from mteditlab.editors.reference import IdentityEditor, OracleEditor
 from mteditlab.world import generate_session, render
@@ -60,6 +61,14 @@ def left_model(text: str) -> str:
     return re.search(r"Model A was \*\*(\w+)\*\*", text).group(1)
 
 
+def test_choice_from_screen():
+    assert choice_from_screen("left", "B") == "B"
+    assert choice_from_screen("right", "B") == "A"
+    assert choice_from_screen("tie", "A") == "tie"
+    with pytest.raises(ValueError):
+        choice_from_screen("up", "A")
+
+
 def test_three_turn_arena_session_with_votes_lands_in_duckdb(app):
     url, ctx = app
     c = client(url)
@@ -83,7 +92,7 @@ def test_three_turn_arena_session_with_votes_lands_in_duckdb(app):
     left = left_model(status(out))
     assert "`" in out[TITLE_L] and left in out[TITLE_L]
     frame = judgments(ctx, voter(ctx, c))
-    assert frame["blind"].all()
+    assert frame["blind"].all() and (frame["kind"] == "arena").all()
     assert list(frame["turn"]) == [0, 1, 2]
     side_of_left = "A" if left == "oracle" else "B"
     expected = {"left": side_of_left, "right": "B" if side_of_left == "A" else "A", "tie": "tie"}
@@ -255,7 +264,8 @@ def test_labeling_an_item_stores_exactly_its_judgments(app):
     # the arena battles are not labeling items; the skip / flag path frees the item
     out = c.predict("image looks broken", api_name="/label_flag")
     assert "Flagged" in out[-1]
-    assert [e["kind"] for e in ctx.events()] == ["flag"]
+    skips = ctx.store.skips()
+    assert list(skips["flagged"]) == [True] and list(skips["reason"]) == ["image looks broken"]
     assert len(judgments(ctx, "alice")) == 3
     # another annotator skips: the skipped item is released and never comes back to them
     b = client(url)
@@ -268,7 +278,9 @@ def test_labeling_an_item_stores_exactly_its_judgments(app):
     shown = ctx.store.query("SELECT comparison_id, assigned_at FROM assignments a JOIN annotators n "
                             "USING (annotator_id) WHERE n.name = 'bob' ORDER BY assignment_id")
     assert shown["comparison_id"].iloc[-1] not in first and len(shown) == 2
-    assert [e["kind"] for e in ctx.events()] == ["flag", "skip"]
+    skips = ctx.store.skips()
+    assert list(skips["annotator"]) == ["alice", "bob"] and list(skips["flagged"]) == [True, False]
+    assert skips["comparison_id"].iloc[-1] in first
     assert judgments(ctx, "bob").empty
 
 

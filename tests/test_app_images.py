@@ -98,7 +98,7 @@ def test_prepare_source_crops_resizes_and_round_trips_world_renders():
 
 
 def test_bank_uses_the_label_store_hash_and_evicts():
-    from labeling.store import canonical_png
+    from labeling.blobs import canonical_png
     import hashlib
 
     image = render(generate_session("test", 3).source)

@@ -44,7 +44,7 @@ def test_an_annotator_gets_a_labeling_item_among_hundreds_of_arena_battles(app):
 
 def everything_stored(ctx) -> str:
     """Every value of every table of the store, as text."""
-    from labeling.store import TABLES
+    from labeling.schema import TABLES
 
     return "\n".join(ctx.store.table(name).to_csv() for name in TABLES)
 
@@ -229,7 +229,7 @@ def test_the_leaderboard_sets_provisional_models_apart(tmp_path):
                 {"instruction": "add a red circle", "output_sha": store.put_image(tiny(500 + 2 * k + j))}])
                 for j, adapter in enumerate((first, second))]
             cid = store.add_comparison(*sides)
-            store.record_judgment(cid, "ann", None, "overall", choice, "A")
+            store.record_judgment(cid, "ann", None, "overall", choice, "A", blind=True)
         out = client(url).predict("all human votes", True, "all criteria", api_name="/leaderboard")
         ranked = {row[0]: row for row in out[3]["data"]}
         assert set(ranked) == {"mini", "mini+lora:a", "mini+lora:w"}

@@ -70,7 +70,7 @@ def test_agreement_table_and_gold_accuracy_on_a_store(tmp_path):
         for name, answer in (("h0", "A"), ("h1", "A"), ("h2", "B")):
             for cid in golds:
                 for criterion in ("overall", "quality"):
-                    store.record_judgment(cid, name, None, criterion, answer, "A")
+                    store.record_judgment(cid, name, None, criterion, answer, "A", blind=True)
         frame = store.judgments_frame()
         table = agreement.agreement_table(frame).set_index("criterion")
         assert list(table.index) == ["overall", "quality"]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from labeling import cli
-from labeling.store import SCHEMA_VERSION, LabelStore
+from labeling.schema import SCHEMA_VERSION
+from labeling.store import LabelStore
 from tests.test_labeling_queue import THREE_MODELS
 from tests.test_labeling_store import REPO, build_store, vote
 
@@ -27,7 +28,7 @@ def db(tmp_path_factory):
         vote(store, comparisons, ["ann1", "ann2", "ann3"], STRENGTHS, rng,
              criteria=("overall", "quality"), turns=(None, 0, 1))
         vote(store, comparisons, ["sim"], STRENGTHS, rng, simulated=True)
-        store.record_judgment(golds[0], "ann1", None, "overall", "A", "B")
+        store.record_judgment(golds[0], "ann1", None, "overall", "A", "B", blind=True)
     return path
 
 

@@ -21,7 +21,7 @@ def labelled(tmp_path_factory):
          turns=(None, 0, 1, 2))
     vote(store, comparisons, ["bot"], {"mini": 0.0, "mini+lora:ck/grpo": 1.0}, rng,
          turns=(None, 2), simulated=True)
-    store.record_judgment(golds[0], "ann1", None, "overall", "both_bad", "A", 100.0)
+    store.record_judgment(golds[0], "ann1", None, "overall", "both_bad", "A", 100.0, blind=True)
     yield store, comparisons, golds
     store.close()
 
@@ -60,6 +60,7 @@ def test_dataset_rows_show_what_was_judged(labelled):
         assert row["both_bad"] == (row["choice"] == "both_bad")
     gold_row = ds.filter(lambda r: r["gold"])[0]
     assert (gold_row["label_a"], gold_row["label_b"], gold_row["both_bad"]) == (0.5, 0.5, True)
+    assert gold_row["kind"] == "gold" and set(ds["kind"]) == {"item", "gold"}
     ties = [r for r in ds if r["choice"] == "tie"]
     assert all(r["label_a"] == r["label_b"] == 0.5 for r in ties)
 
@@ -85,7 +86,8 @@ def test_parquet_export(labelled, tmp_path):
     labels = pq.read_table(written["labels"]).to_pandas()
     assert len(labels) == 17 and not labels.simulated.any()
     assert {"label_a", "label_b", "both_bad", "instructions", "output_a_sha"} <= set(labels)
+    assert set(labels["kind"]) == {"item", "gold"} and labels["gold"].eq(labels["kind"] == "gold").all()
     raw = pq.read_table(written["judgments"]).to_pandas()
     assert len(raw) == 21 and raw.simulated.sum() == 4  # the raw snapshot keeps every row
-    for name in ("sessions", "turns", "comparisons", "annotators", "gold_items", "images"):
+    for name in ("sessions", "turns", "comparisons", "annotators", "gold_items", "images", "skips"):
         assert pq.read_table(written[name]).num_rows == store.counts()[name]

@@ -24,7 +24,7 @@ def drain(store, annotators):
                 active.remove(name)
                 continue
             assert store.next_assignment(name) == job  # asking again resumes, burns nothing
-            store.record_judgment(job.comparison_id, name, None, "overall", "A", job.left)
+            store.record_judgment(job.comparison_id, name, None, "overall", "A", job.left, blind=True)
             served.append(job)
     return served
 
@@ -54,7 +54,7 @@ def test_overlap_no_repeats_gold_rate_and_recorded_sides(tmp_path):
         job = served[0]
         wrong = "B" if job.left == "A" else "A"
         with pytest.raises(ValueError, match="left"):
-            store.record_judgment(job.comparison_id, job.annotator, 0, "quality", "A", wrong)
+            store.record_judgment(job.comparison_id, job.annotator, 0, "quality", "A", wrong, blind=True)
 
 
 def test_gold_is_never_served_alone(tmp_path):
@@ -96,7 +96,7 @@ def test_policy_validation():
 
 
 def add_arena_battles(store, n: int) -> list[int]:
-    """``n`` arena battles (sessions with meta ``origin: arena``), as the arena stores votes."""
+    """``n`` arena battles (comparisons of kind 'arena'), as the arena stores votes."""
     from tests.test_labeling_store import tiny
 
     source = store.put_image(tiny(9000))
@@ -107,7 +107,7 @@ def add_arena_battles(store, n: int) -> list[int]:
                                    [{"instruction": "add a red circle", "output_sha": out}],
                                    {"origin": "arena", "arena_id": f"a{k}"})
                  for adapter, out in ((None, outputs[0]), ("lora:x", outputs[1]))]
-        ids.append(store.add_comparison(*sides))
+        ids.append(store.add_comparison(*sides, kind="arena"))
     return ids
 
 
@@ -181,7 +181,7 @@ def _judge(store, name, cids, turns=(None, 0, 1)):
     store.add_annotator(name)
     for cid in cids:
         for turn, choice in zip(turns, ("A", "B", "tie")):
-            store.record_judgment(cid, name, turn, "overall", choice, "A")
+            store.record_judgment(cid, name, turn, "overall", choice, "A", blind=True)
 
 
 def _draws(store, policy, annotator, n, seed=0):

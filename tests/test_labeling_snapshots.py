@@ -13,7 +13,8 @@ import pytest
 
 from labeling.snapshots import (FolderTarget, HubTarget, SnapshotSync, target_from_spec,
                                 wait_for)
-from labeling.store import LabelStore, StoreError
+from labeling.errors import StoreError
+from labeling.store import LabelStore
 from tests.test_labeling_store import build_store, vote
 
 MODELS = (("mini", None), ("mini", "lora:ck/grpo"))
@@ -26,13 +27,16 @@ def _labelled_store(path: Path):
     store.add_annotator("arena:anon-1")
     store.set_voter_excluded("arena:anon-1", True, admin="root", reason="test")
     store.next_assignment("ann1")
+    store.add_annotator("ann9")
+    job = store.next_assignment("ann9")
+    store.release_assignment("ann9", job.comparison_id, flag="blurry")
     return store, comparisons
 
 
 def _frames(store):
     return {t: store.table(t).sort_values(list(store.table(t).columns[:1])).reset_index(drop=True)
             for t in ("annotators", "sessions", "turns", "comparisons", "gold_items",
-                      "judgments", "assignments", "voter_exclusions", "images")}
+                      "judgments", "assignments", "voter_exclusions", "skips", "images")}
 
 
 def test_push_then_resume_a_fresh_store_from_a_folder_target(tmp_path):
@@ -61,11 +65,12 @@ def test_push_then_resume_a_fresh_store_from_a_folder_target(tmp_path):
         for table, frame in before.items():
             pd.testing.assert_frame_equal(frame, after[table], check_dtype=False, obj=table)
         assert fresh.excluded_voters() == {"arena:anon-1"}
+        assert list(fresh.skips()["reason"]) == ["blurry"]
         info = fresh.get_comparison(comparisons[0])              # images came along
         assert fresh.get_image(info["A"]["outputs"][0]).size == (4, 4)
         # the store goes on from there: new ids, the queue remembers who has what
         fresh.add_annotator("ann3")
-        jid = fresh.record_judgment(comparisons[0], "ann3", None, "quality", "A", "A")
+        jid = fresh.record_judgment(comparisons[0], "ann3", None, "quality", "A", "A", blind=True)
         assert jid > before["judgments"]["judgment_id"].max()
         job = fresh.next_assignment("ann1")
         assert job.assignment_id > before["assignments"]["assignment_id"].max()
@@ -92,7 +97,7 @@ def test_scheduled_pushes_carry_new_judgments_and_only_changed_files(tmp_path):
             n = pq.read_table(remote / "judgments.parquet").num_rows
             sessions_mtime = (remote / "sessions.parquet").stat().st_mtime_ns
             store.add_annotator("late")
-            store.record_judgment(comparisons[1], "late", None, "overall", "tie", "B")
+            store.record_judgment(comparisons[1], "late", None, "overall", "tie", "B", blind=True)
             assert wait_for(lambda: pq.read_table(remote / "judgments.parquet").num_rows == n + 1)
             assert wait_for(lambda: sync.scheduler.pushes >= 4)
             assert (remote / "sessions.parquet").stat().st_mtime_ns == sessions_mtime

@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from labeling.cli import main
+from labeling.cli import describe_selection, main
+from labeling.errors import (DuplicateJudgmentError, ReadOnlyStoreError, SchemaVersionError,
+                             StoreError, StoreLockedError)
 from labeling.queue import AssignmentPolicy
-from labeling.store import (MIGRATIONS, SCHEMA_VERSION, DuplicateJudgmentError, LabelSelection,
-                            LabelStore, ReadOnlyStoreError, SchemaVersionError, StoreError,
-                            StoreLockedError, choice_from_screen, model_name)
+from labeling.schema import MIGRATIONS, SCHEMA_VERSION
+from labeling.selection import LabelSelection
+from labeling.store import LabelStore, model_name
 
 REPO = Path(__file__).resolve().parents[1]
 INSTRUCTIONS = ["add a red square", "move it left", "make it blue"]
@@ -79,7 +81,7 @@ def vote(store: LabelStore, comparisons, annotators, strengths: dict, rng, crite
                     u = rng.random()
                     choice = "tie" if u < tie_rate else ("A" if rng.random() < p else "B")
                     store.record_judgment(cid, name, turn, criterion, choice,
-                                          rng.choice(["A", "B"]), float(rng.integers(500, 5000)))
+                                          rng.choice(["A", "B"]), float(rng.integers(500, 5000)), blind=True)
 
 
 @pytest.fixture
@@ -156,46 +158,39 @@ def test_judgments_append_only_idempotent_and_validated(populated):
     assert store.add_annotator("ann") == store.add_annotator("ann")
     with pytest.raises(ValueError):
         store.add_annotator("ann", simulated=True)
-    jid = store.record_judgment(cid, "ann", 0, "overall", "A", "B", 900)
-    assert store.record_judgment(cid, "ann", 0, "overall", "A", "B", 950) == jid
+    jid = store.record_judgment(cid, "ann", 0, "overall", "A", "B", 900, blind=True)
+    assert store.record_judgment(cid, "ann", 0, "overall", "A", "B", 950, blind=True) == jid
     with pytest.raises(DuplicateJudgmentError):
-        store.record_judgment(cid, "ann", 0, "overall", "B", "B", 900)
+        store.record_judgment(cid, "ann", 0, "overall", "B", "B", 900, blind=True)
     bad = [dict(choice="C"), dict(left="left"), dict(turn=2), dict(turn=-1),
            dict(criterion="Bad Criterion"), dict(annotator="nobody"), dict(comparison_id=999),
            dict(simulated=True), dict(latency_ms=-1)]
     for override in bad:
         kwargs = dict(comparison_id=cid, annotator="ann", turn=1, criterion="quality",
-                      choice="A", left="A", latency_ms=10.0, simulated=None) | override
+                      choice="A", left="A", latency_ms=10.0, simulated=None,
+                      blind=True) | override
         with pytest.raises((ValueError, KeyError)):
             store.record_judgment(**kwargs)
-    store.record_judgment(cid, "bot", None, "overall", "tie", "A", None)
+    store.record_judgment(cid, "bot", None, "overall", "tie", "A", None, blind=True)
     frame = store.judgments_frame(include_simulated=True)
     assert len(frame) == 2 and frame["turn"].isna().sum() == 1
     assert set(frame["model_a"]) == {"mini"} and set(frame["model_b"]) == {"mini+lora:ck/grpo"}
     assert store.counts()["judgments"] == 2
 
 
-def test_choice_from_screen():
-    assert choice_from_screen("left", "B") == "B"
-    assert choice_from_screen("right", "B") == "A"
-    assert choice_from_screen("tie", "A") == "tie"
-    with pytest.raises(ValueError):
-        choice_from_screen("up", "A")
-
-
 def test_simulated_labels_are_never_mixed_silently(populated):
     store, comparisons, _ = populated
     store.add_annotator("bot", simulated=True)
     store.add_annotator("ann")
-    store.record_judgment(comparisons[0], "bot", None, "overall", "A", "A")
+    store.record_judgment(comparisons[0], "bot", None, "overall", "A", "A", blind=True)
     sel = store.label_selection()
     assert (sel.human, sel.simulated, sel.include_simulated) == (0, 1, True)
     assert "no human labels" in sel.describe()
     assert store.judgments_frame()["simulated"].all()
-    store.record_judgment(comparisons[0], "ann", None, "overall", "B", "A")
+    store.record_judgment(comparisons[0], "ann", None, "overall", "B", "A", blind=True)
     sel = store.label_selection()
     assert (sel.human, sel.simulated, sel.include_simulated) == (1, 1, False)
-    assert "human only" in sel.describe() and "--include-simulated" in sel.describe()
+    assert "human only" in sel.describe() and "--include-simulated" in describe_selection(sel)
     assert not store.judgments_frame()["simulated"].any()
     assert len(store.judgments_frame(include_simulated=True)) == 2
     assert "MIXING" in store.label_selection(True).describe()
@@ -215,7 +210,7 @@ def test_many_threads_lose_and_duplicate_nothing_and_ids_persist(tmp_path):
         for cid in comparisons:
             for turn in (None, 0, 1, 2):
                 for criterion in ("overall", "quality"):
-                    jid = store.record_judgment(cid, name, turn, criterion, "A", "A", 1.0)
+                    jid = store.record_judgment(cid, name, turn, criterion, "A", "A", 1.0, blind=True)
                     with lock:
                         acked[(cid, name, turn, criterion)] = jid
 
@@ -229,7 +224,7 @@ def test_many_threads_lose_and_duplicate_nothing_and_ids_persist(tmp_path):
     with LabelStore.open(path) as again:
         frame = again.judgments_frame()
         assert sorted(frame["judgment_id"]) == sorted(acked.values())
-        next_id = again.record_judgment(comparisons[0], "w0", None, "extra", "B", "A")
+        next_id = again.record_judgment(comparisons[0], "w0", None, "extra", "B", "A", blind=True)
         assert next_id == max(acked.values()) + 1
 
 
@@ -238,7 +233,7 @@ def test_schema_version_and_migrations(tmp_path):
     con = duckdb.connect(str(path))  # a database from before any migration: meta only
     con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
     con.close()
-    with pytest.raises(SchemaVersionError, match="init"):
+    with pytest.raises(SchemaVersionError, match="migrate"):
         LabelStore.open(path, read_only=True)
     with LabelStore.open(path) as store:
         assert store.schema_version() == SCHEMA_VERSION == len(MIGRATIONS)
@@ -279,7 +274,7 @@ def test_second_process_gets_a_clear_message_and_can_read_a_snapshot(populated, 
     store, comparisons, _ = populated
     path = store.path
     store.add_annotator("ann")
-    store.record_judgment(comparisons[0], "ann", None, "overall", "A", "A")
+    store.record_judgment(comparisons[0], "ann", None, "overall", "A", "A", blind=True)
     has_cursor, finish = threading.Event(), threading.Event()
 
     def reader():  # a live thread keeps its read cursor while the store closes
@@ -298,7 +293,7 @@ def test_second_process_gets_a_clear_message_and_can_read_a_snapshot(populated, 
         with pytest.raises(StoreLockedError) as err:
             LabelStore.open(path)
         assert err.value.pid == holder.pid
-        assert f"process {holder.pid}" in str(err.value) and "--read-only" in str(err.value)
+        assert f"process {holder.pid}" in str(err.value) and "read-only" in str(err.value)
         with LabelStore.open(path, read_only=True) as snap:
             assert snap.snapshot_of == holder.pid
             assert snap.counts()["annotators"] == 2  # includes the holder's own commit
@@ -327,7 +322,7 @@ def work(k):
     name = f"w{{k}}"
     store.add_annotator(name)
     for i in range(100000):
-        jid = store.record_judgment({cid}, name, None, f"c{{i}}", "A", "B", 1.0)
+        jid = store.record_judgment({cid}, name, None, f"c{{i}}", "A", "B", 1.0, blind=True)
         with lock:
             sys.stdout.write(f"{{jid}}\\n")
             sys.stdout.flush()
@@ -360,7 +355,7 @@ def test_acknowledged_judgments_survive_sigkill(populated):
         assert len(present) == len(reopened.judgments_frame())
         # the store keeps working after recovery
         reopened.add_annotator("after")
-        after = reopened.record_judgment(comparisons[0], "after", None, "overall", "A", "A")
+        after = reopened.record_judgment(comparisons[0], "after", None, "overall", "A", "A", blind=True)
         assert after > max(present)
 
 
@@ -391,7 +386,7 @@ def test_judgments_record_blind_and_version_1_databases_are_migrated(tmp_path):
         assert list(frame["blind"]) == [True, True, False]
         store.add_annotator("voter")
         store.record_judgment(3, "voter", 0, "overall", "B", "A", blind=False)
-        store.record_judgment(2, "voter", 0, "overall", "B", "A")
+        store.record_judgment(2, "voter", 0, "overall", "B", "A", blind=True)
         frame = store.judgments_frame().set_index("judgment_id")
         assert frame.loc[4, "blind"] == False and frame.loc[5, "blind"] == True  # noqa: E712
         with pytest.raises(TypeError, match="blind"):

@@ -64,7 +64,7 @@ def build_style_store(path, n_sources: int = 60) -> LabelStore:
                 z = MODELS[na][0] - MODELS[nb][0] + BETA * (quality[na] - quality[nb])
                 for turn, criterion in ((0, "overall"), (None, "overall"), (0, "quality")):
                     choice = "A" if rng.random() < 1 / (1 + np.exp(-z)) else "B"
-                    store.record_judgment(cid, "voter", turn, criterion, choice, "A")
+                    store.record_judgment(cid, "voter", turn, criterion, choice, "A", blind=True)
     return store
 
 

@@ -34,7 +34,7 @@ def test_simulate_writes_flagged_judgments_through_the_store(small_db, capsys):
         store.get_image(comparisons.source_sha.iloc[0])  # images are really stored
     assert len(annotators) == 5 and annotators.simulated.all()
     assert all(name.startswith(f"sim-{DEFAULT_BIAS}-") for name in annotators.name)
-    assert len(comparisons) == 20 and not comparisons.is_gold.any()
+    assert len(comparisons) == 20 and (comparisons.kind == "item").all()
     assert len(judgments) == 20 * 3 * (3 + 1)  # overlap 3 x (3 turns + overall)
     assert judgments.simulated.all() and set(judgments.criterion) == {"overall"}
     assert set(judgments.turn.dropna().astype(int)) == {0, 1, 2} and judgments.turn.isna().sum() == 60

@@ -8,7 +8,7 @@ Data
     Per-turn judgments (``turn`` not null; whole-session judgments are counted, not fit: a
     candidate is one editing turn, the unit a :class:`~mteditlab.rewards.base.RewardModel`
     scores), gold items excluded, human labels only unless the store has none or
-    ``--include-simulated`` (:class:`labeling.store.LabelSelection`; the report says which).
+    ``--include-simulated`` (:class:`labeling.selection.LabelSelection`; the report says which).
     A candidate = (session, turn): its input and output images, instruction, history and intent
     from the store, and — for sessions written by ``python -m labeling simulate`` (or any session
     whose ``meta`` names its ``world`` split / index / turns) — the world session, which the
@@ -115,7 +115,9 @@ def _world_session(meta: dict, instructions: list[str], cache: dict):
 
 def load_dataset(db: Path, judge, *, include_simulated: bool | None, image_features: bool,
                  log=print) -> tuple[Dataset, list[str]]:
-    from labeling.store import LabelStore, without_gold
+    from labeling.cli import describe_selection
+    from labeling.selection import without_gold
+    from labeling.store import LabelStore
     from mteditlab.rewards.base import EditSample
     from mteditlab.rewards.calibrated import feature_names, raw_features
 
@@ -123,7 +125,7 @@ def load_dataset(db: Path, judge, *, include_simulated: bool | None, image_featu
         raise DataError(f"no label database at {db}")
     with LabelStore.open(db, read_only=True) as store:
         selection = store.label_selection(include_simulated)
-        log(selection.describe())
+        log(describe_selection(selection))
         frame = without_gold(store.judgments_frame(selection.include_simulated))
         n_overall = int(frame["turn"].isna().sum())
         frame = frame[frame["turn"].notna()].copy()
@@ -168,7 +170,7 @@ def load_dataset(db: Path, judge, *, include_simulated: bool | None, image_featu
     ok = judged.valid[a] & judged.valid[b]
     source = dict(zip(comparisons["comparison_id"].astype(int), comparisons["source_sha"]))
     group = np.array([source[int(c)] for c in frame["comparison_id"]])
-    info = {"selection": selection.describe(), "simulated": bool(selection.include_simulated),
+    info = {"selection": describe_selection(selection), "simulated": bool(selection.include_simulated),
             "n_human_available": selection.human, "n_simulated_available": selection.simulated,
             "n_overall_not_fit": n_overall, "n_candidates": len(keys),
             "n_candidates_judge_failed": int((~judged.valid).sum()),
@@ -382,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.test_fraction < 1:
         parser.error("--test-fraction must lie in (0, 1)")
-    from labeling.store import StoreError
+    from labeling.errors import StoreError
     try:
         report = run(args)
     except (DataError, StoreError) as exc:

@@ -26,8 +26,9 @@ Votes and the server-side re-check
 Storage (DuckDB, through :class:`labeling.store.LabelStore`)
     An accepted vote on turn k stores the images, each side's session up to turn k (a
     ``sessions`` row each, meta ``origin: arena`` with the arena id, branch, blindness, seeds and
-    steps), a comparison of the two (A = the configured side A) and the judgment (turn k, the
-    criterion, choice naming sessions, which side was on the left, ms from display to vote).
+    steps), a comparison of the two (kind ``'arena'``, A = the configured side A) and the
+    judgment (turn k, the criterion, choice naming sessions, which side was on the left, ms
+    from display to vote).
     The judgment records ``blind``.  The vote is acknowledged only after the judgment
     committed.  Ending a session with turns
     nobody voted on (reset, new source, fork or undo past them) stores the whole session as a
@@ -49,12 +50,12 @@ from mteditlab.intent import turn_seed
 
 from .engine import progress_fraction, run_pair
 from .images import ImageInputError, load_upload, prepare_source
+from .screen import PICKS, choice_from_screen
 from .text import md_literal
 from .worldview import (IntentStep, format_verdict, random_test_scene, read_world_scene,
                         resolve_turn, test_scene, verdict)
 
 log = logging.getLogger("mteditlab.ui")
-PICKS = ("left", "right", "tie", "both_bad")
 CRITERIA = ("overall", "instruction", "consistency", "quality")
 MAX_INSTRUCTION_CHARS = 500
 MAX_TURNS = 20
@@ -312,8 +313,6 @@ class Arena:
         record = state.turns[turn - 1]
         if record.vote is not None:
             raise ArenaError(f"Turn {turn} already has a vote; one vote per turn.")
-        from labeling.store import choice_from_screen
-
         choice = choice_from_screen(pick, state.left)
         blind = state.anonymous and not state.revealed
         latency_ms = max(0.0, (time.time() - record.shown_at) * 1000.0)
@@ -369,7 +368,7 @@ class Arena:
             session_ids[side] = self.store.add_session(spec.editor_name, spec.adapter,
                                                        state.turns[0].seed, state.source, turns,
                                                        meta)
-        return self.store.add_comparison(session_ids["A"], session_ids["B"])
+        return self.store.add_comparison(session_ids["A"], session_ids["B"], kind="arena")
 
     def _finish_branch(self, state: ArenaState) -> None:
         """Store turns nobody voted on before they leave the screen, in sessions that have a

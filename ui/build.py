@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from labeling.store import StoreError
+    from labeling.errors import StoreError
 
     apply_thread_policy(config.threads)
     try:

@@ -23,9 +23,7 @@ import secrets
 import shutil
 import tempfile
 import threading
-import time
 from pathlib import Path
-from typing import Any
 
 from .config import AppConfig
 from .images import DisplayFiles, ImageBank
@@ -79,7 +77,6 @@ class AppContext:
         self._session_locks_guard = threading.Lock()
         self._annotators: set[str] = set()
         self._annotator_lock = threading.Lock()
-        self._events_lock = threading.Lock()
         self.closers: list = []   # called by close()
         # request timings (see ui.profile), shared with the engine's workers
         self.timings = getattr(engine, "timings", None) or Timings()
@@ -88,7 +85,8 @@ class AppContext:
     @classmethod
     def create(cls, config: AppConfig, *, engine=None, store=None) -> "AppContext":
         from labeling.queue import AssignmentPolicy
-        from labeling.store import LabelStore, default_db_path
+        from labeling.connection import default_db_path
+        from labeling.store import LabelStore
 
         from .engine import Engine
 
@@ -155,29 +153,6 @@ class AppContext:
         self.store.add_annotator(name, simulated=False)
         with self._annotator_lock:
             self._annotators.add(name)
-
-    def log_event(self, kind: str, **fields: Any) -> None:
-        """Append an app event (label flags and skips) to ``<data dir>/app_events.jsonl``."""
-        record = {"time": time.time(), "kind": kind, **fields}
-        with self._events_lock:
-            with open(self.data_dir / "app_events.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record, default=str) + "\n")
-
-    def events(self, kind: str | None = None) -> list[dict]:
-        path = self.data_dir / "app_events.jsonl"
-        if not path.exists():
-            return []
-        out = []
-        with self._events_lock:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if kind is None or record.get("kind") == kind:
-                out.append(record)
-        return out
 
     def close(self) -> None:
         summary = self.timings.summary()

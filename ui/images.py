@@ -144,7 +144,7 @@ def prepare_source(image: Image.Image, size: int) -> Image.Image:
 def png_bytes(image: Image.Image) -> bytes:
     """The label store's canonical PNG of the RGB pixels, so that the bank's sha256 is the
     store's (``LabelStore.put_image`` of these bytes returns the same hash)."""
-    from labeling.store import canonical_png
+    from labeling.blobs import canonical_png
 
     return canonical_png(to_rgb(image))[0]
 

@@ -5,31 +5,33 @@
   The signed-in name lives in the server-side ``gr.State``: API calls cannot forge it.
 * **Queue**: :meth:`labeling.store.LabelStore.next_assignment` (k-way overlap, gold mixed in,
   no repeats, randomised left side, resume).  It serves labeling items only: arena battles
-  (sessions with ``origin: arena``) are never selected.
+  (comparisons of kind ``'arena'``) are never selected.
 * **Judgments**: one per turn and one for the whole session (turn ``None``), criterion
   ``overall``, all required, recorded together; each carries the milliseconds from the item
   appearing to that choice being made.  Gold items look like any other and are scored silently
   (admin view).
-* **Skip / flag**: the assignment is released (never served to this annotator again; its
-  overlap slot goes back to the others) and the event is appended to
-  ``<data dir>/app_events.jsonl`` (flags with the annotator's reason).
+* **Skip / flag**: :meth:`labeling.store.LabelStore.release_assignment` gives the assignment
+  back (never served to this annotator again; its overlap slot goes back to the others) and
+  records the skip, or the flag with the annotator's reason, in the store.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import logging
 import sys
 import threading
 import time
 
-from labeling.queue import LABELING_ITEM
+from labeling.schema import CHOICES
+
+from .screen import PICKS, choice_from_screen
 
 log = logging.getLogger("mteditlab.ui")
 MAX_LABEL_TURNS = 8
 LABEL_CRITERION = "overall"
 RESERVED_PREFIXES = ("arena:", "judge:", "reward:", "hf:")
+SEED_ORIGIN = "world-test"  # meta origin of the sessions :func:`populate_queue` stores
 
 RUBRIC = """### Rubric
 Judge each **turn** (that turn's output, given everything asked so far) and then the **whole
@@ -135,25 +137,7 @@ class Labeling:
         """(judged comparisons, judged + still available to this annotator)."""
         if not state.annotator:
             return 0, 0
-        policy = self.store.policy
-        expired = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=policy.ttl_s)
-        frame = self.store.query(
-            f"""WITH me AS (SELECT annotator_id FROM annotators WHERE name = ?),
-               judged AS (SELECT DISTINCT comparison_id FROM judgments
-                          WHERE annotator_id = (SELECT annotator_id FROM me)),
-               holders AS (SELECT a.comparison_id, count(*) AS n FROM assignments a
-                           WHERE a.assigned_at > ? OR EXISTS (SELECT 1 FROM judgments j
-                             WHERE j.annotator_id = a.annotator_id
-                               AND j.comparison_id = a.comparison_id)
-                           GROUP BY a.comparison_id)
-               SELECT (SELECT count(*) FROM judged) AS done,
-                      (SELECT count(*) FROM comparisons c LEFT JOIN holders h USING (comparison_id)
-                       WHERE NOT c.is_gold AND coalesce(h.n, 0) < ?
-                         AND {LABELING_ITEM}
-                         AND c.comparison_id NOT IN (SELECT comparison_id FROM assignments
-                             WHERE annotator_id = (SELECT annotator_id FROM me))) AS available""",
-            [state.annotator, expired, policy.overlap])
-        done, available = int(frame["done"].iloc[0]), int(frame["available"].iloc[0])
+        done, available = self.store.label_progress(state.annotator)
         current = 1 if state.item and not state.item.get("done") else 0
         return done, done + current + available
 
@@ -163,20 +147,17 @@ class Labeling:
 
     # ---------------------------------------------------------------------------- judgments
     def submit(self, state: LabelState, turn_choices: list, overall) -> str:
-        from labeling.store import CHOICES, choice_from_screen
-
         annotator = self._require(state)
         item = state.item
         if item is None or item.get("done"):
             raise LabelError("No item to submit: load the next one.")
-        picks = ("left", "right", "tie", "both_bad")
         shown = item["shown"]
         turn_choices = list(turn_choices or [])[:shown]
-        missing = [k + 1 for k in range(shown) if k >= len(turn_choices) or turn_choices[k] not in picks]
+        missing = [k + 1 for k in range(shown) if k >= len(turn_choices) or turn_choices[k] not in PICKS]
         if missing:
             raise LabelError("Judge every turn before submitting; missing: turn "
                              + ", ".join(map(str, missing)) + ".")
-        if overall not in picks:
+        if overall not in PICKS:
             raise LabelError("Judge the whole session (the last question) before submitting.")
         left, shown_at, now = item["left"], item["shown_at"], time.time()
 
@@ -188,7 +169,7 @@ class Labeling:
         assert all(choice in CHOICES for _, choice, _ in votes)
         for turn, choice, ms in votes:
             self.store.record_judgment(item["comparison_id"], annotator, turn, LABEL_CRITERION,
-                                       choice, left, latency_ms=ms, simulated=False)
+                                       choice, left, latency_ms=ms, simulated=False, blind=True)
         item["done"] = True
         state.submitted += 1
         return f"Saved {len(votes)} judgments. " + self.next_item(state)
@@ -199,7 +180,6 @@ class Labeling:
         if item is None or item.get("done"):
             raise LabelError("No item to skip.")
         self.store.release_assignment(annotator, item["comparison_id"])
-        self.ctx.log_event("skip", annotator=annotator, comparison_id=item["comparison_id"])
         return "Skipped. " + self.next_item(state)
 
     def flag(self, state: LabelState, reason) -> str:
@@ -208,9 +188,7 @@ class Labeling:
         if item is None or item.get("done"):
             raise LabelError("No item to flag.")
         reason = " ".join(str(reason or "").split())[:500] or "(no reason given)"
-        self.store.release_assignment(annotator, item["comparison_id"])
-        self.ctx.log_event("flag", annotator=annotator, comparison_id=item["comparison_id"],
-                           reason=reason)
+        self.store.release_assignment(annotator, item["comparison_id"], flag=reason)
         return "Flagged for review and skipped. " + self.next_item(state)
 
 
@@ -257,7 +235,7 @@ def _populate_chunk(ctx, start: int, n_sessions: int, n_turns: int, gold_idx: li
             turns = [{"instruction": s.turns[k].instruction, "intent": s.turns[k].intent,
                       "output_sha": store.put_image(per_turn[k][i])} for k in range(n_turns)]
             ids.append(store.add_session(editor_name, adapter, seed, source_shas[i], turns,
-                                         {"origin": "world-test", "split": "test",
+                                         {"origin": SEED_ORIGIN, "split": "test",
                                           "index": s.index, "role": tag}))
         return ids
 

@@ -2,8 +2,9 @@
 vs human agreement, and the admin views (export, per-annotator accuracy, flags, queue seeding).
 
 Which votes
-    Human judgments only (simulated annotators are never mixed in here), from the arena
-    (annotators named ``arena:…``), from the Label tab (everyone else), or both.  By default
+    Human judgments only (simulated annotators are never mixed in here), on arena battles
+    (comparisons of kind ``'arena'``), on labeling items (kinds ``'item'`` and ``'gold'``), or
+    both.  By default
     only blind judgments count (``blind`` column: cast while the model names were hidden; label
     judgments always are); non-blind arena votes are added on request.  Voters an admin excluded
     (see :func:`set_excluded`) are left out of everything here.
@@ -44,7 +45,7 @@ def human_frame(store, source: str = SOURCES[0], blind_only: bool = True,
     frame = store.judgments_frame(include_simulated=True)
     frame = frame[~frame["simulated"].astype(bool) & ~_machine(frame["annotator"])
                   & ~frame["annotator"].isin(store.excluded_voters())]
-    arena = frame["annotator"].astype(str).str.startswith("arena:")
+    arena = frame["kind"] == "arena"
     if source == SOURCES[1]:
         frame = frame[arena]
     elif source == SOURCES[2]:
@@ -182,7 +183,8 @@ def agreement(frame: pd.DataFrame) -> pd.DataFrame:
 def machine_agreement(store) -> pd.DataFrame:
     """Judge / reward-model agreement with the human majority (see the module docstring)."""
     from labeling import agreement as ag
-    from labeling.store import CHOICES, without_gold
+    from labeling.selection import without_gold
+    from labeling.schema import CHOICES
 
     frame = without_gold(store.judgments_frame(include_simulated=True))
     machine = _machine(frame["annotator"])
@@ -299,15 +301,6 @@ def set_excluded(store, voter: str, excluded: bool, admin: str, reason: str = ""
             f"`{voter}` counts in the ratings again.")
 
 
-def exclusions(store) -> pd.DataFrame:
-    """The exclusion log, newest first: voter, excluded, admin, reason, time."""
-    return store.query(
-        """SELECT an.name AS voter, x.excluded, x.admin, x.reason,
-                  strftime(x.created_at, '%Y-%m-%d %H:%M:%S') AS time
-           FROM voter_exclusions x JOIN annotators an USING (annotator_id)
-           ORDER BY x.exclusion_id DESC""")
-
-
 def export_zip(store, out_dir: Path) -> Path:
     """Parquet export (labels with image hashes + every table, human labels only) plus the
     images they reference, zipped."""
@@ -332,10 +325,12 @@ def export_zip(store, out_dir: Path) -> Path:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def events_frame(ctx) -> pd.DataFrame:
-    events = ctx.events()
-    if not events:
-        return pd.DataFrame(columns=["time", "kind", "annotator", "comparison_id", "reason"])
-    frame = pd.DataFrame(events)
-    frame["time"] = pd.to_datetime(frame["time"], unit="s").dt.strftime("%Y-%m-%d %H:%M:%S")
-    return frame.reindex(columns=["time", "kind", "annotator", "comparison_id", "reason"])
+def skips_frame(store) -> pd.DataFrame:
+    """Skips and flags of labeling items, oldest first: time, kind ('skip' or 'flag'),
+    annotator, comparison_id, reason."""
+    skips = store.skips()
+    return pd.DataFrame({
+        "time": skips["created_at"].dt.strftime("%Y-%m-%d %H:%M:%S"),
+        "kind": skips["flagged"].map({True: "flag", False: "skip"}),
+        "annotator": skips["annotator"], "comparison_id": skips["comparison_id"],
+        "reason": skips["reason"]})

@@ -151,7 +151,7 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
         try:
             return [st, message, gr.update(visible=True), lb.annotator_stats(ctx.store),
                     lb.gold_accuracy(ctx.store), lb.flagged_voters(ctx.store),
-                    lb.events_frame(ctx), lb.exclusions(ctx.store)]
+                    lb.skips_frame(ctx.store), ctx.store.exclusion_log()]
         except Exception as exc:  # noqa: BLE001
             log.exception("admin views failed")
             return [st, f"⚠️ {type(exc).__name__}: {exc}", gr.update(visible=True), None, None,
@@ -187,16 +187,13 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
     def on_seed(st: AdminState, n, turns):
         if not st.admin:
             return admin_views(st, "⚠️ Admin sign-in required.")
-        from .label import populate_queue
+        from .label import SEED_ORIGIN, populate_queue
 
         try:
             n, turns = int(n), int(turns)
             if not (1 <= n <= 500 and 1 <= turns <= 8):
                 raise ValueError("1–500 sessions of 1–8 turns")
-            start = int(ctx.store.query(
-                "SELECT coalesce(max(json_extract(meta, '$.index')::INTEGER) + 1, 0) AS n "
-                "FROM sessions WHERE json_extract_string(meta, '$.origin') = 'world-test'")
-                ["n"].iloc[0])
+            start = ctx.store.next_session_index(SEED_ORIGIN)
             made = populate_queue(ctx, n, turns, start=start)
             message = (f"Added {made['comparisons']} comparisons and {made['gold']} gold items "
                        "to the labeling queue.")
