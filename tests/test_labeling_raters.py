@@ -26,9 +26,9 @@ def store(tmp_path):
                      "--overlap", "1"]) == 0
     store = LabelStore.open(db)
     store.add_annotator("alice")
-    ids = store.query("SELECT comparison_id FROM comparisons WHERE NOT is_gold ORDER BY 1").comparison_id.tolist()
+    ids = store.query("SELECT comparison_id FROM comparisons WHERE kind <> 'gold' ORDER BY 1").comparison_id.tolist()
     for cid in ids[::2]:
-        store.record_judgment(int(cid), "alice", 0, "overall", "A", "A")
+        store.record_judgment(int(cid), "alice", 0, "overall", "A", "A", blind=True)
     yield store
     store.close()
 
