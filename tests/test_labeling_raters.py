@@ -99,3 +99,16 @@ def test_the_rate_command_runs_the_world_judge(store, capsys):
     finally:
         reopened.close()
     assert (rows.annotator == "judge:judge").sum() > 0
+
+
+def test_the_leaderboard_reports_the_raters_agreement_with_people_per_turn(store):
+    from ui.leaderboard import machine_agreement
+
+    with ChatServer(pair_answer) as server:
+        rate_comparisons(store, get_reward("qwen-vl", path=served(server)), name="bright", progress=False)
+    table = machine_agreement(store)
+    rows = store.judgments_frame(include_simulated=True)
+    mine = rows[(rows.annotator == "judge:bright") & (rows.turn == 0)]   # alice judged turn 1 only: 'A'
+    assert table.rater.eq("judge:bright").all() and list(table.turn) == ["all", "1"]
+    for row in table.itertuples():
+        assert row.units == len(mine) and row.agreement == pytest.approx((mine.choice == "A").mean(), abs=1e-3)

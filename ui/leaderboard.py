@@ -14,7 +14,8 @@ Judge and reward model vs humans
     named ``judge:<name>`` (the VLM judge) and ``reward:<name>`` (the calibrated reward model).
     For each, on the units (comparison, turn, criterion) that humans also judged: agreement with
     the human majority choice (units whose majority is tied are left out), Cohen's κ against that
-    majority, and the number of units.  Shown only when such raters exist.
+    majority, and the number of units, over all turns and per turn.  Shown only when such raters
+    exist; ``python -m labeling rate`` makes one (:mod:`labeling.raters`).
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def machine_agreement(store) -> pd.DataFrame:
     machine = _machine(frame["annotator"])
     humans = frame[~frame["simulated"].astype(bool) & ~machine]
     machines = frame[machine]
-    columns = ["rater", "units", "agreement", "cohen_kappa"]
+    columns = ["rater", "turn", "units", "agreement", "cohen_kappa"]
     if machines.empty or humans.empty:
         return pd.DataFrame(columns=columns)
     unit = ["comparison_id", "turn", "criterion"]
@@ -199,20 +200,22 @@ def machine_agreement(store) -> pd.DataFrame:
     top = counts.max(axis=1)
     unique_top = (counts.eq(top, axis=0).sum(axis=1) == 1)
     majority = counts[unique_top].idxmax(axis=1).rename("majority").reset_index()
-    rows = []
-    for rater, part in machines.groupby("annotator"):
-        part = part.assign(turn=part["turn"].astype("Float64").fillna(-1))
-        merged = part.merge(majority, on=unit)
-        if merged.empty:
-            rows.append({"rater": rater, "units": 0, "agreement": np.nan, "cohen_kappa": np.nan})
-            continue
-        index = {c: i for i, c in enumerate(CHOICES)}
+    index = {c: i for i, c in enumerate(CHOICES)}
+
+    def row(rater: str, turn: str, merged: pd.DataFrame) -> dict:
         confusion = np.zeros((len(CHOICES), len(CHOICES)))
         for a, b in zip(merged["choice"], merged["majority"]):
             confusion[index[a], index[b]] += 1
-        rows.append({"rater": rater, "units": len(merged),
-                     "agreement": float((merged["choice"] == merged["majority"]).mean()),
-                     "cohen_kappa": float(ag.cohen_kappa(confusion))})
+        return {"rater": rater, "turn": turn, "units": len(merged),
+                "agreement": float((merged["choice"] == merged["majority"]).mean()) if len(merged) else np.nan,
+                "cohen_kappa": float(ag.cohen_kappa(confusion)) if len(merged) else np.nan}
+
+    rows = []
+    for rater, part in machines.groupby("annotator"):
+        merged = part.assign(turn=part["turn"].astype("Float64").fillna(-1)).merge(majority, on=unit)
+        rows.append(row(rater, "all", merged))
+        rows += [row(rater, str(int(turn) + 1) if turn >= 0 else "session", by_turn)
+                 for turn, by_turn in merged.groupby("turn", sort=True)]
     return pd.DataFrame(rows, columns=columns).round(3)
 
 
