@@ -341,6 +341,29 @@ class LabelStore(StoreReads):
 
         return self._call(body)
 
+    def rename_annotators(self, names: Mapping[str, str]) -> int:
+        """Rename annotators ``{old: new}`` everywhere at once (their judgments, assignments, skips
+        and exclusions follow by id); unknown old names are ignored; returns how many were renamed.
+        A new name that is already taken is an error: two voters are never merged."""
+
+        def body(tx: Tx) -> int:
+            known = self._ledger.annotators
+            todo = {old: new for old, new in names.items() if old in known and old != new}
+            taken = sorted(new for new in todo.values() if new in known or list(todo.values()).count(new) > 1)
+            if taken:
+                raise ValueError(f"annotator names already taken: {taken}")
+            tx.cur.executemany("UPDATE annotators SET name = ? WHERE name = ?",
+                               [(new, old) for old, new in todo.items()])
+
+            def commit() -> None:
+                for old, new in todo.items():
+                    known[new] = known.pop(old)
+
+            tx.on_commit.append(commit)
+            return len(todo)
+
+        return self._call(body)
+
     def load_tables(self, files: Mapping[str, str | os.PathLike]) -> dict[str, int]:
         """Fill an **empty** store from Parquet files of its own tables (``{table: path}``,
         e.g. a snapshot written by :mod:`labeling.snapshots`), ids kept, in one transaction;

@@ -92,6 +92,26 @@ def test_the_voter_secret_is_made_once_and_kept(tmp_path):
     assert voter_id(first, "abc") != voter_id(b"x" * 32, "abc")
 
 
+
+def test_voters_stored_under_their_session_hash_by_older_versions_are_renamed_on_start(tmp_path):
+    from labeling.store import LabelStore
+    from mteditlab.editors.reference import IdentityEditor, OracleEditor
+    from ui.context import AppContext, voter_id
+    from ui.testing import app_config, make_engine
+
+    config = app_config(tmp_path / "data")
+    old = "arena:anon-Qx7_raw-hash"   # what an older version stored: the session hash itself
+    with LabelStore.open(config.data_dir / "labels.duckdb") as store:
+        store.add_annotator(old)
+        store.set_voter_excluded(old, True, admin="root", reason="spam")
+    for _ in range(2):   # the second start finds nothing left to rename
+        ctx = AppContext.create(config, engine=make_engine(OracleEditor(), IdentityEditor()))
+        try:
+            assert ctx.store.excluded_voters() == {voter_id(ctx.secret, "Qx7_raw-hash")}
+            assert "Qx7_raw-hash" not in everything_stored(ctx)
+        finally:
+            ctx.close()
+
 def test_names_stay_hidden_until_the_session_ends(app):
     url, ctx = app
     c = client(url)

@@ -19,6 +19,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ from .profile import Timings
 log = logging.getLogger("mteditlab.ui")
 SECRET_FILENAME = "voter_secret.key"
 ANON_PREFIX = "arena:anon-"
+KEYED_ID = re.compile(r"[0-9a-f]{24}")
 
 
 def server_secret(data_dir: Path) -> bytes:
@@ -62,6 +64,17 @@ def voter_id(secret: bytes, session_hash: str | None) -> str:
     return ANON_PREFIX + digest.hexdigest()[:24]
 
 
+def rename_raw_voter_ids(store, secret: bytes) -> int:
+    """Older versions stored anonymous voters as ``arena:anon-<session hash>``; rename each to
+    :func:`voter_id` of that hash (the id the same browser session gets now), so no stored value
+    holds a session hash. Idempotent; read-only stores are left alone. Returns how many."""
+    if getattr(store, "read_only", False):
+        return 0
+    names = store.table("annotators")["name"]
+    raw = [n for n in names if n.startswith(ANON_PREFIX) and not KEYED_ID.fullmatch(n[len(ANON_PREFIX):])]
+    return store.rename_annotators({n: voter_id(secret, n[len(ANON_PREFIX):]) for n in raw}) if raw else 0
+
+
 class AppContext:
     def __init__(self, config: AppConfig, engine, store, owns_store: bool = True):
         self.config = config
@@ -70,6 +83,9 @@ class AppContext:
         self.owns_store = owns_store
         self.data_dir = Path(store.path).parent
         self.secret = server_secret(self.data_dir)
+        renamed = rename_raw_voter_ids(store, self.secret)
+        if renamed:
+            log.info("renamed %d arena voters stored under their session hash to keyed ids", renamed)
         self.bank = ImageBank(fallback=store.image_bytes)
         self.display_dir = Path(tempfile.mkdtemp(prefix="mteditlab-display-"))
         self.display = DisplayFiles(self.bank, self.display_dir)
