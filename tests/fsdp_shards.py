@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from peft import LoraConfig
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from mteditlab.editors.kontext import KontextEditor
 from tests.tiny_pipelines import tiny_kontext
-from training.grpo import (GRPOConfig, draw_data_sessions, ema_update, encode_subset, full_tensor, gathered_lora,
+from training.grpo import (GRPOConfig, draw_data_sessions, encode_subset, full_tensor, gathered_lora,
                            load_pool, load_state, nft_loss, rollout, save_state)
 
 
@@ -31,12 +30,9 @@ def sharded_editor(mesh) -> KontextEditor:
     editor = KontextEditor(tiny_kontext(), max_sequence_length=16)
     editor.denoiser.requires_grad_(False)
     editor.add_lora(2, 4)
-    editor.denoiser.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=list(editor.lora_target_modules)),
-                                adapter_name="old")
-    ema_update(editor, decay=0.0)
-    editor.denoiser.set_adapter("default")
-    for name, p in editor.denoiser.named_parameters():
-        p.requires_grad_(".default." in name)
+    editor.add_old_copy()
+    for p in editor.trainable_parameters():
+        p.requires_grad_(True)
     model = editor.denoiser
     for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
         fully_shard(block, mesh=mesh)
@@ -45,7 +41,7 @@ def sharded_editor(mesh) -> KontextEditor:
 
 
 def trained(editor) -> list[torch.nn.Parameter]:
-    return [p for n, p in editor.denoiser.named_parameters() if ".default." in n]
+    return editor.trainable_parameters()
 
 
 def checksum(editor) -> float:
@@ -72,7 +68,7 @@ def main(out: Path, data: Path) -> None:
             loss, _ = nft_loss(editor, rec, encode_subset(editor, rec, idx), idx, torch.tensor([-1.0, 1.0]), cfg, generator)
             (loss / cfg.turns).backward()
         optimizer.step()
-        ema_update(editor, 0.5)
+        editor.polyak_update(0.5)
     trained_sum = checksum(editor)
     save_state(out, editor, optimizer, 2, cfg, [], write=rank == 0, with_optimizer=False)
     dist.barrier()

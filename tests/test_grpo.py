@@ -19,7 +19,7 @@ from mteditlab.flow import gaussian_log_prob, sde_step, sde_step_stats
 from mteditlab.world import generate_session
 from training.credit import aggregate_turns, compute_advantages
 from mteditlab.rewards import get_reward
-from training.grpo import GRPOConfig, ema_update, encode_subset, hacking_alarm, grpo_loss, nft_loss, parse_args, rollout, score_rollouts
+from training.grpo import GRPOConfig, encode_subset, hacking_alarm, grpo_loss, nft_loss, parse_args, rollout, score_rollouts
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--sessions-per-step", "2", "--num-generations", "4", "--turns", "2", "--steps", "3", "--sde-window", "1",
@@ -69,18 +69,15 @@ def test_recomputed_log_prob_equals_the_rollouts(tiny_editor):
             assert abs(stats["ratio_mean"] - 1) < 1e-5 and abs(stats["ratio_max"] - 1) < 1e-5
             assert stats["clip_frac"] == 0.0 and stats["kl"] > 0
             loss.backward()
-    grads = [p.grad for p in tiny_editor.lora_parameters() if p.grad is not None]
+    grads = [p.grad for p in tiny_editor.trainable_parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     tiny_editor.denoiser.zero_grad()
 
 
 def test_nft_loss_prefers_positive_samples(tiny_editor):
     cfg = GRPOConfig(algo="nft", num_generations=2, turns=1, steps=3, sde_window=1, nft_beta=1.0)
-    from peft import LoraConfig
     if "old" not in tiny_editor.denoiser.peft_config:
-        tiny_editor.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(tiny_editor.lora_target_modules)),
-                                         adapter_name="old")
-        tiny_editor.denoiser.set_adapter("default")
+        tiny_editor.add_old_copy()
     records = rollout(tiny_editor, [generate_session("train", 0, 1)], cfg, iteration=0)
     idx = torch.arange(2)
     cond = encode_subset(tiny_editor, records[0], idx)
@@ -90,13 +87,13 @@ def test_nft_loss_prefers_positive_samples(tiny_editor):
 
     # a session's rollouts share the forward-process draw: two identical samples with opposite
     # advantages pull equally both ways (zero gradient at θ = old); equal advantages do not
-    ema_update(tiny_editor, decay=0.0)
+    tiny_editor.polyak_update(decay=0.0)
     records[0].x0 = records[0].x0[[0, 0]]
     grads = []
     for advantages in ([2.0, -2.0], [2.0, 2.0]):
         tiny_editor.denoiser.zero_grad()
         nft_loss(tiny_editor, records[0], cond, idx, torch.tensor(advantages), cfg, torch.Generator().manual_seed(0))[0].backward()
-        grads.append(torch.cat([p.grad.flatten() for p in tiny_editor.lora_parameters() if p.grad is not None]).norm())
+        grads.append(torch.cat([p.grad.flatten() for p in tiny_editor.trainable_parameters() if p.grad is not None]).norm())
     tiny_editor.denoiser.zero_grad()
     assert grads[0] < 1e-4 * grads[1] and grads[1] > 0
 

@@ -17,7 +17,7 @@ from mteditlab.rewards import get_reward
 from mteditlab.rewards.base import RewardModel, RewardOutput
 from mteditlab.rewards.features import image_features, parse_cached
 from mteditlab.world import generate_session, render, sessions
-from training.grpo import (GRPOConfig, _old_policy, draw_sessions, ema_update, gold_examples, old_decay, rft_examples, turn_passed,
+from training.grpo import (GRPOConfig, draw_sessions, gold_examples, old_decay, rft_examples, turn_passed,
                            rollout, sampling_policy, score_rollouts, train)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,15 +51,10 @@ def test_old_policy_decay_schedules():
 @pytest.fixture()
 def two_adapters():
     """The base editor with a ``default`` adapter that differs from its ``old`` copy."""
-    from peft import LoraConfig
-
     editor = MiniEditor.from_pretrained(BASE)
     editor.denoiser.requires_grad_(False)
     editor.add_lora(2, 4)
-    editor.denoiser.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=list(editor.lora_target_modules)),
-                                adapter_name="old")
-    editor.denoiser.set_adapter("default")
-    ema_update(editor, decay=0.0)                     # old = default
+    editor.add_old_copy()                             # old = default
     with torch.no_grad():
         for name, p in editor.denoiser.named_parameters():
             if "lora_B.default" in name:
@@ -71,7 +66,7 @@ def test_rollouts_are_drawn_by_the_old_adapter_when_asked(two_adapters):
     editor, session = two_adapters, [generate_session("train", 3, 1)]
     cfg = GRPOConfig(algo="nft", num_generations=2, turns=1, steps=3, sde_window=1)
     by_default = rollout(editor, session, cfg, 0)[0].x0
-    with _old_policy(editor):
+    with editor.old_policy():
         by_old = rollout(editor, session, cfg, 0)[0].x0
     with sampling_policy(editor, GRPOConfig(algo="nft", sample_by_old=True)):
         sampled = rollout(editor, session, cfg, 0)[0].x0
@@ -79,7 +74,7 @@ def test_rollouts_are_drawn_by_the_old_adapter_when_asked(two_adapters):
         unchanged = rollout(editor, session, cfg, 0)[0].x0
     assert not torch.allclose(by_default, by_old)
     assert torch.equal(sampled, by_old) and torch.equal(unchanged, by_default)
-    ema_update(editor, decay=0.5)                     # old ← ½·old + ½·default
+    editor.polyak_update(decay=0.5)                     # old ← ½·old + ½·default
     params = dict(editor.denoiser.named_parameters())
     name = next(n for n in params if "lora_B.default" in n)
     assert torch.allclose(params[name.replace(".default.", ".old.")], 0.5 * params[name])
@@ -117,8 +112,9 @@ def _items(sessions_, G):
 
 def _sample(rec, i, s, k):
     from mteditlab.rewards.base import EditSample
+    from mteditlab.rewards.verifier import world_meta
     return EditSample(rec.before[i], rec.after[i], rec.texts[i][0], [t.instruction for t in s.turns[:k]],
-                      rec.texts[i][1], {"session": s, "turn": k})
+                      rec.texts[i][1], world_meta(s, k))
 
 
 def test_rft_keeps_the_turns_that_passed_so_far_with_clean_targets(two_adapters):

@@ -60,11 +60,13 @@ import torch
 from tqdm import tqdm
 
 from mteditlab.bench import run_benchmark
-from mteditlab.editors import Editor, get_editor
+from mteditlab.editors import EDITORS, FlowPolicy, get_editor
+from mteditlab.editors.flow_policy import OLD, TRAINED
 from mteditlab.flow import gaussian_log_prob, ode_step, sde_step_stats
 from mteditlab.intent import INTENT_MODES, turn_seed, turn_text
 from mteditlab.rewards.base import EditSample
 from mteditlab.rewards.features import parse_cached
+from mteditlab.rewards.verifier import world_meta
 from mteditlab.sessions_data import DataSession, with_turns
 from mteditlab.world import Session, generate_session, render
 from mteditlab.world import sessions as make_sessions
@@ -73,11 +75,6 @@ from training.session_sources import sessions_from
 
 TRAIN_SESSIONS = 200_000  # size of the pool training sessions are drawn from
 ALGOS = ("nft", "grpo", "rft", "sft")
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
-CONV = ("conv1", "conv2", "conv_shortcut")
-LORA_TARGETS = {"attention": ATTENTION, "attention+conv": ATTENTION + CONV,
-                "all": ATTENTION + CONV + ("time_emb_proj", "conv_in", "conv_out", "conv")}
-REAL_EDITORS = ("kontext", "qwen-edit")   # trained through accelerator.prepare
 GOLD = "gold_success"                     # the world's reward-hacking reference
 
 
@@ -89,7 +86,7 @@ class GRPOConfig:
     algo: str = "rft"                     # rft | nft | grpo | sft (supervised control)
     lora_rank: int = 32
     lora_alpha: float = 32.0
-    lora_targets: str = "attention+conv"  # attention | attention+conv | all (mini editor's module names)
+    lora_targets: str = "attention+conv"  # a named set of the editor's LoRA targets (mini: attention | attention+conv | all)
     # sampling
     num_generations: int = 4              # G rollouts per session (the group)
     sessions_per_step: int = 16
@@ -154,9 +151,12 @@ class GRPOConfig:
             raise ValueError("--sample-by-old needs --algo nft (the old policy is NFT's)")
         if self.rft_target == "auto":
             self.rft_target = "own" if self.sessions_from else "render"
-        if self.lora_targets not in LORA_TARGETS or self.rft_target not in ("own", "render") \
+        policy = EDITORS[self.editor]
+        if not issubclass(policy, FlowPolicy):
+            raise ValueError(f"--editor {self.editor} is not a flow-matching policy: nothing to train")
+        if policy.lora_presets and self.lora_targets not in policy.lora_presets or self.rft_target not in ("own", "render") \
                 or self.old_decay not in ("constant", "ramp"):
-            raise ValueError(f"bad --lora-targets ({sorted(LORA_TARGETS)}), --rft-target (own, render) "
+            raise ValueError(f"bad --lora-targets ({sorted(policy.lora_presets)}), --rft-target (own, render) "
                              "or --old-decay (constant, ramp)")
         if self.turn_aggregation not in TURN_AGGREGATIONS or self.fusion not in FUSIONS or self.intent not in INTENT_MODES:
             raise ValueError("bad --turn-aggregation, --fusion or --intent")
@@ -204,7 +204,7 @@ def parse_resolution(text: str | None) -> str | int | None:
 def load_pool(cfg: GRPOConfig) -> list[DataSession]:
     """The data sessions training draws from: ``--sessions-from`` at ``--resolution`` (default: the
     editor's own, e.g. Kontext's preferred sizes), those with at least ``turns`` turns cut to ``turns``."""
-    resolution = parse_resolution(cfg.resolution) or (cfg.editor if cfg.editor in REAL_EDITORS else None)
+    resolution = parse_resolution(cfg.resolution) or EDITORS[cfg.editor].data_resolution
     pool = with_turns(sessions_from(cfg.sessions_from, resolution=resolution), cfg.turns)
     if not pool:
         raise ValueError(f"{cfg.sessions_from} holds no session with at least {cfg.turns} turns (--turns)")
@@ -249,7 +249,7 @@ class TurnRecord:
 
 
 @torch.no_grad()
-def rollout(editor: Editor, sessions: list[Session], cfg: GRPOConfig, iteration: int) -> list[TurnRecord]:
+def rollout(editor: FlowPolicy, sessions: list[Session], cfg: GRPOConfig, iteration: int) -> list[TurnRecord]:
     """G rollouts of each session, turn by turn on their own outputs; items ordered session-major."""
     G = cfg.num_generations
     items = [(s, g) for s in sessions for g in range(G)]
@@ -306,7 +306,7 @@ def score_rollouts(records: list[TurnRecord], sessions: list[Session | DataSessi
     sub_means: dict[str, list[float]] = {}
     for k, rec in enumerate(records):
         samples = [EditSample(b, a, t[0], [x.instruction for x in s.turns[:k]], t[1],
-                              {"session": s, "turn": k, "group": (s.index, k)})
+                              {**(world_meta(s, k) if isinstance(s, Session) else {"turn": k}), "group": (s.index, k)})
                    for (s, _), b, a, t in zip(items, rec.before, rec.after, rec.texts)]
         gold_out = gold_model.score(samples) if gold_model is not None else None
         if gold_out is not None:
@@ -359,7 +359,7 @@ def turn_passed(rewards: dict[str, np.ndarray], weights: dict[str, float], thres
 
 # ---- 4. update -------------------------------------------------------------------------------------
 
-def grpo_loss(editor: Editor, rec: TurnRecord, cond, idx: torch.Tensor, adv: torch.Tensor, step: tuple,
+def grpo_loss(editor: FlowPolicy, rec: TurnRecord, cond, idx: torch.Tensor, adv: torch.Tensor, step: tuple,
               cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
     """Clipped-ratio policy loss (+ KL to the adapter-disabled reference) on one SDE step of one turn."""
     i, x, x_next, logp_old = step
@@ -382,7 +382,7 @@ def grpo_loss(editor: Editor, rec: TurnRecord, cond, idx: torch.Tensor, adv: tor
                   "ratio_mean": ratio.mean().item(), "ratio_max": ratio.max().item()}
 
 
-def nft_loss(editor: Editor, rec: TurnRecord, cond, idx: torch.Tensor, adv: torch.Tensor, cfg: GRPOConfig,
+def nft_loss(editor: FlowPolicy, rec: TurnRecord, cond, idx: torch.Tensor, adv: torch.Tensor, cfg: GRPOConfig,
              generator: torch.Generator) -> tuple[torch.Tensor, dict]:
     """DiffusionNFT's negative-aware loss on the forward process of the turn's final samples.
 
@@ -396,7 +396,7 @@ def nft_loss(editor: Editor, rec: TurnRecord, cond, idx: torch.Tensor, adv: torc
     noise = torch.randn((n_groups, *x0.shape[1:]), generator=generator)[group]
     x_t = (1 - t) * x0 + t * noise
     v_theta = editor.velocity(x_t, t.flatten(), cond)
-    with torch.no_grad(), _old_policy(editor):
+    with torch.no_grad(), editor.old_policy():
         v_old = editor.velocity(x_t, t.flatten(), cond)
     v_pos = cfg.nft_beta * v_theta + (1 - cfg.nft_beta) * v_old
     v_neg = (1 + cfg.nft_beta) * v_old - cfg.nft_beta * v_theta
@@ -407,7 +407,7 @@ def nft_loss(editor: Editor, rec: TurnRecord, cond, idx: torch.Tensor, adv: torc
     return loss, {"nft_positive_weight": r.mean().item()}
 
 
-def flow_matching_loss(editor: Editor, batch: list[tuple], generator: torch.Generator) -> torch.Tensor:
+def flow_matching_loss(editor: FlowPolicy, batch: list[tuple], generator: torch.Generator) -> torch.Tensor:
     """Plain rectified-flow loss on (input image, text, target latents) examples:
     x_t = (1 − t)·x0 + t·ε with logit-normal t, L = ‖v_θ(x_t, t, cond) − (ε − x0)‖²."""
     cond = editor.encode([b[0] for b in batch], [b[1] for b in batch])
@@ -418,7 +418,7 @@ def flow_matching_loss(editor: Editor, batch: list[tuple], generator: torch.Gene
     return torch.nn.functional.mse_loss(v.float(), noise - x0)
 
 
-def rft_examples(editor: Editor, records: list[TurnRecord], passed: np.ndarray, target: str,
+def rft_examples(editor: FlowPolicy, records: list[TurnRecord], passed: np.ndarray, target: str,
                  share: bool = False, mixed_only: bool = False) -> list[tuple]:
     """(input image, text, target latents) from a batch of rollouts; ``passed`` is ``[S, G, T]``.
 
@@ -451,7 +451,7 @@ def rft_examples(editor: Editor, records: list[TurnRecord], passed: np.ndarray, 
     return examples
 
 
-def gold_examples(editor: Editor, sessions: list[Session], cfg: GRPOConfig) -> list[tuple]:
+def gold_examples(editor: FlowPolicy, sessions: list[Session], cfg: GRPOConfig) -> list[tuple]:
     """Teacher-forced (true scene before, text, latents of the true scene after) for every turn."""
     examples = []
     for s in sessions:
@@ -462,23 +462,10 @@ def gold_examples(editor: Editor, sessions: list[Session], cfg: GRPOConfig) -> l
     return examples
 
 
-def encode_subset(editor: Editor, rec: TurnRecord, idx: torch.Tensor):
+def encode_subset(editor: FlowPolicy, rec: TurnRecord, idx: torch.Tensor):
     """Re-encode the condition of items ``idx`` of a turn (conditions are backend objects: not sliced)."""
     idx = idx.tolist()
     return editor.encode([rec.before[i] for i in idx], [rec.texts[i][1] or rec.texts[i][0] for i in idx])
-
-
-class _old_policy:
-    """Context: the denoiser runs its ``old`` (EMA) adapter instead of ``default``."""
-
-    def __init__(self, editor: Editor):
-        self.model = editor.denoiser
-
-    def __enter__(self):
-        self.model.set_adapter("old")
-
-    def __exit__(self, *exc):
-        self.model.set_adapter("default")
 
 
 def old_decay(cfg: GRPOConfig, iteration: int) -> float:
@@ -490,18 +477,9 @@ def old_decay(cfg: GRPOConfig, iteration: int) -> float:
     return min(0.001 * iteration, 0.5) if cfg.old_decay == "ramp" else cfg.ema_decay
 
 
-def sampling_policy(editor: Editor, cfg: GRPOConfig):
+def sampling_policy(editor: FlowPolicy, cfg: GRPOConfig):
     """Context in which rollouts are drawn: the old (EMA) adapter with ``--sample-by-old``, else the trained one."""
-    return _old_policy(editor) if cfg.sample_by_old else contextlib.nullcontext()
-
-
-def ema_update(editor: Editor, decay: float) -> None:
-    """old ← decay·old + (1 − decay)·default, parameter by parameter."""
-    params = dict(editor.denoiser.named_parameters())
-    with torch.no_grad():
-        for name, p in params.items():
-            if ".default." in name:
-                params[name.replace(".default.", ".old.")].lerp_(p, 1 - decay)
+    return editor.old_policy() if cfg.sample_by_old else contextlib.nullcontext()
 
 
 # ---- 5. operations ---------------------------------------------------------------------------------
@@ -521,12 +499,12 @@ def hacking_alarm(history: list[dict], window: int, proxy_names: list[str], refe
     return bool(trend(reference) < -0.02 and any(trend(f"reward/{n}") > 0.02 for n in proxy_names))
 
 
-def save_state(out: Path, editor: Editor, optimizer, iteration: int, cfg: GRPOConfig, buffer: list, *,
+def save_state(out: Path, editor: FlowPolicy, optimizer, iteration: int, cfg: GRPOConfig, buffer: list, *,
                write: bool = True, with_optimizer: bool = True) -> None:
     """Atomically write the adapter(s), optimizer state, replay buffer and iteration to ``out/checkpoint``.
     Every process calls it (sharded adapters are gathered); the one with ``write`` writes. Without
     ``with_optimizer`` (sharded optimizer state) the optimizer's moments restart on resume."""
-    lora = {n: full_tensor(p).detach().clone() for n, p in editor.denoiser.named_parameters() if "lora_" in n}
+    lora = {n: full_tensor(p).detach().clone() for n, p in editor.adapter_parameters().items()}
     if not write:
         return
     tmp, final = out / "checkpoint.tmp", out / "checkpoint"
@@ -538,13 +516,13 @@ def save_state(out: Path, editor: Editor, optimizer, iteration: int, cfg: GRPOCo
     tmp.rename(final)
 
 
-def load_state(out: Path, editor: Editor, optimizer, buffer: list) -> int:
+def load_state(out: Path, editor: FlowPolicy, optimizer, buffer: list) -> int:
     """Restore what ``save_state`` wrote (the buffer in place); the iteration to resume at (0: fresh)."""
     path = out / "checkpoint" / "state.pt"
     if not path.exists():
         return 0
     state = torch.load(path, weights_only=False)
-    params = dict(editor.denoiser.named_parameters())
+    params = editor.adapter_parameters()
     with torch.no_grad():
         for name, value in state["lora"].items():
             assign(params[name], value)
@@ -599,7 +577,7 @@ def train(cfg: GRPOConfig) -> Path:
 
     from mteditlab.rewards import get_reward
 
-    real = cfg.editor in REAL_EDITORS
+    real = EDITORS[cfg.editor].distributed
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **(accelerator_options(cfg) if real else {}))
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg.out)
@@ -607,15 +585,10 @@ def train(cfg: GRPOConfig) -> Path:
     torch.manual_seed(cfg.seed)
     editor = get_editor(cfg.editor, path=cfg.editor_path, device=str(accelerator.device))
     editor.denoiser.requires_grad_(False)
-    targets = LORA_TARGETS[cfg.lora_targets] if cfg.editor == "mini" else None
-    editor.add_lora(cfg.lora_rank, cfg.lora_alpha, targets)
+    editor.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     if cfg.algo != "grpo":  # NFT's old policy / RFT's Polyak average: a second adapter tracking ``default`` by EMA
-        from peft import LoraConfig
-        editor.denoiser.add_adapter(LoraConfig(**{k: v for k, v in editor.denoiser.peft_config["default"].to_dict().items()
-                                                  if k in ("r", "lora_alpha", "target_modules")}), adapter_name="old")
-        ema_update(editor, decay=0.0)
-        editor.denoiser.set_adapter("default")
-    trainable = [p for n, p in editor.denoiser.named_parameters() if ".default." in n]
+        editor.add_old_copy()
+    trainable = editor.trainable_parameters()
     for p in trainable:
         p.requires_grad_(True)
     if real:
@@ -628,7 +601,7 @@ def train(cfg: GRPOConfig) -> Path:
             raise ValueError(f"the accelerate config sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps}: "
                              f"leave it out, the trainer accumulates the {loss_terms(cfg)} loss terms of a minibatch")
         editor.forward_module = model
-        trainable = [p for n, p in editor.denoiser.named_parameters() if ".default." in n]
+        trainable = editor.trainable_parameters()
     terms = [*cfg.reward_weights, *([cfg.hacking_reference] if cfg.hacking_reference else [])]
     reward_models = {name: get_reward(name, **({"path": cfg.reward_path_of[name]} if name in cfg.reward_path_of else {}))
                      for name in dict.fromkeys(t.partition(".")[0] for t in terms)}
@@ -648,7 +621,7 @@ def train(cfg: GRPOConfig) -> Path:
         if metrics_path.exists() else []
     minutes = history[-1]["train_minutes"] if history else 0.0
     val = None if pool else make_sessions("val", cfg.eval_sessions, cfg.turns)   # data sessions: no verifier to evaluate by
-    evaluated = _old_policy if cfg.algo in ("rft", "sft") else contextlib.nullcontext  # the exported adapter
+    evaluated = editor.old_policy if cfg.algo in ("rft", "sft") else contextlib.nullcontext  # the exported adapter
 
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"{cfg.algo}",
                disable=rank != 0)
@@ -718,7 +691,7 @@ def train(cfg: GRPOConfig) -> Path:
                 loss_stats.setdefault("loss", []).append(loss.item())
                 optimizer_step(accelerator, optimizer, trainable, cfg, model)
         if cfg.algo != "grpo":
-            ema_update(editor, old_decay(cfg, iteration))
+            editor.polyak_update(old_decay(cfg, iteration))
         timings["update_s"] = time.time() - t0
         minutes += sum(timings.values()) / 60
 
@@ -746,7 +719,7 @@ def train(cfg: GRPOConfig) -> Path:
         lines = [row]
         if val and ((iteration + 1) % cfg.eval_every == 0 or last):
             editor.denoiser.eval()
-            with evaluated(editor):
+            with evaluated():
                 result = run_benchmark(editor, val, seed=cfg.seed, intent=cfg.intent, progress=False)
             lines.append({"kind": "eval", "iteration": iteration + 1, "train_minutes": minutes,
                           "overall": [r["overall"] for r in result["per_turn"]],
@@ -762,7 +735,7 @@ def train(cfg: GRPOConfig) -> Path:
             tqdm.write(f"stopping after {minutes:.1f} training minutes (--max-minutes {cfg.max_minutes:g})")
             break
 
-    exported = "old" if cfg.algo in ("rft", "sft") else "default"
+    exported = OLD if cfg.algo in ("rft", "sft") else TRAINED
     state = gathered_lora(editor, exported) if sharded(accelerator) else None   # every process takes part
     if rank == 0:
         editor.save_lora(out / "adapter", adapter_name=exported, state=state,
@@ -805,10 +778,10 @@ def accelerator_options(cfg: GRPOConfig) -> dict:
     return options
 
 
-def ready_for_training(editor: Editor, cfg: GRPOConfig) -> None:
+def ready_for_training(editor: FlowPolicy, cfg: GRPOConfig) -> None:
     """A real backend's denoiser before ``accelerator.prepare``: LoRA weights in fp32 whatever the base
     dtype (AdamW steps on bf16 weights lose small updates), gradient checkpointing when asked."""
-    for p in editor.lora_parameters():
+    for p in editor.adapter_parameters().values():
         p.data = p.data.float()
     if cfg.gradient_checkpointing:
         editor.denoiser.enable_gradient_checkpointing()
@@ -839,11 +812,9 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def gathered_lora(editor: Editor, adapter: str) -> dict[str, torch.Tensor]:
+def gathered_lora(editor: FlowPolicy, adapter: str) -> dict[str, torch.Tensor]:
     """Adapter ``adapter``'s full state (peft names), gathered from the shards on every process."""
-    from peft.utils import get_peft_model_state_dict
-
-    return {k: full_tensor(v) for k, v in get_peft_model_state_dict(editor.denoiser, adapter_name=adapter).items()}
+    return {k: full_tensor(v) for k, v in editor.adapter_state(adapter).items()}
 
 
 def parse_args(argv: list[str] | None = None) -> GRPOConfig:

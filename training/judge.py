@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from mteditlab.editors.mini import MiniEditor
 from mteditlab.rewards.features import QUALITY_RMS_SCALE
 from mteditlab.rewards.mini_judge import (CELL_HEADS, DEFAULT_CHECKPOINT, HEADS, JudgeNet, MiniJudge, default_config,
                                           text_segments)
@@ -739,7 +740,7 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     text_cache = work / "text_cache.pt"
     editor_path = Path(args.editor_path or MINI_EDITOR_CHECKPOINT)
-    editor_available = args.eval_editor == "mini" or (args.eval_editor == "auto" and (editor_path / "config.json").is_file())
+    editor_available = args.eval_editor == "mini" or (args.eval_editor == "auto" and MiniEditor.available(editor_path))
     json_path = args.json or work / "eval.json"
     started = time.time()
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
-from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
 from PIL import Image
 
+from mteditlab.editors.base import register_editor
 from mteditlab.editors.hub import EditCondition, PipelineEditor
 
 
+@register_editor("qwen-edit")
 class QwenEditEditor(PipelineEditor):
     """Qwen-Image-Edit: Qwen2.5-VL reads the instruction with the image; the VAE latents of the
     image are packed as extra tokens after the target's.
@@ -27,17 +27,20 @@ class QwenEditEditor(PipelineEditor):
     this matches the pipeline called without ``negative_prompt``, not its ``true_cfg_scale=4`` recipe.
     """
 
-    name = "qwen-edit"
     default_steps = 50  # the pipelines' default
     default_model_id = "Qwen/Qwen-Image-Edit-2509"
     model_id_env = "MTEDITLAB_QWEN_EDIT_ID"
-    pipeline_classes = (QwenImageEditPlusPipeline, QwenImageEditPipeline)
+    pipeline_classes = ("QwenImageEditPlusPipeline", "QwenImageEditPipeline")
+    data_resolution = "qwen-edit"   # Qwen-Image-Edit's area
     # attention projections of the image and text streams (Flow-GRPO's attention-only set)
     lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 
     def __init__(self, pipe, *, device: str | torch.device | None = None, condition_area: int | None = None,
                  context_area: int | None = None):
+        from diffusers import QwenImageEditPlusPipeline
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
         super().__init__(pipe, device=device)
         self.plus = isinstance(pipe, QwenImageEditPlusPipeline)
         one_megapixel = 1024 * 1024  # QwenImageEditPipeline's size for both the VL and the VAE paths
@@ -48,6 +51,8 @@ class QwenEditEditor(PipelineEditor):
     def encode(self, images: Sequence[Image.Image], texts: Sequence[str]) -> EditCondition:
         """Qwen2.5-VL states of (image, instruction) — padded across the batch with a mask — the packed
         context latents, and the ``img_shapes`` (target, context) the transformer's RoPE needs."""
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
         pipe = self.pipe
         height, width = self.output_size(images)
         ratio = images[0].width / images[0].height
