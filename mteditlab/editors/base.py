@@ -30,14 +30,12 @@ class Editor:
 
     ``name`` is set by ``register_editor``; ``default_steps`` is the sampling budget when a caller
     gives none. ``local_weights``: ``path`` in :meth:`create` names a checkpoint directory (relative
-    to the working directory), not a model id. ``default_adapter``: the RL adapter shipped for the
-    backend (a repository path), or None.
+    to the working directory), not a model id.
     """
 
     name: str = "editor"
     default_steps: int = 10
     local_weights: ClassVar[bool] = False
-    default_adapter: ClassVar[str | None] = None
 
     @classmethod
     def create(cls, path: str | Path | None = None, device: str | None = None) -> "Editor":

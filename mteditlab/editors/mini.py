@@ -111,13 +111,12 @@ def tensor_to_images(latents: torch.Tensor) -> list[Image.Image]:
 
 @register_editor("mini")
 class MiniEditor(FlowPolicy):
-    """The world's editor: weights in a local checkpoint directory (default ``checkpoints/mini/base``),
-    an RL adapter shipped in ``checkpoints/mini/grpo``; LoRA target sets by name (``lora_presets``)."""
+    """The world's editor: weights in a local checkpoint directory (default ``checkpoints/mini/base``);
+    LoRA target sets by name (``lora_presets``)."""
 
     default_steps = 10
     shift = 1.0
     local_weights = True
-    default_adapter = "checkpoints/mini/grpo"
     lora_prefix = "unet"
     lora_target_modules = ATTENTION
     lora_presets = {"attention": ATTENTION, "attention+conv": ATTENTION + CONV,
