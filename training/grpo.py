@@ -65,7 +65,7 @@ from training.algorithms import ALGORITHMS
 from training.credit import FUSIONS, TURN_AGGREGATIONS
 from training.distributed import Updater, accelerator_options, gathered_lora, full_tensor, ready_for_training
 from training.operations import load_state, plot_metrics, save_state
-from training.sampling import parse_resolution, sample_turns, session_source
+from training.sampling import WorldSessions, parse_resolution, sample_turns, session_source
 from training.scoring import RewardTerms, hacking_alarm
 
 
@@ -154,7 +154,7 @@ class GRPOConfig:
         if self.hacking_reference in self.reward_weights:
             raise ValueError(f"--hacking-reference {self.hacking_reference} is trained (in --reward): it must be held out")
         if self.sessions_from:
-            world_only = [t for t in self.reward_weights if t.partition(".")[0] == "verifier"]
+            world_only = [t for t in self.reward_weights if t.partition(".")[0] == WorldSessions.gold]
             if world_only or self.algo == "sft" or (self.algo == "rft" and self.rft_target == "render"):
                 raise ValueError("--sessions-from has no world to verify against: pass --reward without the "
                                  "verifier (e.g. qwen-vl=1.0), --rft-target own with --algo rft, and no --algo sft")
@@ -183,9 +183,8 @@ def train(cfg: GRPOConfig) -> Path:
         ready_for_training(editor, cfg)
     optimizer = torch.optim.AdamW(editor.trainable_parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
     updater = Updater(accelerator, editor, optimizer, cfg.max_grad_norm, algo.loss_terms())
-    rewards = RewardTerms.build(cfg.reward_weights, cfg.reward_paths, held_out=cfg.hacking_reference,
-                                gold=None if cfg.sessions_from else "verifier")
     source = session_source(cfg)
+    rewards = RewardTerms.build(cfg.reward_weights, cfg.reward_paths, held_out=cfg.hacking_reference, gold=source.gold)
     start = load_state(out, editor, updater.optimizer, algo.buffer)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
@@ -289,6 +288,7 @@ def parse_args(argv: list[str] | None = None) -> GRPOConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (the only mode)")
     flags = {"reward_weights": "--reward"}
+    metavars = {"reward_weights": "TERM=WEIGHT,...", "reward_paths": "NAME=DIR,...", "op_weights": "OP=WEIGHT,..."}
     for f in fields(GRPOConfig):
         if f.name == "broadcast":
             continue
@@ -297,7 +297,7 @@ def parse_args(argv: list[str] | None = None) -> GRPOConfig:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
         elif str(f.type).startswith("dict"):
             parser.add_argument(flag, dest=f.name, type=mapping(str if f.name == "reward_paths" else float),
-                                default=f.default_factory(), metavar="NAME=VALUE,...")
+                                default=f.default_factory(), metavar=metavars[f.name])
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
             parser.add_argument(flag, dest=f.name, type=kind, default=f.default)
