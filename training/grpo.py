@@ -63,7 +63,7 @@ from mteditlab.editors import EDITORS, FlowPolicy, get_editor
 from mteditlab.intent import INTENT_MODES
 from training.algorithms import ALGORITHMS
 from training.credit import FUSIONS, TURN_AGGREGATIONS
-from training.distributed import Updater, accelerator_options, gathered_lora, full_tensor, ready_for_training
+from training.distributed import Updater, accelerator_options, full_tensor, gathered_lora, ready_for_training
 from training.operations import load_state, plot_metrics, save_state
 from training.sampling import WorldSessions, parse_resolution, sample_turns, session_source
 from training.scoring import RewardTerms, hacking_alarm
