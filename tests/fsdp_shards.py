@@ -15,14 +15,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from peft import LoraConfig
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from mteditlab.editors.kontext import KontextEditor
 from tests.tiny_pipelines import tiny_kontext
-from training.grpo import (GRPOConfig, draw_data_sessions, ema_update, encode_subset, full_tensor, gathered_lora,
-                           load_pool, load_state, nft_loss, rollout, save_state)
+from training.algorithms import NFT, encode_subset
+from training.distributed import full_tensor, gathered_lora
+from training.grpo import GRPOConfig
+from training.operations import load_state, save_state
+from training.sampling import DataSessions, sample_turns
 
 
 def sharded_editor(mesh) -> KontextEditor:
@@ -31,12 +33,9 @@ def sharded_editor(mesh) -> KontextEditor:
     editor = KontextEditor(tiny_kontext(), max_sequence_length=16)
     editor.denoiser.requires_grad_(False)
     editor.add_lora(2, 4)
-    editor.denoiser.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=list(editor.lora_target_modules)),
-                                adapter_name="old")
-    ema_update(editor, decay=0.0)
-    editor.denoiser.set_adapter("default")
-    for name, p in editor.denoiser.named_parameters():
-        p.requires_grad_(".default." in name)
+    editor.add_old_copy()
+    for p in editor.trainable_parameters():
+        p.requires_grad_(True)
     model = editor.denoiser
     for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
         fully_shard(block, mesh=mesh)
@@ -45,7 +44,7 @@ def sharded_editor(mesh) -> KontextEditor:
 
 
 def trained(editor) -> list[torch.nn.Parameter]:
-    return [p for n, p in editor.denoiser.named_parameters() if ".default." in n]
+    return editor.trainable_parameters()
 
 
 def checksum(editor) -> float:
@@ -56,23 +55,23 @@ def main(out: Path, data: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
-    cfg = GRPOConfig(editor="kontext", algo="nft", sessions_from=str(data), resolution="32", reward="qwen-vl=1.0",
+    cfg = GRPOConfig(editor="kontext", algo="nft", sessions_from=str(data), resolution="32", reward_weights={"qwen-vl": 1.0},
                      sessions_per_step=1, num_generations=2, turns=2, steps=3, sde_window=1, learning_rate=1e-2)
     editor = sharded_editor(mesh)
     optimizer = torch.optim.AdamW(trained(editor), lr=cfg.learning_rate)
-    pool, sizes = load_pool(cfg), []
+    source, sizes = DataSessions(cfg), []
     for iteration in range(2):
-        sessions = draw_data_sessions(pool, cfg, iteration, world)[rank::world]
+        sessions = source.draw(iteration, world)[rank::world]
         sizes.append(sessions[0].source.size)
-        records = rollout(editor, sessions, cfg, iteration)
+        records = sample_turns(editor, sessions, [source.image(s) for s in sessions], cfg, iteration)
         generator = torch.Generator().manual_seed(iteration)
         idx = torch.arange(cfg.num_generations)
         optimizer.zero_grad(set_to_none=True)
         for k, rec in enumerate(records):   # advantages +1 / −1: the second rollout is the better one
-            loss, _ = nft_loss(editor, rec, encode_subset(editor, rec, idx), idx, torch.tensor([-1.0, 1.0]), cfg, generator)
+            loss, _ = NFT(cfg).loss(editor, rec, encode_subset(editor, rec, idx), idx, torch.tensor([-1.0, 1.0]), None, generator)
             (loss / cfg.turns).backward()
         optimizer.step()
-        ema_update(editor, 0.5)
+        editor.polyak_update(0.5)
     trained_sum = checksum(editor)
     save_state(out, editor, optimizer, 2, cfg, [], write=rank == 0, with_optimizer=False)
     dist.barrier()

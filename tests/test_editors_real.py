@@ -174,7 +174,7 @@ def test_saved_lora_loads_into_the_pipeline_and_changes_the_output(backend, tmp_
     base = editor.edit(image, text, steps=2)
     editor.add_lora(rank=4, alpha=8)
     with torch.no_grad():  # a fresh adapter is a no-op (B = 0): give it a visible effect
-        for param in editor.lora_parameters():
+        for param in editor.trainable_parameters():
             param.normal_(0, 0.3)
     tuned = editor.edit(image, text, steps=2)
     with editor.adapter_disabled():

@@ -16,10 +16,14 @@ import torch
 
 from mteditlab.editors.mini import MiniEditor
 from mteditlab.flow import gaussian_log_prob, sde_step, sde_step_stats
-from mteditlab.world import generate_session
+from mteditlab.world import generate_session, render
 from training.credit import aggregate_turns, compute_advantages
 from mteditlab.rewards import get_reward
-from training.grpo import GRPOConfig, ema_update, encode_subset, hacking_alarm, grpo_loss, nft_loss, parse_args, rollout, score_rollouts
+from mteditlab.rewards.verifier import world_meta
+from training.algorithms import GRPO, NFT, encode_subset
+from training.grpo import GRPOConfig, parse_args
+from training.sampling import sample_turns
+from training.scoring import RewardTerms, hacking_alarm
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--sessions-per-step", "2", "--num-generations", "4", "--turns", "2", "--steps", "3", "--sde-window", "1",
@@ -59,62 +63,61 @@ def tiny_editor():
 def test_recomputed_log_prob_equals_the_rollouts(tiny_editor):
     cfg = GRPOConfig(num_generations=3, turns=2, steps=4, sde_window=2, beta=0.01)
     sessions = [generate_session("train", i, 2) for i in range(2)]
-    records = rollout(tiny_editor, sessions, cfg, iteration=0)
+    records = sample_turns(tiny_editor, sessions, [render(s.source) for s in sessions], cfg, iteration=0)
     assert len(records) == 2 and all(len(r.window) == 2 for r in records)
     idx = torch.arange(6)
     for rec in records:
         cond = encode_subset(tiny_editor, rec, idx)
         for step in rec.window:
-            loss, stats = grpo_loss(tiny_editor, rec, cond, idx, torch.ones(6), step, cfg)
+            loss, stats = GRPO(cfg).loss(tiny_editor, rec, cond, idx, torch.ones(6), step, None)
             assert abs(stats["ratio_mean"] - 1) < 1e-5 and abs(stats["ratio_max"] - 1) < 1e-5
             assert stats["clip_frac"] == 0.0 and stats["kl"] > 0
             loss.backward()
-    grads = [p.grad for p in tiny_editor.lora_parameters() if p.grad is not None]
+    grads = [p.grad for p in tiny_editor.trainable_parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     tiny_editor.denoiser.zero_grad()
 
 
 def test_nft_loss_prefers_positive_samples(tiny_editor):
     cfg = GRPOConfig(algo="nft", num_generations=2, turns=1, steps=3, sde_window=1, nft_beta=1.0)
-    from peft import LoraConfig
     if "old" not in tiny_editor.denoiser.peft_config:
-        tiny_editor.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(tiny_editor.lora_target_modules)),
-                                         adapter_name="old")
-        tiny_editor.denoiser.set_adapter("default")
-    records = rollout(tiny_editor, [generate_session("train", 0, 1)], cfg, iteration=0)
+        tiny_editor.add_old_copy()
+    session = generate_session("train", 0, 1)
+    records = sample_turns(tiny_editor, [session], [render(session.source)], cfg, iteration=0)
     idx = torch.arange(2)
     cond = encode_subset(tiny_editor, records[0], idx)
-    losses = [nft_loss(tiny_editor, records[0], cond, idx, torch.full((2,), a), cfg, torch.Generator().manual_seed(0))[1]
+    losses = [NFT(cfg).loss(tiny_editor, records[0], cond, idx, torch.full((2,), a), None, torch.Generator().manual_seed(0))[1]
               for a in (5.0, -5.0, 0.0)]
     assert [l["nft_positive_weight"] for l in losses] == [1.0, 0.0, 0.5]
 
     # a session's rollouts share the forward-process draw: two identical samples with opposite
     # advantages pull equally both ways (zero gradient at θ = old); equal advantages do not
-    ema_update(tiny_editor, decay=0.0)
+    tiny_editor.polyak_update(decay=0.0)
     records[0].x0 = records[0].x0[[0, 0]]
     grads = []
     for advantages in ([2.0, -2.0], [2.0, 2.0]):
         tiny_editor.denoiser.zero_grad()
-        nft_loss(tiny_editor, records[0], cond, idx, torch.tensor(advantages), cfg, torch.Generator().manual_seed(0))[0].backward()
-        grads.append(torch.cat([p.grad.flatten() for p in tiny_editor.lora_parameters() if p.grad is not None]).norm())
+        NFT(cfg).loss(tiny_editor, records[0], cond, idx, torch.tensor(advantages), None, torch.Generator().manual_seed(0))[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in tiny_editor.trainable_parameters() if p.grad is not None]).norm())
     tiny_editor.denoiser.zero_grad()
     assert grads[0] < 1e-4 * grads[1] and grads[1] > 0
 
 
 def test_reward_terms_address_overalls_and_sub_scores(tiny_editor):
-    cfg = GRPOConfig(num_generations=2, turns=2, steps=3, sde_window=1, reward="verifier=1.0,verifier.quality=0.5,verifier.ga=1")
+    weights = {"verifier": 1.0, "verifier.quality": 0.5, "verifier.ga": 1.0}
+    cfg = GRPOConfig(num_generations=2, turns=2, steps=3, sde_window=1, reward_weights=weights)
     sessions = [generate_session("train", i, 2) for i in range(2)]
-    records = rollout(tiny_editor, sessions, cfg, iteration=0)
+    records = sample_turns(tiny_editor, sessions, [render(s.source) for s in sessions], cfg, iteration=0)
     verifier = get_reward("verifier")
-    scores, gold, _, subs = score_rollouts(records, sessions, cfg, {"verifier": verifier}, verifier, iteration=0)
+    scored = RewardTerms(weights, {"verifier": verifier}, verifier).score(records, sessions, 2, world_meta, seed=0)
+    scores, gold, subs = scored.trained, scored.gold, scored.sub_means
     assert set(scores) == {"verifier", "verifier.quality", "verifier.ga"}
     assert (scores["verifier"] == gold).all()
     assert (scores["verifier.ga"][..., 0] == 1.0).all()          # GA does not apply at turn 1: satisfied
     quality = scores["verifier.quality"]
     assert ((quality >= 0) & (quality <= 1)).all() and quality.mean() == pytest.approx(subs["verifier/quality"])
-    bad = GRPOConfig(num_generations=2, turns=2, steps=3, sde_window=1, reward="verifier.style=1")
     with pytest.raises(ValueError, match="no sub-score 'style'"):
-        score_rollouts(records, sessions, bad, {"verifier": verifier}, verifier, iteration=0)
+        RewardTerms({"verifier.style": 1.0}, {"verifier": verifier}, verifier).score(records, sessions, 2, world_meta, seed=0)
 
 
 def test_reward_hacking_alarm_fires_when_the_proxy_rises_and_the_gold_falls():

@@ -24,7 +24,8 @@ from mteditlab.sessions_data import DataSession, DataTurn
 from tests.chat_server import ChatServer, TinyVLMResponder, completion, error, text_choice
 from tests.tiny_pipelines import tiny_kontext
 from tests.tiny_qwen_vl import build_model, build_processor, build_tokenizer
-from training.grpo import GRPOConfig, draw_data_sessions, parse_args, train
+from training.grpo import GRPOConfig, parse_args, train
+from training.sampling import DataSessions
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--editor", "kontext", "--sessions-per-step", "2", "--num-generations", "2", "--turns", "2", "--steps", "3",
@@ -80,16 +81,16 @@ def test_data_batches_share_one_size_and_repeat_sessions_with_their_own_index():
         return DataSession(i, f"s{i}", Image.new("RGB", size), [DataTurn("x")])
 
     pool = [session(0, (48, 16)), session(1, (16, 48)), session(2, (48, 16))]
-    cfg = GRPOConfig(sessions_per_step=3, sessions_from="unused", reward="judge=1.0")
+    source = DataSessions(GRPOConfig(sessions_per_step=3, sessions_from="unused", reward_weights={"judge": 1.0}), pool)
     for iteration in range(6):
-        drawn_ = draw_data_sessions(pool, cfg, iteration)
+        drawn_ = source.draw(iteration)
         assert len({s.source.size for s in drawn_}) == 1 and len(drawn_) == 3
         assert len({s.index for s in drawn_}) == 3 and {s.index % 3 for s in drawn_} <= {0, 1, 2}
-        assert [s.index for s in drawn_] == [s.index for s in draw_data_sessions(pool, cfg, iteration)]  # seeded
+        assert [s.index for s in drawn_] == [s.index for s in source.draw(iteration)]  # seeded
     with pytest.raises(ValueError, match="without the verifier"):
         GRPOConfig(sessions_from="x")  # the default reward is the world's verifier
     with pytest.raises(ValueError, match="held out"):
-        GRPOConfig(reward="judge=1.0", hacking_reference="judge")
+        GRPOConfig(reward_weights={"judge": 1.0}, hacking_reference="judge")
 
 
 def test_kontext_trains_on_data_sessions_with_the_served_judge_and_resumes(tmp_path, kontext_dir, dataset, tiny_judge):

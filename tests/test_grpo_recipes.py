@@ -17,8 +17,11 @@ from mteditlab.rewards import get_reward
 from mteditlab.rewards.base import RewardModel, RewardOutput
 from mteditlab.rewards.features import image_features, parse_cached
 from mteditlab.world import generate_session, render, sessions
-from training.grpo import (GRPOConfig, _old_policy, draw_sessions, ema_update, gold_examples, old_decay, rft_examples, turn_passed,
-                           rollout, sampling_policy, score_rollouts, train)
+from mteditlab.rewards.verifier import world_meta
+from training.algorithms import ALGORITHMS, gold_examples, rft_examples
+from training.grpo import GRPOConfig, train
+from training.sampling import WorldSessions, sample_turns
+from training.scoring import RewardTerms, turn_passed
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "checkpoints" / "mini" / "base"
@@ -40,6 +43,9 @@ def test_nft_trains_each_sample_at_the_requested_number_of_timesteps(tmp_path):
 
 def test_old_policy_decay_schedules():
     ramp = GRPOConfig(algo="nft", old_decay="ramp")
+    def old_decay(cfg, iteration):
+        return ALGORITHMS[cfg.algo](cfg).decay(iteration)
+
     assert [old_decay(ramp, i) for i in (0, 100, 499, 2000)] == pytest.approx([0.0, 0.1, 0.499, 0.5])
     assert old_decay(GRPOConfig(algo="nft", ema_decay=0.9), 1234) == 0.9
     polyak = GRPOConfig(algo="rft", polyak=0.97)
@@ -51,15 +57,10 @@ def test_old_policy_decay_schedules():
 @pytest.fixture()
 def two_adapters():
     """The base editor with a ``default`` adapter that differs from its ``old`` copy."""
-    from peft import LoraConfig
-
     editor = MiniEditor.from_pretrained(BASE)
     editor.denoiser.requires_grad_(False)
     editor.add_lora(2, 4)
-    editor.denoiser.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=list(editor.lora_target_modules)),
-                                adapter_name="old")
-    editor.denoiser.set_adapter("default")
-    ema_update(editor, decay=0.0)                     # old = default
+    editor.add_old_copy()                             # old = default
     with torch.no_grad():
         for name, p in editor.denoiser.named_parameters():
             if "lora_B.default" in name:
@@ -70,16 +71,16 @@ def two_adapters():
 def test_rollouts_are_drawn_by_the_old_adapter_when_asked(two_adapters):
     editor, session = two_adapters, [generate_session("train", 3, 1)]
     cfg = GRPOConfig(algo="nft", num_generations=2, turns=1, steps=3, sde_window=1)
-    by_default = rollout(editor, session, cfg, 0)[0].x0
-    with _old_policy(editor):
-        by_old = rollout(editor, session, cfg, 0)[0].x0
-    with sampling_policy(editor, GRPOConfig(algo="nft", sample_by_old=True)):
-        sampled = rollout(editor, session, cfg, 0)[0].x0
-    with sampling_policy(editor, cfg):
-        unchanged = rollout(editor, session, cfg, 0)[0].x0
+    by_default = sample_turns(editor, session, [render(s.source) for s in session], cfg, 0)[0].x0
+    with editor.old_policy():
+        by_old = sample_turns(editor, session, [render(s.source) for s in session], cfg, 0)[0].x0
+    with ALGORITHMS["nft"](GRPOConfig(algo="nft", sample_by_old=True)).sampling_policy(editor):
+        sampled = sample_turns(editor, session, [render(s.source) for s in session], cfg, 0)[0].x0
+    with ALGORITHMS["nft"](cfg).sampling_policy(editor):
+        unchanged = sample_turns(editor, session, [render(s.source) for s in session], cfg, 0)[0].x0
     assert not torch.allclose(by_default, by_old)
     assert torch.equal(sampled, by_old) and torch.equal(unchanged, by_default)
-    ema_update(editor, decay=0.5)                     # old ← ½·old + ½·default
+    editor.polyak_update(decay=0.5)                     # old ← ½·old + ½·default
     params = dict(editor.denoiser.named_parameters())
     name = next(n for n in params if "lora_B.default" in n)
     assert torch.allclose(params[name.replace(".default.", ".old.")], 0.5 * params[name])
@@ -99,15 +100,14 @@ def test_the_trajectory_filter_reads_the_trained_reward_not_the_gold(two_adapter
     editor = two_adapters
     sessions_ = [generate_session("train", i, 2) for i in range(3)]
     verifier, judge = get_reward("verifier"), get_reward("judge")
-    cfg = GRPOConfig(num_generations=2, turns=2, steps=3, sde_window=1, reward="judge=1.0")
-    records = rollout(editor, sessions_, cfg, 0)
-    _, gold, if_passed, _ = score_rollouts(records, sessions_, cfg, {"judge": judge}, verifier, 0)
+    cfg = GRPOConfig(num_generations=2, turns=2, steps=3, sde_window=1, reward_weights={"judge": 1.0})
+    records = sample_turns(editor, sessions_, [render(s.source) for s in sessions_], cfg, 0)
+    if_passed = RewardTerms(cfg.reward_weights, {"judge": judge}, verifier).score(records, sessions_, 2, world_meta, seed=0).if_passed
     for k, rec in enumerate(records):
         samples = [_sample(rec, i, s, k) for i, s in _items(sessions_, 2)]
         judged = judge.score(samples, seed=cfg.seed * 100_003 + k).scores["if"] >= 0.5
         assert (if_passed.reshape(-1, 2)[:, k] == judged).all()
-    looks = GRPOConfig(num_generations=2, turns=2, steps=3, sde_window=1, reward="looks=1.0")
-    _, _, none, _ = score_rollouts(records, sessions_, looks, {"looks": LooksOnly()}, verifier, 0)
+    none = RewardTerms({"looks": 1.0}, {"looks": LooksOnly()}, verifier).score(records, sessions_, 2, world_meta, seed=0).if_passed
     assert none is None                                # no IF in the trained reward: no filter
 
 
@@ -117,8 +117,9 @@ def _items(sessions_, G):
 
 def _sample(rec, i, s, k):
     from mteditlab.rewards.base import EditSample
+    from mteditlab.rewards.verifier import world_meta
     return EditSample(rec.before[i], rec.after[i], rec.texts[i][0], [t.instruction for t in s.turns[:k]],
-                      rec.texts[i][1], {"session": s, "turn": k})
+                      rec.texts[i][1], world_meta(s, k))
 
 
 def test_rft_keeps_the_turns_that_passed_so_far_with_clean_targets(two_adapters):
@@ -128,7 +129,7 @@ def test_rft_keeps_the_turns_that_passed_so_far_with_clean_targets(two_adapters)
     editor = two_adapters
     session = generate_session("train", 5, 2)
     cfg = GRPOConfig(num_generations=2, turns=2, steps=10, sde_window=1)
-    records = rollout(editor, [session], cfg, 0)
+    records = sample_turns(editor, [session], [render(s.source) for s in [session]], cfg, 0)
     passed = np.array([[[True, True], [True, False]]])
     clean = rft_examples(editor, records, passed, "render")
     own = rft_examples(editor, records, passed, "own")
@@ -202,9 +203,9 @@ def test_paired_benchmark_and_headroom_with_the_reference_editors(tmp_path):
 
 def test_op_weights_oversample_sessions_with_weak_operations():
     def share(cfg):
-        drawn = [s for it in range(12) for s in draw_sessions(cfg, it)]
+        drawn = [s for it in range(12) for s in WorldSessions(cfg).draw(it)]
         return np.mean([any(t.edit.op == "swap" for t in s.turns) for s in drawn])
 
-    plain = GRPOConfig(sessions_per_step=16, turns=3, op_weights="")
-    assert [s.index for s in draw_sessions(plain, 3)] == [s.index for s in draw_sessions(plain, 3)]  # seeded
-    assert share(GRPOConfig(sessions_per_step=16, turns=3, op_weights="swap=4")) > share(plain) + 0.15
+    plain = GRPOConfig(sessions_per_step=16, turns=3, op_weights={})
+    assert [s.index for s in WorldSessions(plain).draw(3)] == [s.index for s in WorldSessions(plain).draw(3)]  # seeded
+    assert share(GRPOConfig(sessions_per_step=16, turns=3, op_weights={"swap": 4.0})) > share(plain) + 0.15

@@ -13,6 +13,7 @@ from mteditlab.rewards import get_reward
 from mteditlab.rewards.base import EditSample
 from mteditlab.rewards.calibrated import ARTIFACT, CalibratedReward
 from mteditlab.simulation import TINTS, tint_image
+from mteditlab.rewards.verifier import world_meta
 from mteditlab.world import generate_session, render
 from training import reward_model
 
@@ -64,7 +65,7 @@ def _samples_for_turn(session, k, images):
     before = render(session.turns[k].before)
     return [EditSample(before, im, session.turns[k].instruction,
                        [t.instruction for t in session.turns[:k]], session.turns[k].intent,
-                       {"session": session, "turn": k}) for im in images]
+                       world_meta(session, k)) for im in images]
 
 
 def test_calibrated_reward_loads_the_artifact_and_scores_edit_samples(fitted):

@@ -221,8 +221,8 @@ def test_win_rates_average_both_orders_and_skip_failed_pairs():
 
 
 def test_groups_from_meta_size_or_session():
-    session_a, session_b = object(), object()
-    by_session = [sample("x", session=s, turn=1) for s in (session_a, session_a, session_b, session_b)]
+    world_a, world_b = ({"split": "train", "index": i, "turns": 2} for i in (0, 1))
+    by_session = [sample("x", world=w, turn=1) for w in (world_a, world_a, world_b, world_b)]
     assert group_indices(by_session) == [[0, 1], [2, 3]]
     assert group_indices([sample("x", group=g) for g in "abab"]) == [[0, 2], [1, 3]]
     assert group_indices([sample("x")] * 4, group_size=2) == [[0, 1], [2, 3]]

@@ -10,7 +10,7 @@ from mteditlab.editors.reference import IdentityEditor, OracleEditor
 from mteditlab.rewards import REWARDS, get_reward
 from mteditlab.rewards.base import EditSample, RewardOutput
 from mteditlab.rewards.features import image_features
-from mteditlab.rewards.verifier import VerifierReward
+from mteditlab.rewards.verifier import VerifierReward, world_meta
 from mteditlab.world import generate_session, render, score_turn
 
 
@@ -23,7 +23,7 @@ def rollout_samples(n_sessions=4, turns=3):
         image = render(session.source)
         for k, turn in enumerate(session.turns):
             history = [t.instruction for t in session.turns[:k]]
-            meta = {"session": session, "turn": k}
+            meta = world_meta(session, k)
             good = oracle.edit(image, turn.instruction, intent=turn.intent)
             same = identity.edit(image, turn.instruction)
             samples.append(EditSample(image, good, turn.instruction, history, turn.intent, dict(meta)))
@@ -39,7 +39,7 @@ def test_sub_scores_match_score_turn_on_oracle_and_identity_outputs():
     assert set(out.scores) == {"if", "cc", "ga", "quality", "match"}
     for i, sample in enumerate(samples):
         k = sample.meta["turn"]
-        truth = score_turn(sample.meta["session"], k, sample.source, sample.edited)
+        truth = score_turn(generate_session(**sample.meta["world"]), k, sample.source, sample.edited)
         assert out.scores["if"][i] == float(truth.if_)
         assert out.scores["cc"][i] == float(truth.cc)
         if k == 0:
@@ -60,7 +60,7 @@ def test_quality_is_one_for_clean_renders_and_lower_for_blur_and_tint():
     shift = np.array([0, 0, 24] if session.turns[0].after.background in ("gray", "black", "beige")
                      else [0, 0, -24])
     tinted = Image.fromarray(np.clip(np.asarray(clean, dtype=int) + shift, 0, 255).astype(np.uint8))
-    meta = {"session": session, "turn": 0}
+    meta = world_meta(session, 0)
     src = render(session.source)
     out = VerifierReward().score([EditSample(src, im, "x", meta=meta) for im in (clean, blurred)])
     assert out.scores["quality"][0] > 0.99 > 0.95 > out.scores["quality"][1] > 0.5
@@ -72,13 +72,13 @@ def test_quality_is_one_for_clean_renders_and_lower_for_blur_and_tint():
 
 def test_samples_without_ground_truth_are_reported_failures_not_numbers():
     good = rollout_samples(1, 2)[0]
-    session = good.meta["session"]
+    world = good.meta["world"]
     bad = [
         EditSample(good.source, good.edited, good.instruction),  # no meta
-        EditSample(good.source, good.edited, good.instruction, meta={"session": session}),  # no turn
-        EditSample(good.source, good.edited, good.instruction, meta={"session": session, "turn": 7}),
-        EditSample(good.source, good.edited, good.instruction, meta={"session": "s", "turn": 0}),
-        EditSample(good.source, "not an image", good.instruction, meta={"session": session, "turn": 0}),
+        EditSample(good.source, good.edited, good.instruction, meta={"world": world}),  # no turn
+        EditSample(good.source, good.edited, good.instruction, meta={"world": world, "turn": 7}),
+        EditSample(good.source, good.edited, good.instruction, meta={"world": {"split": "s"}, "turn": 0}),
+        EditSample(good.source, "not an image", good.instruction, meta={"world": world, "turn": 0}),
     ]
     out = VerifierReward().score([good] + bad)
     assert out.failures[0] is None and out.overall[0] == 1.0
@@ -86,7 +86,8 @@ def test_samples_without_ground_truth_are_reported_failures_not_numbers():
     assert np.isnan(out.overall[1:]).all() and out.n_failures == len(bad)
     for name in ("if", "cc", "quality", "ga"):
         assert np.isnan(out.scores[name][1:]).all()
-    assert "meta['session']" in out.failures[1] and "out of range" in out.failures[3]
+    assert "meta['world']" in out.failures[1] and "meta['turn']" in out.failures[2]
+    assert "out of range" in out.failures[3] and "names no world session" in out.failures[4]
 
 
 def test_registry():
@@ -98,3 +99,22 @@ def test_registry():
         get_reward("verifier", path="x")
     with pytest.raises(FileNotFoundError, match="training.reward_model"):
         get_reward("calibrated", path="/nonexistent/dir")
+
+
+def test_samples_are_plain_data_scored_alike_in_another_process():
+    """A sample pickles, its ``meta`` round-trips through JSON, and a fresh process scores it alike."""
+    import json
+    import pickle
+    import subprocess
+    import sys
+
+    samples = rollout_samples(2, 2)
+    assert [json.loads(json.dumps(s.meta)) for s in samples] == [s.meta for s in samples]
+    code = ("import pickle, sys\nfrom mteditlab.rewards import get_reward\n"
+            "out = get_reward('verifier').score(pickle.load(sys.stdin.buffer))\n"
+            "sys.stdout.buffer.write(pickle.dumps((out.scores, out.overall, out.failures)))")
+    done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(samples), capture_output=True, check=True)
+    scores, overall, failures = pickle.loads(done.stdout)
+    here = get_reward("verifier").score(samples)
+    assert failures == here.failures and np.array_equal(overall, here.overall)
+    assert all(np.array_equal(scores[k], here.scores[k], equal_nan=True) for k in here.scores)

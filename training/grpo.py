@@ -11,19 +11,20 @@ reward-filtered self-training (RFT), with a supervised control (SFT).
 
 One iteration, top to bottom:
 
-1. **Rollouts.** ``sessions_per_step`` training sessions × ``num_generations`` rollouts each: drawn
-   from the world, or with ``--sessions-from`` from a pool of data sessions (files, ``hf://NAME``, the
-   app's ``.duckdb`` label store) at the backend's ``--resolution``, one image size per iteration
-   (aspect-ratio buckets). Every turn starts from the rollout's *own* previous output. Sampling is the
+1. **Rollouts** (``training.sampling``). ``sessions_per_step`` training sessions × ``num_generations``
+   rollouts each, from the session source: the world, or with ``--sessions-from`` a pool of data
+   sessions (files, ``hf://NAME``, the app's ``.duckdb`` label store) at the backend's
+   ``--resolution``, one image size per iteration (aspect-ratio buckets). Every turn starts from the rollout's *own* previous output. Sampling is the
    ODE, except an SDE window of ``sde_window`` consecutive steps per turn where the Flow-GRPO step is a Gaussian policy:
    x' ~ N(mean_θ(x, σ), scale²) (``mteditlab.flow.sde_step_stats``), log-prob kept in fp32.
-2. **Rewards.** Each registered reward model scores every turn (named sub-scores + overall); on
-   world sessions the verifier always runs too, as the gold metric. Data sessions have no gold:
+2. **Rewards** (``training.scoring``). Each reward model named in ``reward_weights`` scores every
+   turn (named sub-scores + overall); on world sessions the verifier always runs too, as the gold metric. Data sessions have no gold:
    no gold columns, no ``val`` evaluation, and the reward-hacking monitor watches a held-out reward
    term (``--hacking-reference``) instead.
 3. **Credit.** ``training.credit.compute_advantages``: turn aggregation, reward/advantage fusion,
    broadcast vs per-turn, trajectory filtering, clamp.
-4. **Update.** GRPO: for every SDE step of every turn, ratio = exp(logp_θ − logp_old) and
+4. **Update** (``training.algorithms``, one class per objective). GRPO: for every SDE step of every
+   turn, ratio = exp(logp_θ − logp_old) and
        L = mean(max(−A·ratio, −A·clip(ratio, 1 − ε, 1 + ε))) + β·‖mean_θ − mean_ref‖² / (2·scale²),
    the reference being the same model with its adapter disabled. NFT: on the forward process,
        r = clamp(A / (2·A_max) + ½, 0, 1),  v⁺ = β·v_θ + (1 − β)·v_old,  v⁻ = (1 + β)·v_old − β·v_θ,
@@ -37,8 +38,9 @@ One iteration, top to bottom:
    the scene it shows (``render``, world only); the adapter is trained on the buffer by the plain
    flow-matching loss ‖v_θ(x_t) − (ε − x0)‖², and its Polyak average is exported. SFT (the control):
    the same loss and buffer filled with the world's gold pairs (teacher-forced), no rollouts.
-5. **Operations.** JSONL metrics, plots, evaluation on ``val``, atomic checkpoints, exact resume. The
-   real backends (``kontext``, ``qwen-edit``) go through ``accelerator.prepare`` (DDP, FSDP or DeepSpeed
+5. **Operations** (``training.operations``, ``training.distributed``). JSONL metrics, plots, evaluation
+   on ``val``, atomic checkpoints, exact resume. The real backends (``kontext``, ``qwen-edit``: their
+   class is ``distributed``) go through ``accelerator.prepare`` (DDP, FSDP or DeepSpeed
    as ``accelerate launch`` configures; gradients accumulated over a minibatch's loss terms by
    ``accelerator.accumulate``), with ``--gradient-checkpointing`` and ``--mixed-precision``; the mini
    editor keeps its hand-averaged gradients.
@@ -47,12 +49,9 @@ One iteration, top to bottom:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import random
-import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -60,25 +59,14 @@ import torch
 from tqdm import tqdm
 
 from mteditlab.bench import run_benchmark
-from mteditlab.editors import Editor, get_editor
-from mteditlab.flow import gaussian_log_prob, ode_step, sde_step_stats
-from mteditlab.intent import INTENT_MODES, turn_seed, turn_text
-from mteditlab.rewards.base import EditSample
-from mteditlab.rewards.features import parse_cached
-from mteditlab.sessions_data import DataSession, with_turns
-from mteditlab.world import Session, generate_session, render
-from mteditlab.world import sessions as make_sessions
-from training.credit import FUSIONS, TURN_AGGREGATIONS, compute_advantages
-from training.session_sources import sessions_from
-
-TRAIN_SESSIONS = 200_000  # size of the pool training sessions are drawn from
-ALGOS = ("nft", "grpo", "rft", "sft")
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
-CONV = ("conv1", "conv2", "conv_shortcut")
-LORA_TARGETS = {"attention": ATTENTION, "attention+conv": ATTENTION + CONV,
-                "all": ATTENTION + CONV + ("time_emb_proj", "conv_in", "conv_out", "conv")}
-REAL_EDITORS = ("kontext", "qwen-edit")   # trained through accelerator.prepare
-GOLD = "gold_success"                     # the world's reward-hacking reference
+from mteditlab.editors import EDITORS, FlowPolicy, get_editor
+from mteditlab.intent import INTENT_MODES
+from training.algorithms import ALGORITHMS
+from training.credit import FUSIONS, TURN_AGGREGATIONS
+from training.distributed import Updater, accelerator_options, full_tensor, gathered_lora, ready_for_training
+from training.operations import load_state, plot_metrics, save_state
+from training.sampling import WorldSessions, parse_resolution, sample_turns, session_source
+from training.scoring import RewardTerms, hacking_alarm
 
 
 @dataclass
@@ -89,7 +77,7 @@ class GRPOConfig:
     algo: str = "rft"                     # rft | nft | grpo | sft (supervised control)
     lora_rank: int = 32
     lora_alpha: float = 32.0
-    lora_targets: str = "attention+conv"  # attention | attention+conv | all (mini editor's module names)
+    lora_targets: str = "attention+conv"  # a named set of the editor's LoRA targets (mini: attention | attention+conv | all)
     # sampling
     num_generations: int = 4              # G rollouts per session (the group)
     sessions_per_step: int = 16
@@ -100,7 +88,7 @@ class GRPOConfig:
     intent: str = "reconstruct"           # none | concat | reconstruct
     sessions_from: str | None = None      # DATASET: .jsonl / .parquet / folder / hf://NAME / .duckdb label store (default: the world)
     resolution: str | None = None         # kontext | qwen-edit | INT (≈ INT² px): data images' size (default: the editor's)
-    op_weights: str = "swap=3"            # OP=WEIGHT,...: oversample sessions with these operations (e.g. swap=3,move=2)
+    op_weights: dict[str, float] = field(default_factory=lambda: {"swap": 3.0})  # --op-weights OP=W,...: oversample sessions with these operations
     # objective
     learning_rate: float = 1e-3
     clip_range: float = 2e-3
@@ -124,8 +112,9 @@ class GRPOConfig:
     rft_updates: int = 8                  # optimizer steps per iteration
     polyak: float = 0.95                  # exported adapter = Polyak average of the trained one (per iteration)
     # multi-turn credit
-    reward: str = "verifier=1.0,verifier.quality=0.5"  # TERM=WEIGHT,...; TERM = a reward model's overall (NAME) or sub-score (NAME.SUB)
-    reward_paths: str = ""                # NAME=DIR,...: where a reward model's artifact lives (e.g. calibrated=data/calibrated)
+    reward_weights: dict[str, float] = field(default_factory=lambda: {"verifier": 1.0, "verifier.quality": 0.5})
+    # --reward TERM=W,...; TERM = a reward model's overall (NAME) or sub-score (NAME.SUB)
+    reward_paths: dict[str, str] = field(default_factory=dict)  # --reward-paths NAME=DIR,...: a reward model's artifact (e.g. calibrated=data/calibrated)
     turn_aggregation: str = "mean"
     fusion: str = "advantage"
     broadcast: bool = True
@@ -143,501 +132,60 @@ class GRPOConfig:
     mixed_precision: str | None = None    # no | bf16 | fp16 for the real backends (default: accelerate's config)
     seed: int = 0
     out: str = "runs/grpo"
-    reward_weights: dict = field(default_factory=dict)
-    reward_path_of: dict = field(default_factory=dict)
-    op_weight_of: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.algo not in ALGOS:
-            raise ValueError(f"--algo must be one of {ALGOS}")
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"--algo must be one of {tuple(ALGORITHMS)}")
         if self.sample_by_old and self.algo != "nft":
             raise ValueError("--sample-by-old needs --algo nft (the old policy is NFT's)")
         if self.rft_target == "auto":
             self.rft_target = "own" if self.sessions_from else "render"
-        if self.lora_targets not in LORA_TARGETS or self.rft_target not in ("own", "render") \
+        policy = EDITORS[self.editor]
+        if not issubclass(policy, FlowPolicy):
+            raise ValueError(f"--editor {self.editor} is not a flow-matching policy: nothing to train")
+        if policy.lora_presets and self.lora_targets not in policy.lora_presets or self.rft_target not in ("own", "render") \
                 or self.old_decay not in ("constant", "ramp"):
-            raise ValueError(f"bad --lora-targets ({sorted(LORA_TARGETS)}), --rft-target (own, render) "
+            raise ValueError(f"bad --lora-targets ({sorted(policy.lora_presets)}), --rft-target (own, render) "
                              "or --old-decay (constant, ramp)")
         if self.turn_aggregation not in TURN_AGGREGATIONS or self.fusion not in FUSIONS or self.intent not in INTENT_MODES:
             raise ValueError("bad --turn-aggregation, --fusion or --intent")
         if not 1 <= self.sde_window <= self.steps - 1:
             raise ValueError("--sde-window must be in [1, steps − 1] (the σ = 1 step is always an ODE step)")
-        self.reward_weights = {k: float(v) for k, v in (p.split("=") for p in self.reward.split(","))}
-        self.reward_path_of = dict(p.split("=", 1) for p in self.reward_paths.split(",") if p)
-        self.op_weight_of = {k: float(v) for k, v in (p.split("=") for p in self.op_weights.split(",") if p)}
         if self.hacking_reference in self.reward_weights:
             raise ValueError(f"--hacking-reference {self.hacking_reference} is trained (in --reward): it must be held out")
         if self.sessions_from:
-            world_only = [t for t in self.reward_weights if t.partition(".")[0] == "verifier"]
+            world_only = [t for t in self.reward_weights if t.partition(".")[0] == WorldSessions.gold]
             if world_only or self.algo == "sft" or (self.algo == "rft" and self.rft_target == "render"):
                 raise ValueError("--sessions-from has no world to verify against: pass --reward without the "
                                  "verifier (e.g. qwen-vl=1.0), --rft-target own with --algo rft, and no --algo sft")
             parse_resolution(self.resolution)
 
 
-# ---- 1. rollouts ----------------------------------------------------------------------------------
-
-def draw_sessions(cfg: GRPOConfig, iteration: int, count_per_process: int = 1) -> list[Session]:
-    """The iteration's training sessions, seeded by (seed, iteration). With ``op_weights`` a candidate
-    session is kept with probability w(session) / max w, w(session) = the largest weight among its
-    turns' operations (1 for operations not listed): sessions exercising weak operations come more often."""
-    picker = random.Random(f"{cfg.seed}/sessions/{iteration}")
-    top = max([1.0, *cfg.op_weight_of.values()])
-    drawn = []
-    while len(drawn) < cfg.sessions_per_step * count_per_process:
-        session = generate_session("train", picker.randrange(TRAIN_SESSIONS), cfg.turns)
-        weight = max(cfg.op_weight_of.get(t.edit.op, 1.0) for t in session.turns)
-        if not cfg.op_weight_of or picker.random() * top < weight:   # unweighted: the plain seeded draw
-            drawn.append(session)
-    return drawn
-
-
-def parse_resolution(text: str | None) -> str | int | None:
-    """``--resolution``: ``kontext`` / ``qwen-edit`` (the backends' sizes), an int n (≈ n² pixels) or None."""
-    if text is None or text in ("kontext", "qwen-edit"):
-        return text
-    if str(text).isdigit():
-        return int(text)
-    raise ValueError(f"--resolution must be kontext, qwen-edit or an integer, got {text!r}")
-
-
-def load_pool(cfg: GRPOConfig) -> list[DataSession]:
-    """The data sessions training draws from: ``--sessions-from`` at ``--resolution`` (default: the
-    editor's own, e.g. Kontext's preferred sizes), those with at least ``turns`` turns cut to ``turns``."""
-    resolution = parse_resolution(cfg.resolution) or (cfg.editor if cfg.editor in REAL_EDITORS else None)
-    pool = with_turns(sessions_from(cfg.sessions_from, resolution=resolution), cfg.turns)
-    if not pool:
-        raise ValueError(f"{cfg.sessions_from} holds no session with at least {cfg.turns} turns (--turns)")
-    sizes = {s.source.size for s in pool}
-    if cfg.algo == "rft" and len(sizes) > 1:
-        raise ValueError(f"--algo rft replays examples across iterations, so its batches mix sessions: the data's "
-                         f"sources must share one size at --resolution, got {sorted(sizes)}")
-    return pool
-
-
-def draw_data_sessions(pool: list[DataSession], cfg: GRPOConfig, iteration: int, count_per_process: int = 1) -> list[DataSession]:
-    """The iteration's training sessions from ``pool``, seeded by (seed, iteration), all of one source
-    size (a batch shares one image size): a first session drawn uniformly picks the size, the others
-    are drawn without replacement among the pool's sessions of that size, cycling when there are too
-    few; a repeated session gets a distinct ``index`` (index + k·len(pool)), so its rollouts draw
-    their own noise."""
-    picker = random.Random(f"{cfg.seed}/data-sessions/{iteration}")
-    first = pool[picker.randrange(len(pool))]
-    bucket = [s for s in pool if s.source.size == first.source.size and s is not first]
-    picker.shuffle(bucket)
-    order = [first, *bucket]
-    picks = [(order[i % len(order)], i // len(order)) for i in range(cfg.sessions_per_step * count_per_process)]
-    return [replace(session, index=session.index + repeat * len(pool)) for session, repeat in picks]
-
-
-def source_image(session: Session | DataSession):
-    """The image a session starts from: a data session's own, a world scene's render."""
-    return session.source if isinstance(session, DataSession) else render(session.source)
-
-
-@dataclass
-class TurnRecord:
-    """One turn of a batch of rollouts: its inputs, the SDE window and the outputs."""
-
-    sigmas: torch.Tensor
-    texts: list[tuple[str, str | None]]
-    before: list
-    after: list
-    x0: torch.Tensor                       # final latents (NFT target)
-    window: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    # each: (step index, x, x_next, log_prob_old)
-
-
-@torch.no_grad()
-def rollout(editor: Editor, sessions: list[Session], cfg: GRPOConfig, iteration: int) -> list[TurnRecord]:
-    """G rollouts of each session, turn by turn on their own outputs; items ordered session-major."""
-    G = cfg.num_generations
-    items = [(s, g) for s in sessions for g in range(G)]
-    images = [source_image(s) for s, _ in items]
-    records = []
-    for k in range(cfg.turns):
-        texts = [turn_text(s, k, cfg.intent) for s, _ in items]
-        cond = editor.encode(images, [intent or text for text, intent in texts])
-        seeds = [turn_seed(cfg.seed * 7919 + iteration, s.index * G + g, k) for s, g in items]
-        x = editor.initial_noise(cond, seeds)
-        sigmas = editor.sigmas(cfg.steps, cond)
-        start = random.Random(f"{cfg.seed}/{iteration}/{k}").randint(1, cfg.steps - cfg.sde_window)
-        generator = torch.Generator().manual_seed(seeds[0])
-        record = TurnRecord(sigmas, texts, images, [], x)
-        for i in range(cfg.steps):
-            v = editor.velocity(x, sigmas[i].expand(len(x)), cond)
-            if start <= i < start + cfg.sde_window:
-                mean, scale = sde_step_stats(x, v, sigmas[i], sigmas[i + 1], cfg.noise_level)
-                x_next = mean + scale * torch.randn(mean.shape, generator=generator)
-                record.window.append((i, x, x_next, gaussian_log_prob(x_next, mean, scale)))
-            else:
-                x_next = ode_step(x, v, sigmas[i], sigmas[i + 1])
-            x = x_next
-        record.x0, record.after = x, editor.decode(x, cond)
-        records.append(record)
-        images = record.after
-    return records
-
-
-# ---- 2. rewards ------------------------------------------------------------------------------------
-
-def score_rollouts(records: list[TurnRecord], sessions: list[Session | DataSession], cfg: GRPOConfig,
-                   reward_models: dict, gold_model, iteration: int, tally: dict | None = None
-                   ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None, dict]:
-    """Per-reward-term scores ``[S, G, T]``, gold success ``[S, G, T]``, IF-passed mask and sub-score means.
-
-    A term ``NAME`` is model ``NAME``'s overall; ``NAME.SUB`` its sub-score ``SUB``, where a sub-score
-    that does not apply to a scored item (NaN, e.g. ``ga`` at turn 1) counts as satisfied (1.0); items
-    the model failed on stay NaN. The terms are ``reward_weights``' and the held-out
-    ``hacking_reference`` (when set). ``gold_model`` is the world's verifier; it scores each turn
-    once, also when it is a reward; ``None`` (data sessions): no gold, ``None`` in its place. The
-    IF-passed mask (for trajectory filtering) comes from the *trained* reward: the first reward model,
-    in ``reward_weights`` order, with an ``if`` sub-score (IF ≥ ½; a failed score does not filter);
-    ``None`` when no trained reward has one. Each sample's ``meta["group"]`` is (session index, turn),
-    the group a pairwise judge compares within. ``tally`` (optional) accumulates per reward model
-    ``failures/NAME`` (items failed) and ``endpoint/NAME/KEY`` (a served judge's request counts)."""
-    S, G, T = len(sessions), cfg.num_generations, cfg.turns
-    items = [(s, g) for s in sessions for g in range(G)]
-    terms = [*cfg.reward_weights, *([cfg.hacking_reference] if cfg.hacking_reference else [])]
-    scores = {term: np.zeros((S * G, T)) for term in terms}
-    gold = np.zeros((S * G, T), dtype=bool)
-    if_source = filter_source(cfg, reward_models)
-    if_passed = np.ones((S * G, T), dtype=bool)
-    sub_means: dict[str, list[float]] = {}
-    for k, rec in enumerate(records):
-        samples = [EditSample(b, a, t[0], [x.instruction for x in s.turns[:k]], t[1],
-                              {"session": s, "turn": k, "group": (s.index, k)})
-                   for (s, _), b, a, t in zip(items, rec.before, rec.after, rec.texts)]
-        gold_out = gold_model.score(samples) if gold_model is not None else None
-        if gold_out is not None:
-            gold[:, k] = gold_out.overall == 1
-        outputs = {name: gold_out if model is gold_model else model.score(samples, seed=cfg.seed * 100_003 + iteration * 31 + k)
-                   for name, model in reward_models.items()}
-        if tally is not None:
-            count_failures(outputs, tally)
-        if if_source:
-            if_passed[:, k] = ~(outputs[if_source].scores["if"] < 0.5)   # NaN (failed score) passes
-        for term in scores:
-            name, _, sub = term.partition(".")
-            out = outputs[name]
-            if not sub:
-                scores[term][:, k] = out.overall
-            elif sub in out.scores:
-                scores[term][:, k] = np.where(out.valid & np.isnan(out.scores[sub]), 1.0, out.scores[sub])
-            else:
-                raise ValueError(f"reward term {term!r}: {name} has no sub-score {sub!r} (it has {sorted(out.scores)})")
-        for name, out in outputs.items():
-            for sub, values in out.scores.items():
-                if np.isfinite(values).any():
-                    sub_means.setdefault(f"{name}/{sub}", []).append(float(np.nanmean(values)))
-    shape = (S, G, T)
-    return ({n: v.reshape(shape) for n, v in scores.items()}, gold.reshape(shape) if gold_model is not None else None,
-            if_passed.reshape(shape) if if_source else None, {k: float(np.mean(v)) for k, v in sub_means.items()})
-
-
-def count_failures(outputs: dict, tally: dict) -> None:
-    """Add each reward model's failed items and its endpoint's request counts to ``tally``."""
-    for name, out in outputs.items():
-        tally[f"failures/{name}"] = tally.get(f"failures/{name}", 0) + out.n_failures
-        for key, value in (out.details.get("endpoint") or {}).items():
-            tally[f"endpoint/{name}/{key}"] = tally.get(f"endpoint/{name}/{key}", 0) + value
-
-
-def filter_source(cfg: GRPOConfig, reward_models: dict) -> str | None:
-    """Name of the trained reward whose IF sub-score drives trajectory filtering (None: no filter)."""
-    for name in dict.fromkeys(t.partition(".")[0] for t in cfg.reward_weights):
-        if "if" in getattr(reward_models[name], "sub_scores", ()):
-            return name
-    return None
-
-
-def turn_passed(rewards: dict[str, np.ndarray], weights: dict[str, float], threshold: float) -> np.ndarray:
-    """``[S, G, T]`` bool: the turn's fused reward Σ_m w_m·r_m / Σ_m w_m is ≥ ``threshold`` (failed = 0)."""
-    fused = sum(w * np.nan_to_num(rewards[m], nan=0.0) for m, w in weights.items()) / sum(weights.values())
-    return fused >= threshold
-
-
-# ---- 4. update -------------------------------------------------------------------------------------
-
-def grpo_loss(editor: Editor, rec: TurnRecord, cond, idx: torch.Tensor, adv: torch.Tensor, step: tuple,
-              cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
-    """Clipped-ratio policy loss (+ KL to the adapter-disabled reference) on one SDE step of one turn."""
-    i, x, x_next, logp_old = step
-    sigmas = rec.sigmas
-    v = editor.velocity(x[idx], sigmas[i].expand(len(idx)), cond)
-    mean, scale = sde_step_stats(x[idx], v, sigmas[i], sigmas[i + 1], cfg.noise_level)
-    logp = gaussian_log_prob(x_next[idx], mean, scale)
-    ratio = torch.exp(logp - logp_old[idx])
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    kl = torch.zeros(())
-    if cfg.beta > 0:
-        with torch.no_grad(), editor.adapter_disabled():
-            v_ref = editor.velocity(x[idx], sigmas[i].expand(len(idx)), cond)
-        mean_ref, _ = sde_step_stats(x[idx], v_ref, sigmas[i], sigmas[i + 1], cfg.noise_level)
-        kl = (((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * scale.flatten() ** 2)).mean()
-        loss = loss + cfg.beta * kl
-    return loss, {"kl": kl.item(), "clip_frac": ((ratio - 1).abs() > cfg.clip_range).float().mean().item(),
-                  "ratio_mean": ratio.mean().item(), "ratio_max": ratio.max().item()}
-
-
-def nft_loss(editor: Editor, rec: TurnRecord, cond, idx: torch.Tensor, adv: torch.Tensor, cfg: GRPOConfig,
-             generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """DiffusionNFT's negative-aware loss on the forward process of the turn's final samples.
-
-    The G rollouts of a session share their forward-process draw (t, ε) (common random numbers): the
-    positive / negative pull between them then comes from their samples x0, not from the draw."""
-    x0 = rec.x0[idx]
-    r = torch.clamp(adv / (2 * cfg.adv_clip_max) + 0.5, 0, 1)
-    group = idx // cfg.num_generations
-    n_groups = rec.x0.shape[0] // cfg.num_generations
-    t = torch.rand(n_groups, generator=generator)[group].view(-1, *[1] * (x0.dim() - 1))
-    noise = torch.randn((n_groups, *x0.shape[1:]), generator=generator)[group]
-    x_t = (1 - t) * x0 + t * noise
-    v_theta = editor.velocity(x_t, t.flatten(), cond)
-    with torch.no_grad(), _old_policy(editor):
-        v_old = editor.velocity(x_t, t.flatten(), cond)
-    v_pos = cfg.nft_beta * v_theta + (1 - cfg.nft_beta) * v_old
-    v_neg = (1 + cfg.nft_beta) * v_old - cfg.nft_beta * v_theta
-    err_pos = ((x_t - t * v_pos - x0) ** 2).flatten(1).mean(1)
-    err_neg = ((x_t - t * v_neg - x0) ** 2).flatten(1).mean(1)
-    weight = 1 / ((x_t - t * v_old - x0).abs().flatten(1).mean(1) + 1e-3)   # adaptive, no gradient
-    loss = (weight * (r * err_pos + (1 - r) * err_neg)).mean()
-    return loss, {"nft_positive_weight": r.mean().item()}
-
-
-def flow_matching_loss(editor: Editor, batch: list[tuple], generator: torch.Generator) -> torch.Tensor:
-    """Plain rectified-flow loss on (input image, text, target latents) examples:
-    x_t = (1 − t)·x0 + t·ε with logit-normal t, L = ‖v_θ(x_t, t, cond) − (ε − x0)‖²."""
-    cond = editor.encode([b[0] for b in batch], [b[1] for b in batch])
-    x0 = torch.stack([b[2] for b in batch]).to(editor.device)
-    t = torch.sigmoid(torch.randn(len(batch), generator=generator)).view(-1, *[1] * (x0.dim() - 1))
-    noise = torch.randn(x0.shape, generator=generator)
-    v = editor.velocity((1 - t) * x0 + t * noise, t.flatten(), cond)
-    return torch.nn.functional.mse_loss(v.float(), noise - x0)
-
-
-def rft_examples(editor: Editor, records: list[TurnRecord], passed: np.ndarray, target: str,
-                 share: bool = False, mixed_only: bool = False) -> list[tuple]:
-    """(input image, text, target latents) from a batch of rollouts; ``passed`` is ``[S, G, T]``.
-
-    A rollout is *on track* at turn k when its turns before k all passed. Every on-track rollout that
-    passed turn k is an example with its own output as target; with ``share``, every on-track rollout
-    that failed turn k learns from a sibling that passed it (same session, same turn: its input shows
-    the same scene), its own input paired with the sibling's target (best-of-G distillation). With
-    ``mixed_only``, only (session, turn) groups whose on-track rollouts both passed and failed give
-    examples (what every rollout already gets right teaches little; DAPO's dynamic-sampling idea).
-    ``own``: the winner's output latents; ``render``: the latents of the clean render of the scene the
-    verifier reads in the winner's output (world only)."""
-    S, G, T = passed.shape
-    on_track = np.concatenate([np.ones((S, G, 1), bool), np.cumprod(passed, -1)[..., :-1].astype(bool)], -1)
-    examples = []
-    for k, rec in enumerate(records):
-        for s in range(S):
-            ready = np.flatnonzero(on_track[s, :, k])
-            winners = [g for g in ready if passed[s, g, k]]
-            if mixed_only and len(winners) == len(ready):
-                continue
-            for j, g in enumerate(ready if share and winners else winners):
-                w = s * G + (g if passed[s, g, k] else winners[j % len(winners)])
-                if target == "own":
-                    x0 = rec.x0[w]
-                else:
-                    clean = render(parse_cached(rec.after[w], rec.after[w].width), rec.after[w].width)
-                    x0 = editor.encode_images([clean])[0]
-                i = s * G + g
-                examples.append((rec.before[i], rec.texts[i][1] or rec.texts[i][0], x0.cpu()))
-    return examples
-
-
-def gold_examples(editor: Editor, sessions: list[Session], cfg: GRPOConfig) -> list[tuple]:
-    """Teacher-forced (true scene before, text, latents of the true scene after) for every turn."""
-    examples = []
-    for s in sessions:
-        for k in range(cfg.turns):
-            text, intent = turn_text(s, k, cfg.intent)
-            examples.append((render(s.turns[k].before), intent or text,
-                             editor.encode_images([render(s.turns[k].after)])[0].cpu()))
-    return examples
-
-
-def encode_subset(editor: Editor, rec: TurnRecord, idx: torch.Tensor):
-    """Re-encode the condition of items ``idx`` of a turn (conditions are backend objects: not sliced)."""
-    idx = idx.tolist()
-    return editor.encode([rec.before[i] for i in idx], [rec.texts[i][1] or rec.texts[i][0] for i in idx])
-
-
-class _old_policy:
-    """Context: the denoiser runs its ``old`` (EMA) adapter instead of ``default``."""
-
-    def __init__(self, editor: Editor):
-        self.model = editor.denoiser
-
-    def __enter__(self):
-        self.model.set_adapter("old")
-
-    def __exit__(self, *exc):
-        self.model.set_adapter("default")
-
-
-def old_decay(cfg: GRPOConfig, iteration: int) -> float:
-    """Decay of the old policy after ``iteration``: constant ``ema_decay``, or DiffusionNFT's ramp
-    d = min(0.001·iteration, 0.5) (old ≈ current at first); for RFT / SFT the Polyak average with the
-    usual warm-up, d = min(polyak, (1 + iteration) / (10 + iteration)), so it does not lag at the start."""
-    if cfg.algo in ("rft", "sft"):
-        return min(cfg.polyak, (1 + iteration) / (10 + iteration))
-    return min(0.001 * iteration, 0.5) if cfg.old_decay == "ramp" else cfg.ema_decay
-
-
-def sampling_policy(editor: Editor, cfg: GRPOConfig):
-    """Context in which rollouts are drawn: the old (EMA) adapter with ``--sample-by-old``, else the trained one."""
-    return _old_policy(editor) if cfg.sample_by_old else contextlib.nullcontext()
-
-
-def ema_update(editor: Editor, decay: float) -> None:
-    """old ← decay·old + (1 − decay)·default, parameter by parameter."""
-    params = dict(editor.denoiser.named_parameters())
-    with torch.no_grad():
-        for name, p in params.items():
-            if ".default." in name:
-                params[name.replace(".default.", ".old.")].lerp_(p, 1 - decay)
-
-
-# ---- 5. operations ---------------------------------------------------------------------------------
-
-def hacking_alarm(history: list[dict], window: int, proxy_names: list[str], reference: str | None = GOLD) -> bool:
-    """True when, over the last ``window`` iterations, a proxy reward rose while the reference (the
-    gold, or a held-out reward's metrics column) fell (least-squares slopes of opposite sign, each
-    moving by more than 0.02 across the window); never without a reference."""
-    if len(history) < window or not proxy_names or reference is None:
-        return False
-    recent = history[-window:]
-    xs = np.arange(window)
-
-    def trend(key):
-        return np.polyfit(xs, [h[key] for h in recent], 1)[0] * window
-
-    return bool(trend(reference) < -0.02 and any(trend(f"reward/{n}") > 0.02 for n in proxy_names))
-
-
-def save_state(out: Path, editor: Editor, optimizer, iteration: int, cfg: GRPOConfig, buffer: list, *,
-               write: bool = True, with_optimizer: bool = True) -> None:
-    """Atomically write the adapter(s), optimizer state, replay buffer and iteration to ``out/checkpoint``.
-    Every process calls it (sharded adapters are gathered); the one with ``write`` writes. Without
-    ``with_optimizer`` (sharded optimizer state) the optimizer's moments restart on resume."""
-    lora = {n: full_tensor(p).detach().clone() for n, p in editor.denoiser.named_parameters() if "lora_" in n}
-    if not write:
-        return
-    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"iteration": iteration, "lora": lora, "optimizer": optimizer.state_dict() if with_optimizer else None,
-                "config": asdict(cfg), "buffer": buffer}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-
-
-def load_state(out: Path, editor: Editor, optimizer, buffer: list) -> int:
-    """Restore what ``save_state`` wrote (the buffer in place); the iteration to resume at (0: fresh)."""
-    path = out / "checkpoint" / "state.pt"
-    if not path.exists():
-        return 0
-    state = torch.load(path, weights_only=False)
-    params = dict(editor.denoiser.named_parameters())
-    with torch.no_grad():
-        for name, value in state["lora"].items():
-            assign(params[name], value)
-    if state["optimizer"] is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    buffer[:] = state.get("buffer", [])
-    return state["iteration"]
-
-
-def assign(param: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """``param ← value``; an FSDP2 shard takes its own part of the full ``value``."""
-    if hasattr(param, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-        value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-    param.copy_(value)
-
-
-def plot_metrics(metrics_path: Path, out_path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    train = [r for r in rows if r.get("kind") == "train"]
-    evals = [r for r in rows if r.get("kind") == "eval"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    it = [r["iteration"] for r in train]
-    for key in [k for k in train[0] if k.startswith(("reward/", "reference/")) or k == GOLD]:
-        axes[0].plot(it, [r[key] for r in train], label=key, lw=0.9)
-    if "loss" in train[0] and not axes[0].lines:   # the supervised control draws no rollouts: its loss instead
-        axes[0].plot(it, [r["loss"] for r in train], label="loss", lw=0.9)
-    axes[0].set(title="training rollouts", xlabel="iteration")
-    axes[0].legend(fontsize=7)
-    drift = [k for k in ("kl", "clip_frac") if k in train[0]]     # GRPO's; the other objectives show their loss
-    for key in drift or ["loss"]:
-        axes[1].plot(it, [r.get(key, np.nan) for r in train], label=key, lw=0.9)
-    axes[1].set(title="policy drift" if drift else "training loss", xlabel="iteration")
-    axes[1].legend(fontsize=7)
-    for t in range(len(evals[0]["overall"]) if evals else 0):
-        axes[2].plot([r["iteration"] for r in evals], [r["overall"][t] for r in evals], "o-", label=f"turn {t + 1}")
-    axes[2].set(title="val overall success" if evals else "no val evaluation (data sessions)",
-                xlabel="iteration", ylim=(0, 1))
-    if evals:
-        axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-
-
 def train(cfg: GRPOConfig) -> Path:
+    """Train for ``cfg.iterations`` iterations (resuming from ``cfg.out/checkpoint``); the exported adapter's directory."""
     from accelerate import Accelerator
 
-    from mteditlab.rewards import get_reward
-
-    real = cfg.editor in REAL_EDITORS
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **(accelerator_options(cfg) if real else {}))
+    algo = ALGORITHMS[cfg.algo](cfg)
+    distributed = EDITORS[cfg.editor].distributed
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              **(accelerator_options(cfg, algo.loss_terms()) if distributed else {}))
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     editor = get_editor(cfg.editor, path=cfg.editor_path, device=str(accelerator.device))
     editor.denoiser.requires_grad_(False)
-    targets = LORA_TARGETS[cfg.lora_targets] if cfg.editor == "mini" else None
-    editor.add_lora(cfg.lora_rank, cfg.lora_alpha, targets)
-    if cfg.algo != "grpo":  # NFT's old policy / RFT's Polyak average: a second adapter tracking ``default`` by EMA
-        from peft import LoraConfig
-        editor.denoiser.add_adapter(LoraConfig(**{k: v for k, v in editor.denoiser.peft_config["default"].to_dict().items()
-                                                  if k in ("r", "lora_alpha", "target_modules")}), adapter_name="old")
-        ema_update(editor, decay=0.0)
-        editor.denoiser.set_adapter("default")
-    trainable = [p for n, p in editor.denoiser.named_parameters() if ".default." in n]
-    for p in trainable:
+    editor.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    algo.setup(editor)
+    for p in editor.trainable_parameters():
         p.requires_grad_(True)
-    if real:
+    if distributed:
         ready_for_training(editor, cfg)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=1e-4)
-    model = None   # the prepared (distributed) denoiser of the real backends
-    if real:
-        model, optimizer = accelerator.prepare(editor.denoiser, optimizer)
-        if accelerator.gradient_accumulation_steps != loss_terms(cfg):
-            raise ValueError(f"the accelerate config sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps}: "
-                             f"leave it out, the trainer accumulates the {loss_terms(cfg)} loss terms of a minibatch")
-        editor.forward_module = model
-        trainable = [p for n, p in editor.denoiser.named_parameters() if ".default." in n]
-    terms = [*cfg.reward_weights, *([cfg.hacking_reference] if cfg.hacking_reference else [])]
-    reward_models = {name: get_reward(name, **({"path": cfg.reward_path_of[name]} if name in cfg.reward_path_of else {}))
-                     for name in dict.fromkeys(t.partition(".")[0] for t in terms)}
-    pool = load_pool(cfg) if cfg.sessions_from else None
-    gold_model = None if pool else reward_models.get("verifier") or get_reward("verifier")
-    reference = f"reference/{cfg.hacking_reference}" if cfg.hacking_reference else GOLD if gold_model else None
-    proxies = [t for t in cfg.reward_weights if t.partition(".")[0] != "verifier"]
-    buffer: list[tuple] = []   # RFT / SFT replay buffer of (input image, text, target latents)
-    start = load_state(out, editor, optimizer, buffer)
+    optimizer = torch.optim.AdamW(editor.trainable_parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
+    updater = Updater(accelerator, editor, optimizer, cfg.max_grad_norm, algo.loss_terms())
+    source = session_source(cfg)
+    rewards = RewardTerms.build(cfg.reward_weights, cfg.reward_paths, held_out=cfg.hacking_reference, gold=source.gold)
+    start = load_state(out, editor, updater.optimizer, algo.buffer)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         kept = [l for l in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
@@ -647,82 +195,39 @@ def train(cfg: GRPOConfig) -> Path:
     history = [json.loads(l) for l in metrics_path.read_text().splitlines() if json.loads(l).get("kind") == "train"] \
         if metrics_path.exists() else []
     minutes = history[-1]["train_minutes"] if history else 0.0
-    val = None if pool else make_sessions("val", cfg.eval_sessions, cfg.turns)   # data sessions: no verifier to evaluate by
-    evaluated = _old_policy if cfg.algo in ("rft", "sft") else contextlib.nullcontext  # the exported adapter
+    val = source.evaluation()
 
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"{cfg.algo}",
                disable=rank != 0)
     for iteration in bar:
         timings = {}
         t0 = time.time()
-        sessions = (draw_data_sessions(pool, cfg, iteration, world) if pool else draw_sessions(cfg, iteration, world))[rank::world]
+        sessions = source.draw(iteration, world)[rank::world]
         editor.denoiser.eval()
         local: dict[str, float] = {}
         counts: dict[str, float] = {}   # summed over processes
-        loss_stats: dict[str, list[float]] = {}
-        if cfg.algo != "sft":
-            with sampling_policy(editor, cfg):
-                records = rollout(editor, sessions, cfg, iteration)
+        turns = scores = None
+        if algo.samples:
+            with algo.sampling_policy(editor):
+                turns = sample_turns(editor, sessions, [source.image(s) for s in sessions], cfg, iteration)
             timings["rollout_s"] = time.time() - t0
 
             t0 = time.time()
-            rewards, gold, if_passed, sub_means = score_rollouts(records, sessions, cfg, reward_models, gold_model,
-                                                                 iteration, tally=counts)
-            held_out = {f"reference/{t}": rewards.pop(t) for t in terms if t not in cfg.reward_weights}
-            local = {**{f"reward/{n}": float(np.nanmean(r)) for n, r in rewards.items()},
-                     **{k: float(np.nanmean(r)) for k, r in held_out.items()},
-                     **{f"sub/{k}": v for k, v in sub_means.items()},
-                     **({GOLD: float(gold.mean()), "gold_overall_last": float(gold.all(-1).mean())} if gold is not None else {}),
-                     "filtered": float(cfg.trajectory_filter and if_passed is not None)}
+            scores = rewards.score(turns, sessions, cfg.num_generations, source.meta,
+                                   seed=cfg.seed * 100_003 + iteration * 31, tally=counts)
+            local = rewards.metrics(scores, cfg.trajectory_filter)
             timings["reward_s"] = time.time() - t0
 
         t0 = time.time()
         editor.denoiser.train()
         noise_gen = torch.Generator().manual_seed(cfg.seed * 17 + iteration)
-        if cfg.algo in ("grpo", "nft"):
-            advantages, credit_stats = compute_advantages(
-                rewards, cfg.reward_weights, turn_aggregation=cfg.turn_aggregation, fusion=cfg.fusion,
-                broadcast=cfg.broadcast, trajectory_filter=cfg.trajectory_filter, if_passed=if_passed,
-                clip_max=cfg.adv_clip_max, gamma=cfg.discount)
-            local.update(credit_stats)
-            adv = torch.from_numpy(advantages.reshape(-1, cfg.turns)).float()   # [S·G, T]
-            n_terms = loss_terms(cfg)
-            for epoch in range(cfg.inner_epochs):
-                order = torch.randperm(adv.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 31 + iteration * 7 + epoch))
-                for minibatch in order.chunk(cfg.num_minibatches):
-                    optimizer.zero_grad(set_to_none=True)
-                    for k, rec in enumerate(records):
-                        cond = encode_subset(editor, rec, minibatch)
-                        for step in rec.window if cfg.algo == "grpo" else range(cfg.timesteps_per_sample):
-                            with accumulating(accelerator, model):
-                                if cfg.algo == "grpo":
-                                    loss, stats = grpo_loss(editor, rec, cond, minibatch, adv[minibatch, k], step, cfg)
-                                else:
-                                    loss, stats = nft_loss(editor, rec, cond, minibatch, adv[minibatch, k], cfg, noise_gen)
-                                backward(accelerator, model, loss, n_terms)
-                            for key, value in {"loss": loss.item(), **stats}.items():
-                                loss_stats.setdefault(key, []).append(value)
-                    optimizer_step(accelerator, optimizer, trainable, cfg, model)
-        else:
-            new = (gold_examples(editor, sessions, cfg) if cfg.algo == "sft" else
-                   rft_examples(editor, records, turn_passed(rewards, cfg.reward_weights, cfg.rft_threshold),
-                                cfg.rft_target, cfg.rft_share, cfg.rft_mixed_only))
-            buffer[:] = (buffer + new)[-cfg.replay_size:]
-            local.update({"buffer_new": float(len(new)), "buffer_size": float(len(buffer))})
-            sampler = random.Random(f"{cfg.seed}/replay/{iteration}")
-            for _ in range(cfg.rft_updates if buffer else 0):
-                optimizer.zero_grad(set_to_none=True)
-                with accumulating(accelerator, model):
-                    loss = flow_matching_loss(editor, sampler.sample(buffer, min(len(buffer), cfg.rft_batch_size)), noise_gen)
-                    backward(accelerator, model, loss, 1)
-                loss_stats.setdefault("loss", []).append(loss.item())
-                optimizer_step(accelerator, optimizer, trainable, cfg, model)
-        if cfg.algo != "grpo":
-            ema_update(editor, old_decay(cfg, iteration))
+        stats, loss_stats = algo.update(editor, sessions, turns, scores, updater, iteration, noise_gen)
+        local.update(stats)
+        algo.after_step(editor, iteration)
         timings["update_s"] = time.time() - t0
         minutes += sum(timings.values()) / 60
 
-        checksums = accelerator.gather(torch.stack([full_tensor(p).detach().double().sum() for p in trainable]).sum().view(1))
+        checksums = accelerator.gather(torch.stack([full_tensor(p).detach().double().sum() for p in updater.trainable]).sum().view(1))
         local.update({k: float(np.mean(v)) for k, v in loss_stats.items()})
         local["loss_terms"] = float(len(loss_stats.get("loss", [])))   # loss evaluations this iteration
         # mean over processes of what each could measure (a process whose rewards all failed counts as missing)
@@ -732,21 +237,21 @@ def train(cfg: GRPOConfig) -> Path:
         row = {"kind": "train", "iteration": iteration + 1, **timings, "train_minutes": minutes,
                **dict(zip(local, averaged.tolist())), **{k: int(v) for k, v in zip(counts, summed.tolist())},
                "lora_in_sync": bool(torch.allclose(checksums, checksums[0]))}
-        if cfg.algo != "sft":
-            row["filter_source"] = filter_source(cfg, reward_models) if cfg.trajectory_filter else None
-            row["hacking_reference"] = reference
+        if algo.samples:
+            row["filter_source"] = rewards.filter_source if cfg.trajectory_filter else None
+            row["hacking_reference"] = rewards.reference
         history.append(row)
-        row["reward_hacking"] = cfg.algo != "sft" and hacking_alarm(history, cfg.hacking_window, proxies, reference)
+        row["reward_hacking"] = algo.samples and hacking_alarm(history, cfg.hacking_window, rewards.proxies, rewards.reference)
         if row["reward_hacking"] and rank == 0:
             tqdm.write(f"warning: reward hacking suspected at iteration {iteration + 1}: proxy reward rising "
-                       f"while {reference} falls over the last {cfg.hacking_window} iterations")
+                       f"while {rewards.reference} falls over the last {cfg.hacking_window} iterations")
         bar.set_postfix(gold=f"{row.get('gold_success', float('nan')):.3f}", loss=f"{row.get('loss', 0):.3g}")
         out_of_time = bool(cfg.max_minutes) and minutes >= cfg.max_minutes
         last = iteration + 1 == cfg.iterations or out_of_time
         lines = [row]
         if val and ((iteration + 1) % cfg.eval_every == 0 or last):
             editor.denoiser.eval()
-            with evaluated(editor):
+            with algo.exported_policy(editor):
                 result = run_benchmark(editor, val, seed=cfg.seed, intent=cfg.intent, progress=False)
             lines.append({"kind": "eval", "iteration": iteration + 1, "train_minutes": minutes,
                           "overall": [r["overall"] for r in result["per_turn"]],
@@ -755,17 +260,16 @@ def train(cfg: GRPOConfig) -> Path:
             with metrics_path.open("a") as f:
                 f.writelines(json.dumps(line) + "\n" for line in lines)
         if (iteration + 1) % cfg.save_every == 0 or last:
-            save_state(out, editor, optimizer, iteration + 1, cfg, buffer, write=rank == 0,
-                       with_optimizer=not sharded(accelerator))
+            save_state(out, editor, updater.optimizer, iteration + 1, cfg, algo.buffer, write=rank == 0,
+                       with_optimizer=not updater.sharded)
         accelerator.wait_for_everyone()
         if out_of_time:
             tqdm.write(f"stopping after {minutes:.1f} training minutes (--max-minutes {cfg.max_minutes:g})")
             break
 
-    exported = "old" if cfg.algo in ("rft", "sft") else "default"
-    state = gathered_lora(editor, exported) if sharded(accelerator) else None   # every process takes part
+    state = gathered_lora(editor, algo.exports) if updater.sharded else None   # every process takes part
     if rank == 0:
-        editor.save_lora(out / "adapter", adapter_name=exported, state=state,
+        editor.save_lora(out / "adapter", adapter_name=algo.exports, state=state,
                          metadata={"config": asdict(cfg), "iterations": history[-1]["iteration"] if history else 0,
                                    "train_minutes": minutes})
         plot_metrics(metrics_path, out / "curves.png")
@@ -773,91 +277,30 @@ def train(cfg: GRPOConfig) -> Path:
     return out / "adapter"
 
 
-def optimizer_step(accelerator, optimizer, trainable: list[torch.nn.Parameter], cfg: GRPOConfig, model=None) -> None:
-    """Clip the gradients' norm and step. The mini editor (``model`` None) averages its gradients over
-    processes here; a prepared ``model`` had them synchronised by accelerate (DDP, FSDP, DeepSpeed)."""
-    if model is not None:
-        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        return
-    for p in trainable:
-        if p.grad is not None and accelerator.num_processes > 1:
-            p.grad = accelerator.reduce(p.grad, reduction="mean")
-    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-    optimizer.step()
-
-
-# ---- the real backends through accelerate ------------------------------------------------------------
-
-def loss_terms(cfg: GRPOConfig) -> int:
-    """Backward passes per minibatch: one per turn and SDE step (GRPO) or forward-process time (NFT); 1 for RFT / SFT."""
-    if cfg.algo == "grpo":
-        return cfg.turns * cfg.sde_window
-    return cfg.turns * cfg.timesteps_per_sample if cfg.algo == "nft" else 1
-
-
-def accelerator_options(cfg: GRPOConfig) -> dict:
-    """``Accelerator`` options for the real backends: one optimizer step per minibatch's loss terms
-    (gradient accumulation), and ``--mixed-precision`` when given (else accelerate's config)."""
-    options = {"gradient_accumulation_steps": loss_terms(cfg)}
-    if cfg.mixed_precision:
-        options["mixed_precision"] = cfg.mixed_precision
-    return options
-
-
-def ready_for_training(editor: Editor, cfg: GRPOConfig) -> None:
-    """A real backend's denoiser before ``accelerator.prepare``: LoRA weights in fp32 whatever the base
-    dtype (AdamW steps on bf16 weights lose small updates), gradient checkpointing when asked."""
-    for p in editor.lora_parameters():
-        p.data = p.data.float()
-    if cfg.gradient_checkpointing:
-        editor.denoiser.enable_gradient_checkpointing()
-
-
-def accumulating(accelerator, model):
-    """Context of one loss term: ``accelerator.accumulate`` for a prepared model (gradients are
-    synchronised only at the minibatch's last term), nothing for the mini editor."""
-    return accelerator.accumulate(model) if model is not None else contextlib.nullcontext()
-
-
-def backward(accelerator, model, loss: torch.Tensor, n_terms: int) -> None:
-    """Backward of one of ``n_terms`` loss terms averaged into a minibatch's gradient (accelerate
-    divides by its ``gradient_accumulation_steps`` == ``n_terms``)."""
-    if model is not None:
-        accelerator.backward(loss)
-    else:
-        (loss / n_terms).backward()
-
-
-def sharded(accelerator) -> bool:
-    """Parameters (and optimizer state) are split over processes: FSDP or DeepSpeed."""
-    return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP2 shard (a DTensor; a collective: every process must call), else ``t``."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def gathered_lora(editor: Editor, adapter: str) -> dict[str, torch.Tensor]:
-    """Adapter ``adapter``'s full state (peft names), gathered from the shards on every process."""
-    from peft.utils import get_peft_model_state_dict
-
-    return {k: full_tensor(v) for k, v in get_peft_model_state_dict(editor.denoiser, adapter_name=adapter).items()}
+def mapping(value_type):
+    """``NAME=VALUE,...`` → ``{NAME: value_type(VALUE)}`` (an argparse type)."""
+    def parse(text: str) -> dict:
+        return {k: value_type(v) for k, v in (p.split("=", 1) for p in text.split(",") if p)}
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> GRPOConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (the only mode)")
+    flags = {"reward_weights": "--reward"}
+    metavars = {"reward_weights": "TERM=WEIGHT,...", "reward_paths": "NAME=DIR,...", "op_weights": "OP=WEIGHT,..."}
     for f in fields(GRPOConfig):
-        if f.name in ("reward_weights", "reward_path_of", "op_weight_of", "broadcast"):
+        if f.name == "broadcast":
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flags.get(f.name, "--" + f.name.replace("_", "-"))
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+        elif str(f.type).startswith("dict"):
+            parser.add_argument(flag, dest=f.name, type=mapping(str if f.name == "reward_paths" else float),
+                                default=f.default_factory(), metavar=metavars[f.name])
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=f.default)
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--broadcast", dest="broadcast", action="store_true", default=True,
                        help="one trajectory advantage on every turn and step (default)")

@@ -210,11 +210,13 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     text_cache = work / "text_cache.pt"
     editor_path = Path(args.editor_path or MINI_EDITOR_CHECKPOINT)
-    editor_available = args.eval_editor == "mini" or (args.eval_editor == "auto" and (editor_path / "config.json").is_file())
+    from mteditlab.editors.mini import MiniEditor  # the editor stack (diffusers) loads only past --help
+
+    editor_available = args.eval_editor == "mini" or (args.eval_editor == "auto" and MiniEditor.available(editor_path))
     json_path = args.json or work / "eval.json"
     started = time.time()
 
-    if args.editor_outputs and not args.eval_only and not (editor_path / "config.json").is_file():
+    if args.editor_outputs and not args.eval_only and not MiniEditor.available(editor_path):
         raise SystemExit(f"--editor-outputs needs the mini editor checkpoint at {editor_path}; "
                          "train it with `python -m training.pretrain` first (or pass --editor-path).")
     if args.eval_only:

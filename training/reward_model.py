@@ -120,6 +120,7 @@ def load_dataset(db: Path, judge, *, include_simulated: bool | None, image_featu
     from labeling.store import LabelStore
     from mteditlab.rewards.base import EditSample
     from mteditlab.rewards.calibrated import feature_names, raw_features
+    from mteditlab.rewards.verifier import world_meta
 
     if not Path(db).exists():
         raise DataError(f"no label database at {db}")
@@ -160,7 +161,7 @@ def load_dataset(db: Path, judge, *, include_simulated: bool | None, image_featu
                     source=image(row.input_sha), edited=image(row.output_sha),
                     instruction=row.instruction, history=instructions[:k],
                     intent=row.intent if isinstance(row.intent, str) else None,
-                    meta={"session": session, "turn": k} if session is not None else {}))
+                    meta=world_meta(session, k) if session is not None else {}))
     judged = judge.score(samples)
     names = feature_names(judge.sub_scores, image_features)
     raw = raw_features(judged, samples, names)

@@ -102,10 +102,10 @@ def _store_names(spec: SideSpec) -> tuple[str, str | None]:
 
 def load_side(key: str, spec: SideSpec, device: str | None = None) -> Side:
     """Load one side exactly as specified (raises ``EditorError`` / ``OSError`` on failure)."""
-    from mteditlab.editors import get_editor
+    from mteditlab.editors import EDITORS, get_editor
 
     lora = resolve_path(spec.lora)
-    model = resolve_path(spec.model) if spec.editor == "mini" else spec.model
+    model = resolve_path(spec.model) if EDITORS[spec.editor].local_weights else spec.model
     if lora is not None and not (lora / "pytorch_lora_weights.safetensors").is_file():
         from mteditlab.editors import EditorError
 

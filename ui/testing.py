@@ -25,9 +25,9 @@ def paced_editor(reference, delay_s: float = 0.1, steps: int = 10):
     import numpy as np
     import torch
 
-    from mteditlab.editors.base import Editor
+    from mteditlab.editors import FlowPolicy
 
-    class PacedEditor(Editor):
+    class PacedEditor(FlowPolicy):
         name = reference.name
         default_steps = steps
         resolution = getattr(reference, "resolution", None)

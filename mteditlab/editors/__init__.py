@@ -1,38 +1,25 @@
-"""Editor backends behind one protocol (``base.Editor``) and the registry that builds them by name."""
+"""Editor backends: one module each, its class registered by name with ``@register_editor``.
+
+``EDITORS`` maps the registered names to their classes (reading it imports this package's modules,
+which keep model libraries' imports inside their functions); ``get_editor`` builds one.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Editor, EditorError
-
-EDITORS = ("mini", "kontext", "qwen-edit", "oracle", "identity")
+from .base import EDITORS, Editor, EditorError, register_editor
+from .flow_policy import FlowPolicy
 
 
 def get_editor(name: str, *, lora: str | Path | None = None, path: str | Path | None = None,
                device: str | None = None, fuse: bool = True) -> Editor:
     """Build editor ``name``; ``lora`` loads an RL-tuned adapter on top (merged into the weights when
-    ``fuse``, so it costs nothing at inference); ``path`` overrides the base weights (a mini checkpoint
-    directory, or a model id / local directory for the real backends)."""
-    if name == "mini":
-        from .mini import MiniEditor
-        editor = MiniEditor.from_pretrained(path, device=device or "cpu")
-    elif name == "kontext":
-        from .kontext import KontextEditor
-        editor = KontextEditor.from_pretrained(path, device=device)
-    elif name == "qwen-edit":
-        from .qwen_edit import QwenEditEditor
-        editor = QwenEditEditor.from_pretrained(path, device=device)
-    elif name == "oracle":
-        from .reference import OracleEditor
-        editor = OracleEditor()
-    elif name == "identity":
-        from .reference import IdentityEditor
-        editor = IdentityEditor()
-    else:
-        raise EditorError(f"Unknown editor {name!r}; choose one of {', '.join(EDITORS)}.")
+    ``fuse``, so it costs nothing at inference); ``path`` overrides the base weights (a checkpoint
+    directory, or a model id / local directory for the hub backends)."""
+    editor = EDITORS[name].create(path, device=device)
     if lora:
-        if editor.denoiser is None:
+        if not isinstance(editor, FlowPolicy):
             raise EditorError(f"The {name} editor has no weights to put a LoRA adapter on.")
         editor.load_lora(lora)
         if fuse:
@@ -40,4 +27,4 @@ def get_editor(name: str, *, lora: str | Path | None = None, path: str | Path | 
     return editor
 
 
-__all__ = ["EDITORS", "Editor", "EditorError", "get_editor"]
+__all__ = ["EDITORS", "Editor", "EditorError", "FlowPolicy", "get_editor", "register_editor"]

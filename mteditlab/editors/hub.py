@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mteditlab.editors.base import Editor, EditorError
+from mteditlab.editors.base import EditorError
+from mteditlab.editors.flow_policy import FlowPolicy
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -76,29 +77,31 @@ def model_index(model_id: str, env_var: str | None = None) -> Path:
     return Path(cached)
 
 
-def load_pipeline(model_id: str, pipeline_classes: Sequence[type], *, dtype: str | torch.dtype | None = None,
+def load_pipeline(model_id: str, pipeline_classes: Sequence[str], *, dtype: str | torch.dtype | None = None,
                   device: str | torch.device | None = None, offload: bool | None = None,
                   env_var: str | None = None, components: Callable[[Path], dict] | None = None):
     """Load a diffusers pipeline from local files only.
 
     The class is taken from the checkpoint's ``model_index.json`` and must be one of
-    ``pipeline_classes``. ``offload=True`` enables model CPU offload onto ``device`` (an
-    accelerator); otherwise the whole pipeline moves to ``device``. ``components(root)`` returns
-    components built by hand from the pipeline directory ``root``, passed to ``from_pretrained``
-    in place of the ones ``model_index.json`` names.
+    ``pipeline_classes`` (diffusers class names). ``offload=True`` enables model CPU offload onto
+    ``device`` (an accelerator); otherwise the whole pipeline moves to ``device``. ``components(root)``
+    returns components built by hand from the pipeline directory ``root``, passed to
+    ``from_pretrained`` in place of the ones ``model_index.json`` names.
     """
     index = model_index(model_id, env_var)
     device, offload = resolve_device(device), resolve_offload(offload)
     dtype = resolve_dtype(dtype, device)
     class_name = json.loads(index.read_text()).get("_class_name")
-    classes = {cls.__name__: cls for cls in pipeline_classes}
-    if class_name not in classes:
-        raise EditorError(f"{model_id} is a {class_name}; this backend runs {', '.join(classes)}.")
+    if class_name not in pipeline_classes:
+        raise EditorError(f"{model_id} is a {class_name}; this backend runs {', '.join(pipeline_classes)}.")
     if offload and device.type == "cpu":
         raise EditorError("Offloading moves weights from the CPU to an accelerator: it needs a non-CPU device.")
     try:
+        import diffusers
+
         built = components(index.parent) if components else {}
-        pipe = classes[class_name].from_pretrained(str(index.parent), dtype=dtype, local_files_only=True, **built)
+        pipe = getattr(diffusers, class_name).from_pretrained(str(index.parent), dtype=dtype, local_files_only=True,
+                                                              **built)
     except (OSError, ValueError) as error:
         raise EditorError(f"Could not load {model_id} from {index.parent} (incomplete download?): {error}. "
                           f"Complete it with `hf download {model_id}`.") from error
@@ -138,20 +141,21 @@ class EditCondition:
     transformer_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-class PipelineEditor(Editor):
-    """An ``Editor`` on a diffusers editing pipeline (``self.pipe``; ``self.denoiser`` is its transformer).
+class PipelineEditor(FlowPolicy):
+    """A ``FlowPolicy`` on a diffusers editing pipeline (``self.pipe``; ``self.denoiser`` is its transformer).
 
     The output keeps the input's size, rounded down to the model's multiple (``multiple_of``), so
     multi-turn chains never drift in size; a batch shares one size. Sampling latents are the
     pipeline's *packed* latents ``[B, N, C]``; they stay fp32 between steps whatever the model dtype.
-    Subclasses set ``name``, ``default_steps``, ``default_model_id``, ``model_id_env``,
-    ``pipeline_classes`` and ``lora_target_modules``, and implement ``encode``, ``_vae_encode``
-    and ``_vae_decode``.
+    Subclasses set ``default_steps``, ``default_model_id``, ``model_id_env``, ``pipeline_classes``
+    (diffusers class names, imported only when loading), ``data_resolution`` and
+    ``lora_target_modules``, and implement ``encode``, ``_vae_encode`` and ``_vae_decode``.
     """
 
+    distributed = True
     default_model_id: ClassVar[str]
     model_id_env: ClassVar[str]
-    pipeline_classes: ClassVar[tuple[type, ...]]
+    pipeline_classes: ClassVar[tuple[str, ...]]
     forward_module: torch.nn.Module | None = None  # what ``velocity`` calls instead of ``denoiser``: its
     # distributed wrapper (DDP / FSDP) after ``accelerator.prepare``; LoRA handling stays on ``denoiser``
 
@@ -164,6 +168,18 @@ class PipelineEditor(Editor):
         self.dtype = pipe.transformer.dtype
         self.multiple_of = pipe.vae_scale_factor * 2
         pipe.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def create(cls, path: str | Path | None = None, device: str | None = None) -> "PipelineEditor":
+        return cls.from_pretrained(path, device=device)
+
+    @classmethod
+    def available(cls, path: str | Path | None = None) -> bool:
+        try:
+            model_index(str(path or os.environ.get(cls.model_id_env) or cls.default_model_id), cls.model_id_env)
+        except EditorError:
+            return False
+        return True
 
     @classmethod
     def from_pretrained(cls, model_id: str | None = None, dtype: str | torch.dtype | None = None,

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from diffusers import FluxKontextPipeline
 from PIL import Image
 
+from mteditlab.editors.base import register_editor
 from mteditlab.editors.hub import EditCondition, PipelineEditor
 
 
+@register_editor("kontext")
 class KontextEditor(PipelineEditor):
     """FLUX.1 Kontext: the context image is VAE-encoded and packed as extra tokens after the target's.
 
@@ -21,11 +22,11 @@ class KontextEditor(PipelineEditor):
     is no true CFG, so one transformer call per step, in the app and in RL alike.
     """
 
-    name = "kontext"
     default_steps = 28  # FluxKontextPipeline's default
     default_model_id = "black-forest-labs/FLUX.1-Kontext-dev"
     model_id_env = "MTEDITLAB_KONTEXT_ID"
-    pipeline_classes = (FluxKontextPipeline,)
+    pipeline_classes = ("FluxKontextPipeline",)
+    data_resolution = "kontext"   # Kontext's preferred sizes
     # Flow-GRPO's LoRA targets for Kontext: attention projections of both streams and the feed-forwards.
     lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",

@@ -21,11 +21,14 @@ from PIL import Image
 
 from mteditlab.world import DEFAULT_RESOLUTION
 
-from .base import Editor, EditorError
+from .base import EditorError, register_editor
+from .flow_policy import FlowPolicy
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "mini" / "base"
 UNSHUFFLE = 2
 MAX_TOKENS = 32
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+CONV = ("conv1", "conv2", "conv_shortcut")
 
 
 def unet_config(resolution: int = DEFAULT_RESOLUTION) -> dict:
@@ -106,12 +109,18 @@ def tensor_to_images(latents: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a, "RGB") for a in arrays]
 
 
-class MiniEditor(Editor):
-    name = "mini"
+@register_editor("mini")
+class MiniEditor(FlowPolicy):
+    """The world's editor: weights in a local checkpoint directory (default ``checkpoints/mini/base``);
+    LoRA target sets by name (``lora_presets``)."""
+
     default_steps = 10
     shift = 1.0
+    local_weights = True
     lora_prefix = "unet"
-    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+    lora_target_modules = ATTENTION
+    lora_presets = {"attention": ATTENTION, "attention+conv": ATTENTION + CONV,
+                    "all": ATTENTION + CONV + ("time_emb_proj", "conv_in", "conv_out", "conv")}
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: TextEncoder | None = None,
                  device: torch.device | str = "cpu"):
@@ -121,9 +130,17 @@ class MiniEditor(Editor):
         self.text_encoder = text_encoder or TextEncoder(self.device)
 
     @classmethod
+    def create(cls, path: str | Path | None = None, device: str | None = None) -> "MiniEditor":
+        return cls.from_pretrained(path, device=device or "cpu")
+
+    @classmethod
+    def available(cls, path: str | Path | None = None) -> bool:
+        return (Path(path or DEFAULT_CHECKPOINT) / "config.json").is_file()
+
+    @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu") -> "MiniEditor":
         path = Path(path or DEFAULT_CHECKPOINT)
-        if not (path / "config.json").is_file():
+        if not cls.available(path):
             raise EditorError(f"No mini editor checkpoint at {path}. Train one with `python -m training.pretrain` "
                               "or pass --editor-path to a directory holding config.json and the weights.")
         return cls(UNet2DConditionModel.from_pretrained(path).eval(), device=device)

@@ -8,18 +8,15 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
-from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
 from PIL import Image
-from transformers import Qwen2VLProcessor
-from transformers.utils import is_torchvision_available
 
+from mteditlab.editors.base import register_editor
 from mteditlab.editors.hub import EditCondition, PipelineEditor
-from mteditlab.rewards.qwen_vl import image_only_processor_class
 
 AREAS_ENV = "MTEDITLAB_QWEN_EDIT_AREAS"
 
 
+@register_editor("qwen-edit")
 class QwenEditEditor(PipelineEditor):
     """Qwen-Image-Edit: Qwen2.5-VL reads the instruction with the image; the VAE latents of the
     image are packed as extra tokens after the target's.
@@ -36,17 +33,20 @@ class QwenEditEditor(PipelineEditor):
     this matches the pipeline called without ``negative_prompt``, not its ``true_cfg_scale=4`` recipe.
     """
 
-    name = "qwen-edit"
     default_steps = 50  # the pipelines' default
     default_model_id = "Qwen/Qwen-Image-Edit-2509"
     model_id_env = "MTEDITLAB_QWEN_EDIT_ID"
-    pipeline_classes = (QwenImageEditPlusPipeline, QwenImageEditPipeline)
+    pipeline_classes = ("QwenImageEditPlusPipeline", "QwenImageEditPipeline")
+    data_resolution = "qwen-edit"   # Qwen-Image-Edit's area
     # attention projections of the image and text streams (Flow-GRPO's attention-only set)
     lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 
     def __init__(self, pipe, *, device: str | torch.device | None = None, condition_area: int | None = None,
                  context_area: int | None = None):
+        from diffusers import QwenImageEditPlusPipeline
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
         super().__init__(pipe, device=device)
         self.plus = isinstance(pipe, QwenImageEditPlusPipeline)
         one_megapixel = 1024 * 1024  # QwenImageEditPipeline's size for both the VL and the VAE paths
@@ -60,6 +60,11 @@ class QwenEditEditor(PipelineEditor):
     def pipeline_components(cls, root: Path) -> dict:
         """Without torchvision, the pipeline's ``Qwen2VLProcessor`` cannot be built (its video
         processor needs torchvision): load the image-only variant from ``root/processor`` instead."""
+        from transformers import Qwen2VLProcessor
+        from transformers.utils import is_torchvision_available
+
+        from mteditlab.rewards.qwen_vl import image_only_processor_class
+
         if is_torchvision_available():
             return {}
         return {"processor": image_only_processor_class(Qwen2VLProcessor).from_pretrained(root / "processor")}
@@ -68,6 +73,8 @@ class QwenEditEditor(PipelineEditor):
     def encode(self, images: Sequence[Image.Image], texts: Sequence[str]) -> EditCondition:
         """Qwen2.5-VL states of (image, instruction) — padded across the batch with a mask — the packed
         context latents, and the ``img_shapes`` (target, context) the transformer's RoPE needs."""
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
         pipe = self.pipe
         height, width = self.output_size(images)
         ratio = images[0].width / images[0].height

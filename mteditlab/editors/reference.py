@@ -9,23 +9,21 @@ from PIL import Image
 
 from mteditlab.world import DEFAULT_RESOLUTION, parse_image, parse_instruction, render
 
-from .base import Editor
+from .base import Editor, register_editor
 
 
+@register_editor("identity")
 class IdentityEditor(Editor):
     """Returns its input: instruction following ≈ 0, content consistency = 1."""
-
-    name = "identity"
 
     def edit_batch(self, images: Sequence[Image.Image], instructions: Sequence[str], **_) -> list[Image.Image]:
         return [image.copy() for image in images]
 
 
+@register_editor("oracle")
 class OracleEditor(Editor):
     """Reads the scene from the image, parses the (reconstructed) instruction with the world's grammar
     and renders the exact result. Text it cannot parse leaves the image unchanged."""
-
-    name = "oracle"
 
     def __init__(self, resolution: int = DEFAULT_RESOLUTION):
         self.resolution = resolution

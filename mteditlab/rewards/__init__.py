@@ -1,7 +1,8 @@
-"""Reward backends behind one protocol (:mod:`mteditlab.rewards.base`) and a registry by name.
+"""Reward backends behind one protocol (:mod:`mteditlab.rewards.base`), one module each, its class
+registered by name with ``@register_reward``:
 
 ==============  =====================================================================================
-``verifier``    the world's exact verifier (needs ``meta["session"]`` / ``meta["turn"]``)
+``verifier``    the world's exact verifier (needs the session's ``split`` / ``index`` / ``turn`` in ``meta``)
 ``judge``       the world's small learned judge (``MiniJudge.from_pretrained(path)``)
 ``qwen-vl``     a Qwen-VL chat model as judge: in process (``QwenVLJudge.from_pretrained(model_id)``),
                 or served by vLLM / SGLang when the path is an ``http(s)://`` URL or, without a path,
@@ -11,20 +12,17 @@
                 (``CalibratedReward.from_pretrained(path)``)
 ==============  =====================================================================================
 
-Backends are imported lazily: asking for ``verifier`` never loads torch models or transformers.
+Backends import their model libraries inside functions: asking for ``verifier`` never loads torch
+models or transformers.
 """
 
 from __future__ import annotations
 
-import os
-
-from mteditlab.rewards.base import EditSample, RewardModel, RewardOutput
-
-REWARDS = ("verifier", "judge", "qwen-vl", "calibrated")
+from mteditlab.rewards.base import REWARDS, EditSample, RewardModel, RewardOutput, register_reward
 
 
-def get_reward(name: str, **kwargs) -> RewardModel:
-    """Build reward backend ``name``; ``kwargs`` go to its constructor / ``from_pretrained``:
+def get_reward(name: str, **options) -> RewardModel:
+    """Build reward backend ``name``; ``options`` go to its class's ``create``:
 
     * ``verifier``: none;
     * ``judge``: ``path`` (checkpoint directory, default the packaged one) and judge options;
@@ -34,28 +32,7 @@ def get_reward(name: str, **kwargs) -> RewardModel:
     * ``calibrated``: ``path`` (the artifact directory written by ``training.reward_model``),
       optionally ``judge`` (an already built judge to reuse instead of the one the artifact names).
     """
-    if name == "verifier":
-        from mteditlab.rewards.verifier import VerifierReward
-        if kwargs:
-            raise TypeError(f"the verifier takes no options, got {sorted(kwargs)}")
-        return VerifierReward()
-    if name == "judge":
-        from mteditlab.rewards.mini_judge import MiniJudge
-        return MiniJudge.from_pretrained(**kwargs)
-    if name == "qwen-vl":
-        from mteditlab.rewards.endpoint import JUDGE_URL_ENV, is_endpoint_url, served_judge
-        if "path" in kwargs:
-            kwargs["model_id"] = kwargs.pop("path")
-        location = kwargs.get("model_id") or os.environ.get(JUDGE_URL_ENV)
-        if is_endpoint_url(location):
-            kwargs.pop("model_id", None)
-            return served_judge(location, **kwargs)
-        from mteditlab.rewards.qwen_vl import QwenVLJudge
-        return QwenVLJudge.from_pretrained(**kwargs)
-    if name == "calibrated":
-        from mteditlab.rewards.calibrated import CalibratedReward
-        return CalibratedReward.from_pretrained(**kwargs)
-    raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}")
+    return REWARDS[name].create(**options)
 
 
-__all__ = ["REWARDS", "EditSample", "RewardModel", "RewardOutput", "get_reward"]
+__all__ = ["REWARDS", "EditSample", "RewardModel", "RewardOutput", "get_reward", "register_reward"]

@@ -26,6 +26,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from mteditlab.registry import Registry
+
 IF, CC, QUALITY, GA = "if", "cc", "quality", "ga"
 SUB_SCORES: tuple[str, ...] = (IF, CC, QUALITY, GA)
 SEMANTIC_SUB_SCORES: tuple[str, ...] = (IF, CC, GA)  # VIEScore's "semantic consistency" group
@@ -34,14 +36,15 @@ OVERALL_RULES: tuple[str, ...] = ("mean", "viescore")
 
 @dataclass
 class EditSample:
-    """One editing turn to score."""
+    """One editing turn to score: plain data (images, strings and a JSON-serialisable ``meta``), so a
+    sample can be pickled and scored in another process."""
 
     source: PIL.Image.Image  # the image the turn started from
     edited: PIL.Image.Image  # the editor's output
     instruction: str  # this turn's instruction as the user typed it
     history: list[str] = field(default_factory=list)  # earlier instructions of the session, oldest first
     intent: str | None = None  # reconstructed explicit intent, when available
-    meta: dict = field(default_factory=dict)  # backend-specific extras (e.g. the verifier's ground truth)
+    meta: dict = field(default_factory=dict)  # JSON-serialisable extras (e.g. the verifier's ``world`` key, a pairwise ``group``)
 
 
 def combine_overall(scores: dict[str, np.ndarray], rule: str = "mean") -> np.ndarray:
@@ -132,11 +135,21 @@ def _as_float_array(values) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
+REWARDS = Registry("reward", "mteditlab.rewards", missing=ValueError)
+register_reward = REWARDS.register
+
+
 class RewardModel(abc.ABC):
-    """A reward backend. ``sub_scores`` lists the keys of ``RewardOutput.scores`` it returns."""
+    """A reward backend. ``sub_scores`` lists the keys of ``RewardOutput.scores`` it returns;
+    ``name`` is set by ``register_reward``."""
 
     name: str = "reward"
     sub_scores: tuple[str, ...] = SUB_SCORES
+
+    @classmethod
+    def create(cls, **options) -> "RewardModel":
+        """The registry's constructor (``get_reward(name, **options)``); default ``cls(**options)``."""
+        return cls(**options)
 
     @abc.abstractmethod
     def score(self, samples: Sequence[EditSample], *, seed: int = 0) -> RewardOutput:

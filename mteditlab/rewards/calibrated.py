@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mteditlab.rewards.base import EditSample, RewardModel, RewardOutput
+from mteditlab.rewards.base import REWARDS, EditSample, RewardModel, RewardOutput, register_reward
 
 ARTIFACT = "calibrated.json"
 FORMAT = "mteditlab-calibrated-reward"
@@ -69,11 +69,11 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
 
 
+@register_reward("calibrated")
 class CalibratedReward(RewardModel):
     """See the module docstring. Build with :meth:`from_pretrained` (or ``get_reward("calibrated",
     path=DIR)``)."""
 
-    name = "calibrated"
 
     def __init__(self, spec: dict, judge: RewardModel):
         if spec.get("format") != FORMAT or spec.get("version") != VERSION:
@@ -91,6 +91,10 @@ class CalibratedReward(RewardModel):
         self.sub_scores = tuple(getattr(judge, "sub_scores", ()))
 
     @classmethod
+    def create(cls, **options) -> CalibratedReward:
+        return cls.from_pretrained(**options)
+
+    @classmethod
     def from_pretrained(cls, path: str | Path, judge: RewardModel | None = None, **judge_kwargs) -> CalibratedReward:
         """Load ``path/calibrated.json`` (``path`` may also be the JSON file itself); build the judge
         it names (``judge_kwargs`` override its stored options) unless ``judge`` is given."""
@@ -101,8 +105,7 @@ class CalibratedReward(RewardModel):
                                     "`python -m training.reward_model --db DB --out DIR`")
         spec = json.loads(file.read_text())
         if judge is None:
-            from mteditlab.rewards import get_reward
-            judge = get_reward(spec["judge"], **{**spec.get("judge_kwargs", {}), **judge_kwargs})
+            judge = REWARDS[spec["judge"]].create(**{**spec.get("judge_kwargs", {}), **judge_kwargs})
         elif judge.name != spec["judge"]:
             raise ValueError(f"the artifact was fit on judge {spec['judge']!r}, got {judge.name!r}")
         return cls(spec, judge)

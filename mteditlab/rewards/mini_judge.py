@@ -44,7 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mteditlab.rewards.base import CC, GA, IF, OVERALL_RULES, QUALITY, EditSample, RewardModel, RewardOutput
+from mteditlab.rewards.base import (CC, GA, IF, OVERALL_RULES, QUALITY, EditSample, RewardModel, RewardOutput,
+                                   register_reward)
 from mteditlab.world.scene import GRID, cell_bounds
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "mini" / "judge"
@@ -216,6 +217,7 @@ def _check_sample(sample) -> str | None:
 
 
 # ---- the reward model ---------------------------------------------------------------------------
+@register_reward("judge")
 class MiniJudge(RewardModel):
     """The learned ``judge`` of the world (see the module docstring).
 
@@ -223,7 +225,6 @@ class MiniJudge(RewardModel):
     ``batch_size``: samples per forward pass.
     """
 
-    name = "judge"
     sub_scores = (IF, CC, QUALITY, GA)
 
     def __init__(self, net: JudgeNet, text_encoder=None, *, overall: str = "mean", batch_size: int = 256,
@@ -240,6 +241,10 @@ class MiniJudge(RewardModel):
         self.resolution = net.config["resolution"]
         self.max_history = net.config["max_history"]
         self.info = info or {}
+
+    @classmethod
+    def create(cls, **options) -> MiniJudge:
+        return cls.from_pretrained(**options)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, **kwargs) -> MiniJudge:

@@ -29,16 +29,16 @@ WIN = "win"
 
 def group_indices(samples: Sequence[EditSample], group_size: int | None = None) -> list[list[int]]:
     """Items grouped for comparison, groups in first-seen order: by ``meta["group"]`` when every
-    sample has one; else consecutive runs of ``group_size``; else by ``meta["session"]`` (the
-    trainer's session object) and ``meta["turn"]``. ``ValueError`` when none applies."""
+    sample has one; else consecutive runs of ``group_size``; else by the world session
+    (``meta["world"]``) and ``meta["turn"]``. ``ValueError`` when none applies."""
     if samples and all("group" in s.meta for s in samples):
         return _group_by([s.meta["group"] for s in samples])
     if group_size is not None:
         if group_size < 1 or len(samples) % group_size:
             raise ValueError(f"{len(samples)} samples do not split into groups of {group_size}")
         return [list(range(i, i + group_size)) for i in range(0, len(samples), group_size)]
-    if samples and all("session" in s.meta for s in samples):
-        return _group_by([(id(s.meta["session"]), s.meta.get("turn")) for s in samples])
+    if samples and all("world" in s.meta for s in samples):
+        return _group_by([(tuple(sorted(s.meta["world"].items())), s.meta.get("turn")) for s in samples])
     raise ValueError("pairwise judging needs groups: meta['group'] on every sample, or group_size")
 
 

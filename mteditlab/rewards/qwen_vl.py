@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mteditlab.rewards.base import GA, OVERALL_RULES, SUB_SCORES, EditSample, RewardModel, RewardOutput
+from mteditlab.rewards.base import GA, OVERALL_RULES, SUB_SCORES, EditSample, RewardModel, RewardOutput, register_reward
 from mteditlab.rewards.parsing import average_votes, digit_expectation, parse_score
 from mteditlab.rewards.prompts import DIRECT_PREFILL, build_messages
 
@@ -37,6 +37,7 @@ JUDGE_ID_ENV = "MTEDITLAB_JUDGE_ID"
 MODES = ("direct", "thinking")
 
 
+@register_reward("qwen-vl")
 class QwenVLJudge(RewardModel):
     """VLM judge over a loaded transformers model and its processor (see the module docstring).
 
@@ -44,8 +45,6 @@ class QwenVLJudge(RewardModel):
     ``sub_scores``: the sub-scores to judge (default all four; each costs one chat per sample).
     ``batch_size``: chats per forward / generate call.
     """
-
-    name = "qwen-vl"
 
     def __init__(self, model, processor, *, mode: str = "direct", votes: int = 1, max_new_tokens: int = 256,
                  scale: int = 9, temperature: float = 0.7, batch_size: int = 8, min_score_mass: float = 0.5,
@@ -56,6 +55,20 @@ class QwenVLJudge(RewardModel):
         self.temperature, self.batch_size, self.min_score_mass, self.overall = (
             temperature, batch_size, min_score_mass, overall)
         self.score_token_ids = digit_token_ids(processor.tokenizer)[: scale + 1]
+
+    @classmethod
+    def create(cls, **options) -> RewardModel:
+        """``model_id`` (or ``path``); a URL there, or without one in ``$MTEDITLAB_JUDGE_URL``, selects
+        the served judge (:func:`~mteditlab.rewards.endpoint.served_judge`), else ``from_pretrained``."""
+        from mteditlab.rewards.endpoint import JUDGE_URL_ENV, is_endpoint_url, served_judge  # it builds on this module
+
+        if "path" in options:
+            options["model_id"] = options.pop("path")
+        location = options.get("model_id") or os.environ.get(JUDGE_URL_ENV)
+        if is_endpoint_url(location):
+            options.pop("model_id", None)
+            return served_judge(location, **options)
+        return cls.from_pretrained(**options)
 
     @classmethod
     def from_pretrained(cls, model_id: str | None = None, *, device: str | torch.device | None = None,

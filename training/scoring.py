@@ -1,0 +1,159 @@
+"""The rewards a run trains on, the term it holds out and the gold it is checked against.
+
+A *term* is a reward model's overall (``NAME``) or one of its sub-scores (``NAME.SUB``);
+``reward_weights`` maps the trained terms to their weights (``--reward NAME=W,NAME.SUB=W``). Rewards
+see rollouts only as :class:`~mteditlab.rewards.base.EditSample` (plain data: images, texts, the
+session source's ``meta`` and ``meta["group"]`` = (session index, turn), the group a pairwise judge
+compares within).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from mteditlab.rewards import RewardModel, get_reward
+from mteditlab.rewards.base import EditSample
+from training.sampling import TurnSamples
+
+GOLD = "gold_success"   # the metrics column of the gold reward's success
+
+
+@dataclass
+class Scores:
+    """One batch's scores, ``[S, G, T]`` arrays: trained terms, held-out terms, gold success (or None),
+    the IF-passed mask for trajectory filtering (or None), and sub-score means per ``NAME/SUB``."""
+
+    trained: dict[str, np.ndarray]
+    held_out: dict[str, np.ndarray]
+    gold: np.ndarray | None
+    if_passed: np.ndarray | None
+    sub_means: dict[str, float]
+
+
+class RewardTerms:
+    """Reward models by name, the trained terms' weights, an optional held-out term
+    (``--hacking-reference``) and an optional gold reward (the world's verifier)."""
+
+    def __init__(self, weights: dict[str, float], models: dict[str, RewardModel], gold: RewardModel | None = None,
+                 held_out: str = ""):
+        self.weights, self.models, self.gold, self.held_out = dict(weights), models, gold, held_out
+        self.terms = [*self.weights, *([held_out] if held_out else [])]
+
+    @classmethod
+    def build(cls, weights: dict[str, float], paths: dict[str, str], *, held_out: str = "",
+              gold: str | None = None) -> RewardTerms:
+        """Each reward model the terms name, from its artifact ``paths[NAME]`` when given; ``gold``:
+        the gold reward's name (reused when it is also trained)."""
+        terms = [*weights, *([held_out] if held_out else [])]
+        models = {name: get_reward(name, **({"path": paths[name]} if name in paths else {}))
+                  for name in dict.fromkeys(t.partition(".")[0] for t in terms)}
+        return cls(weights, models, gold and (models.get(gold) or get_reward(gold)), held_out)
+
+    @property
+    def filter_source(self) -> str | None:
+        """Name of the trained reward whose IF sub-score drives trajectory filtering: the first, in
+        ``weights`` order, with an ``if`` sub-score (None: no filter)."""
+        for name in dict.fromkeys(t.partition(".")[0] for t in self.weights):
+            if "if" in getattr(self.models[name], "sub_scores", ()):
+                return name
+        return None
+
+    @property
+    def reference(self) -> str | None:
+        """The metrics column the reward-hacking monitor compares proxies against."""
+        return f"reference/{self.held_out}" if self.held_out else GOLD if self.gold is not None else None
+
+    @property
+    def proxies(self) -> list[str]:
+        """Trained terms not computed by the gold reward."""
+        gold = self.gold.name if self.gold is not None else None
+        return [t for t in self.weights if t.partition(".")[0] != gold]
+
+    def score(self, turns: list[TurnSamples], sessions: list, generations: int, meta: Callable[[object, int], dict],
+              seed: int, tally: dict | None = None) -> Scores:
+        """Score every turn of the rollouts (items session-major, ``generations`` per session).
+
+        A sub-score that does not apply to a scored item (NaN, e.g. ``ga`` at turn 1) counts as
+        satisfied (1.0); items the model failed on stay NaN. Model calls get ``seed + k`` at turn k.
+        The gold reward scores each turn once, also when it is trained. The IF-passed mask: IF ≥ ½
+        of :attr:`filter_source` (a failed score does not filter). ``tally`` accumulates per model
+        ``failures/NAME`` and ``endpoint/NAME/KEY`` (a served judge's request counts)."""
+        S, G, T = len(sessions), generations, len(turns)
+        items = [s for s in sessions for _ in range(G)]
+        scores = {term: np.zeros((S * G, T)) for term in self.terms}
+        gold = np.zeros((S * G, T), dtype=bool)
+        if_source = self.filter_source
+        if_passed = np.ones((S * G, T), dtype=bool)
+        sub_means: dict[str, list[float]] = {}
+        for k, turn in enumerate(turns):
+            samples = [EditSample(b, a, t[0], [x.instruction for x in s.turns[:k]], t[1], {**meta(s, k), "group": (s.index, k)})
+                       for s, b, a, t in zip(items, turn.before, turn.after, turn.texts)]
+            gold_out = self.gold.score(samples) if self.gold is not None else None
+            if gold_out is not None:
+                gold[:, k] = gold_out.overall == 1
+            outputs = {name: gold_out if model is self.gold else model.score(samples, seed=seed + k)
+                       for name, model in self.models.items()}
+            if tally is not None:
+                count_failures(outputs, tally)
+            if if_source:
+                if_passed[:, k] = ~(outputs[if_source].scores["if"] < 0.5)   # NaN (failed score) passes
+            for term in scores:
+                name, _, sub = term.partition(".")
+                out = outputs[name]
+                if not sub:
+                    scores[term][:, k] = out.overall
+                elif sub in out.scores:
+                    scores[term][:, k] = np.where(out.valid & np.isnan(out.scores[sub]), 1.0, out.scores[sub])
+                else:
+                    raise ValueError(f"reward term {term!r}: {name} has no sub-score {sub!r} (it has {sorted(out.scores)})")
+            for name, out in outputs.items():
+                for sub, values in out.scores.items():
+                    if np.isfinite(values).any():
+                        sub_means.setdefault(f"{name}/{sub}", []).append(float(np.nanmean(values)))
+        shape = (S, G, T)
+        shaped = {n: v.reshape(shape) for n, v in scores.items()}
+        return Scores({t: shaped[t] for t in self.weights}, {t: shaped[t] for t in self.terms if t not in self.weights},
+                      gold.reshape(shape) if self.gold is not None else None,
+                      if_passed.reshape(shape) if if_source else None, {k: float(np.mean(v)) for k, v in sub_means.items()})
+
+    def metrics(self, scores: Scores, trajectory_filter: bool) -> dict[str, float]:
+        """The batch's metrics: ``reward/TERM``, ``reference/TERM``, ``sub/NAME/SUB``, the gold's success
+        (per turn, and of whole rollouts) and whether the trajectory filter applied."""
+        return {**{f"reward/{n}": float(np.nanmean(r)) for n, r in scores.trained.items()},
+                **{f"reference/{n}": float(np.nanmean(r)) for n, r in scores.held_out.items()},
+                **{f"sub/{k}": v for k, v in scores.sub_means.items()},
+                **({GOLD: float(scores.gold.mean()), "gold_overall_last": float(scores.gold.all(-1).mean())}
+                   if scores.gold is not None else {}),
+                "filtered": float(trajectory_filter and scores.if_passed is not None)}
+
+
+def count_failures(outputs: dict, tally: dict) -> None:
+    """Add each reward model's failed items and its endpoint's request counts to ``tally``."""
+    for name, out in outputs.items():
+        tally[f"failures/{name}"] = tally.get(f"failures/{name}", 0) + out.n_failures
+        for key, value in (out.details.get("endpoint") or {}).items():
+            tally[f"endpoint/{name}/{key}"] = tally.get(f"endpoint/{name}/{key}", 0) + value
+
+
+def turn_passed(rewards: dict[str, np.ndarray], weights: dict[str, float], threshold: float) -> np.ndarray:
+    """``[S, G, T]`` bool: the turn's fused reward Σ_m w_m·r_m / Σ_m w_m is ≥ ``threshold`` (failed = 0)."""
+    fused = sum(w * np.nan_to_num(rewards[m], nan=0.0) for m, w in weights.items()) / sum(weights.values())
+    return fused >= threshold
+
+
+def hacking_alarm(history: list[dict], window: int, proxy_names: list[str], reference: str | None = GOLD) -> bool:
+    """True when, over the last ``window`` iterations, a proxy reward rose while the reference (the
+    gold, or a held-out reward's metrics column) fell (least-squares slopes of opposite sign, each
+    moving by more than 0.02 across the window); never without a reference."""
+    if len(history) < window or not proxy_names or reference is None:
+        return False
+    recent = history[-window:]
+    xs = np.arange(window)
+
+    def trend(key):
+        return np.polyfit(xs, [h[key] for h in recent], 1)[0] * window
+
+    return bool(trend(reference) < -0.02 and any(trend(f"reward/{n}") > 0.02 for n in proxy_names))
