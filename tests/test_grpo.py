@@ -109,7 +109,7 @@ def test_reward_terms_address_overalls_and_sub_scores(tiny_editor):
     sessions = [generate_session("train", i, 2) for i in range(2)]
     records = sample_turns(tiny_editor, sessions, [render(s.source) for s in sessions], cfg, iteration=0)
     verifier = get_reward("verifier")
-    scored = RewardTerms(weights, {"verifier": verifier}, verifier).score(records, sessions, 2, world_meta, seed=0)
+    scored = score_all(RewardTerms(weights, {"verifier": verifier}, verifier), records, sessions)
     scores, gold, subs = scored.trained, scored.gold, scored.sub_means
     assert set(scores) == {"verifier", "verifier.quality", "verifier.ga"}
     assert (scores["verifier"] == gold).all()
@@ -117,7 +117,31 @@ def test_reward_terms_address_overalls_and_sub_scores(tiny_editor):
     quality = scores["verifier.quality"]
     assert ((quality >= 0) & (quality <= 1)).all() and quality.mean() == pytest.approx(subs["verifier/quality"])
     with pytest.raises(ValueError, match="no sub-score 'style'"):
-        RewardTerms({"verifier.style": 1.0}, {"verifier": verifier}, verifier).score(records, sessions, 2, world_meta, seed=0)
+        score_all(RewardTerms({"verifier.style": 1.0}, {"verifier": verifier}, verifier), records, sessions)
+
+
+def score_all(terms: RewardTerms, records, sessions, overlap: bool = False):
+    scoring = terms.batch(sessions, len(records[0].after) // len(sessions), world_meta, seed=0, overlap=overlap)
+    for k, record in enumerate(records):
+        scoring.add(k, record)
+    return scoring.result()
+
+
+def test_scoring_overlapped_with_sampling_gives_the_serial_scores(tiny_editor):
+    weights = {"judge": 1.0, "verifier.quality": 0.5}
+    cfg = GRPOConfig(num_generations=2, turns=3, steps=3, sde_window=1, reward_weights=weights)
+    sessions = [generate_session("train", i, 3) for i in range(2)]
+    sources = [render(s.source) for s in sessions]
+    verifier = get_reward("verifier")
+    terms = RewardTerms(weights, {"judge": get_reward("judge"), "verifier": verifier}, verifier)
+    scoring = terms.batch(sessions, 2, world_meta, seed=0, overlap=True)
+    records = sample_turns(tiny_editor, sessions, sources, cfg, iteration=0, on_turn=scoring.add)
+    overlapped, serial = scoring.result(), score_all(terms, records, sessions)
+    assert scoring.busy_s > 0 and overlapped.sub_means == serial.sub_means
+    for name in ("judge", "verifier.quality"):
+        np.testing.assert_array_equal(overlapped.trained[name], serial.trained[name])
+    np.testing.assert_array_equal(overlapped.gold, serial.gold)
+    np.testing.assert_array_equal(overlapped.if_passed, serial.if_passed)
 
 
 def test_reward_hacking_alarm_fires_when_the_proxy_rises_and_the_gold_falls():

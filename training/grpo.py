@@ -18,7 +18,8 @@ One iteration, top to bottom:
    ODE, except an SDE window of ``sde_window`` consecutive steps per turn where the Flow-GRPO step is a Gaussian policy:
    x' ~ N(mean_θ(x, σ), scale²) (``mteditlab.flow.sde_step_stats``), log-prob kept in fp32.
 2. **Rewards** (``training.scoring``). Each reward model named in ``reward_weights`` scores every
-   turn (named sub-scores + overall); on world sessions the verifier always runs too, as the gold metric. Data sessions have no gold:
+   turn (named sub-scores + overall), turn k while turn k + 1 samples (``--overlap-scoring``, on by
+   default: same scores, less waiting when the judge is served); on world sessions the verifier always runs too, as the gold metric. Data sessions have no gold:
    no gold columns, no ``val`` evaluation, and the reward-hacking monitor watches a held-out reward
    term (``--hacking-reference``) instead.
 3. **Credit.** ``training.credit.compute_advantages``: turn aggregation, reward/advantage fusion,
@@ -89,6 +90,7 @@ class GRPOConfig:
     sessions_from: str | None = None      # DATASET: .jsonl / .parquet / folder / hf://NAME / .duckdb label store (default: the world)
     resolution: str | None = None         # kontext | qwen-edit | INT (≈ INT² px): data images' size (default: the editor's)
     op_weights: dict[str, float] = field(default_factory=lambda: {"swap": 3.0})  # --op-weights OP=W,...: oversample sessions with these operations
+    overlap_scoring: bool = True          # score turn k on a background thread while turn k + 1 samples
     # objective
     learning_rate: float = 1e-3
     clip_range: float = 2e-3
@@ -208,14 +210,16 @@ def train(cfg: GRPOConfig) -> Path:
         counts: dict[str, float] = {}   # summed over processes
         turns = scores = None
         if algo.samples:
+            scoring = rewards.batch(sessions, cfg.num_generations, source.meta, seed=cfg.seed * 100_003 + iteration * 31,
+                                    tally=counts, overlap=cfg.overlap_scoring)
             with algo.sampling_policy(editor):
-                turns = sample_turns(editor, sessions, [source.image(s) for s in sessions], cfg, iteration)
+                turns = sample_turns(editor, sessions, [source.image(s) for s in sessions], cfg, iteration,
+                                     on_turn=scoring.add)
             timings["rollout_s"] = time.time() - t0
 
             t0 = time.time()
-            scores = rewards.score(turns, sessions, cfg.num_generations, source.meta,
-                                   seed=cfg.seed * 100_003 + iteration * 31, tally=counts)
-            local = rewards.metrics(scores, cfg.trajectory_filter)
+            scores = scoring.result()   # with overlap: waits for the last turn only
+            local = {**rewards.metrics(scores, cfg.trajectory_filter), "reward_busy_s": scoring.busy_s}
             timings["reward_s"] = time.time() - t0
 
         t0 = time.time()

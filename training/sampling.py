@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from PIL import Image
@@ -53,9 +53,9 @@ class TurnSamples:
 
 @torch.no_grad()
 def sample_turns(editor: FlowPolicy, sessions: list, sources: list[Image.Image], cfg: GRPOConfig,
-                 iteration: int) -> list[TurnSamples]:
+                 iteration: int, on_turn: Callable[[int, TurnSamples], None] | None = None) -> list[TurnSamples]:
     """G rollouts of each session (``sources``: their first inputs), turn by turn on their own
-    outputs; items ordered session-major. Turn k's SDE window starts at a step drawn from
+    outputs; items ordered session-major; ``on_turn(k, turn)`` gets each turn as soon as it is sampled. Turn k's SDE window starts at a step drawn from
     (seed, iteration, k), shared by the batch; item noise is ``turn_seed(seed·7919 + iteration, index·G + g, k)``."""
     G = cfg.num_generations
     items = [(s, g) for s in sessions for g in range(G)]
@@ -83,7 +83,8 @@ def sample_turns(editor: FlowPolicy, sessions: list, sources: list[Image.Image],
         turns.append(turn)
         return turn.after
 
-    rollout(items, step, turns=cfg.turns, sources=[sources[i // G] for i in range(len(items))])
+    rollout(items, step, turns=cfg.turns, sources=[sources[i // G] for i in range(len(items))],
+            on_turn=on_turn and (lambda k, inputs, outputs: on_turn(k, turns[k])))
     return turns
 
 

@@ -9,6 +9,8 @@ compares within).
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,52 +74,11 @@ class RewardTerms:
         gold = self.gold.name if self.gold is not None else None
         return [t for t in self.weights if t.partition(".")[0] != gold]
 
-    def score(self, turns: list[TurnSamples], sessions: list, generations: int, meta: Callable[[object, int], dict],
-              seed: int, tally: dict | None = None) -> Scores:
-        """Score every turn of the rollouts (items session-major, ``generations`` per session).
-
-        A sub-score that does not apply to a scored item (NaN, e.g. ``ga`` at turn 1) counts as
-        satisfied (1.0); items the model failed on stay NaN. Model calls get ``seed + k`` at turn k.
-        The gold reward scores each turn once, also when it is trained. The IF-passed mask: IF ≥ ½
-        of :attr:`filter_source` (a failed score does not filter). ``tally`` accumulates per model
-        ``failures/NAME`` and ``endpoint/NAME/KEY`` (a served judge's request counts)."""
-        S, G, T = len(sessions), generations, len(turns)
-        items = [s for s in sessions for _ in range(G)]
-        scores = {term: np.zeros((S * G, T)) for term in self.terms}
-        gold = np.zeros((S * G, T), dtype=bool)
-        if_source = self.filter_source
-        if_passed = np.ones((S * G, T), dtype=bool)
-        sub_means: dict[str, list[float]] = {}
-        for k, turn in enumerate(turns):
-            samples = [EditSample(b, a, t[0], [x.instruction for x in s.turns[:k]], t[1], {**meta(s, k), "group": (s.index, k)})
-                       for s, b, a, t in zip(items, turn.before, turn.after, turn.texts)]
-            gold_out = self.gold.score(samples) if self.gold is not None else None
-            if gold_out is not None:
-                gold[:, k] = gold_out.overall == 1
-            outputs = {name: gold_out if model is self.gold else model.score(samples, seed=seed + k)
-                       for name, model in self.models.items()}
-            if tally is not None:
-                count_failures(outputs, tally)
-            if if_source:
-                if_passed[:, k] = ~(outputs[if_source].scores["if"] < 0.5)   # NaN (failed score) passes
-            for term in scores:
-                name, _, sub = term.partition(".")
-                out = outputs[name]
-                if not sub:
-                    scores[term][:, k] = out.overall
-                elif sub in out.scores:
-                    scores[term][:, k] = np.where(out.valid & np.isnan(out.scores[sub]), 1.0, out.scores[sub])
-                else:
-                    raise ValueError(f"reward term {term!r}: {name} has no sub-score {sub!r} (it has {sorted(out.scores)})")
-            for name, out in outputs.items():
-                for sub, values in out.scores.items():
-                    if np.isfinite(values).any():
-                        sub_means.setdefault(f"{name}/{sub}", []).append(float(np.nanmean(values)))
-        shape = (S, G, T)
-        shaped = {n: v.reshape(shape) for n, v in scores.items()}
-        return Scores({t: shaped[t] for t in self.weights}, {t: shaped[t] for t in self.terms if t not in self.weights},
-                      gold.reshape(shape) if self.gold is not None else None,
-                      if_passed.reshape(shape) if if_source else None, {k: float(np.mean(v)) for k, v in sub_means.items()})
+    def batch(self, sessions: list, generations: int, meta: Callable[[object, int], dict], seed: int,
+              tally: dict | None = None, overlap: bool = False) -> BatchScoring:
+        """Scoring of one batch of rollouts (items session-major, ``generations`` per session), fed
+        turn by turn: see :class:`BatchScoring`."""
+        return BatchScoring(self, sessions, generations, meta, seed, tally, overlap)
 
     def metrics(self, scores: Scores, trajectory_filter: bool) -> dict[str, float]:
         """The batch's metrics: ``reward/TERM``, ``reference/TERM``, ``sub/NAME/SUB``, the gold's success
@@ -129,6 +90,83 @@ class RewardTerms:
                    if scores.gold is not None else {}),
                 "filtered": float(trajectory_filter and scores.if_passed is not None)}
 
+
+
+class BatchScoring:
+    """Scores one batch of rollouts as its turns come: :meth:`add` each turn when it is sampled
+    (the rollout's ``on_turn``), :meth:`result` once sampling is done.
+
+    With ``overlap`` each turn is scored on a background thread while the next turn samples, so a
+    judge served by an inference engine costs no rollout time; without it every turn is scored in
+    :meth:`result`. Either way turns are scored one after another in turn order, so scores, the
+    models' seeds and the tallies are the same. ``busy_s`` is the time spent scoring.
+
+    Per turn k, every reward model scores the batch's samples (seed ``seed + k``). A sub-score that
+    does not apply to an item (NaN, e.g. ``ga`` at turn 1) counts as satisfied (1.0); items the model
+    failed on stay NaN. The gold reward scores each turn once, also when it is trained. The
+    IF-passed mask: IF ≥ ½ of ``filter_source`` (a failed score does not filter). ``tally``
+    accumulates per model ``failures/NAME`` and ``endpoint/NAME/KEY`` (a served judge's request counts)."""
+
+    def __init__(self, terms: RewardTerms, sessions: list, generations: int, meta: Callable[[object, int], dict],
+                 seed: int, tally: dict | None, overlap: bool):
+        self.terms, self.meta, self.seed, self.tally = terms, meta, seed, tally
+        self.items = [s for s in sessions for _ in range(generations)]
+        self.shape = (len(sessions), generations)
+        self.filter_source = terms.filter_source
+        self.turns: list[tuple[np.ndarray, ...]] = []
+        self.sub_means: dict[str, list[float]] = {}
+        self.busy_s = 0.0
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring") if overlap else None
+        self.pending: list = []   # futures (overlap) or turns waiting for result()
+
+    def add(self, k: int, turn: TurnSamples) -> None:
+        self.pending.append(self.pool.submit(self._score_turn, k, turn) if self.pool else (k, turn))
+
+    def result(self) -> Scores:
+        try:
+            for job in self.pending:
+                job.result() if self.pool else self._score_turn(*job)
+        finally:
+            if self.pool:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+        terms, (S, G) = self.terms, self.shape
+        columns = {name: np.stack([t[i] for t in self.turns], axis=1).reshape(S, G, -1)
+                   for i, name in enumerate([*terms.terms, GOLD, "if"])}
+        return Scores({t: columns[t] for t in terms.weights}, {t: columns[t] for t in terms.terms if t not in terms.weights},
+                      columns[GOLD].astype(bool) if terms.gold is not None else None,
+                      columns["if"].astype(bool) if self.filter_source else None,
+                      {k: float(np.mean(v)) for k, v in self.sub_means.items()})
+
+    def _score_turn(self, k: int, turn: TurnSamples) -> None:
+        started, terms = time.perf_counter(), self.terms
+        samples = [EditSample(b, a, t[0], [x.instruction for x in s.turns[:k]], t[1],
+                              {**self.meta(s, k), "group": (s.index, k)})
+                   for s, b, a, t in zip(self.items, turn.before, turn.after, turn.texts)]
+        gold_out = terms.gold.score(samples) if terms.gold is not None else None
+        outputs = {name: gold_out if model is terms.gold else model.score(samples, seed=self.seed + k)
+                   for name, model in terms.models.items()}
+        if self.tally is not None:
+            count_failures(outputs, self.tally)
+        columns = []
+        for term in terms.terms:
+            name, _, sub = term.partition(".")
+            out = outputs[name]
+            if not sub:
+                columns.append(np.asarray(out.overall, dtype=float))
+            elif sub in out.scores:
+                columns.append(np.where(out.valid & np.isnan(out.scores[sub]), 1.0, out.scores[sub]))
+            else:
+                raise ValueError(f"reward term {term!r}: {name} has no sub-score {sub!r} (it has {sorted(out.scores)})")
+        n = len(samples)
+        columns.append(gold_out.overall == 1 if gold_out is not None else np.zeros(n, dtype=bool))
+        columns.append(~(outputs[self.filter_source].scores["if"] < 0.5) if self.filter_source   # NaN (failed) passes
+                       else np.ones(n, dtype=bool))
+        self.turns.append(tuple(columns))
+        for name, out in outputs.items():
+            for sub, values in out.scores.items():
+                if np.isfinite(values).any():
+                    self.sub_means.setdefault(f"{name}/{sub}", []).append(float(np.nanmean(values)))
+        self.busy_s += time.perf_counter() - started
 
 def count_failures(outputs: dict, tally: dict) -> None:
     """Add each reward model's failed items and its endpoint's request counts to ``tally``."""
