@@ -21,10 +21,11 @@ from .arena import Arena
 from .arena_ui import build_arena_tab
 from .config import AppConfig, ConfigError, config_from_args
 from .context import AppContext
+from .engine import editors_in_own_processes
 from .label import Labeling, seed_queue_in_background
 from .label_ui import SHORTCUTS_JS, build_label_tab
 from .leaderboard_ui import build_leaderboard_tab
-from .threads import apply_thread_policy
+from .threads import apply_thread_policy, apply_web_policy
 
 log = logging.getLogger("mteditlab.ui")
 
@@ -117,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from labeling.store import StoreError
 
-    apply_thread_policy(config.threads)
+    if editors_in_own_processes(config):
+        apply_web_policy()   # each editor process applies the editors' policy itself
+    else:
+        apply_thread_policy(config.threads)
     try:
         demo = build_app(config)
     except StoreError as exc:
