@@ -98,6 +98,9 @@ def launch(demo: gr.Blocks, config: AppConfig, **overrides):
     from gradio import networking
 
     networking.url_ok = _patient_url_ok
+    # display files are written once, atomically, and never change: served from their folder
+    # as they are, gradio neither copies nor hashes them for every answer that shows them
+    gr.set_static_paths([demo.mteditlab_ctx.display_dir])
     kwargs = dict(demo.launch_kwargs)
     kwargs.update(server_name=config.host, server_port=config.port, share=config.share,
                   max_file_size="20mb", show_error=True,

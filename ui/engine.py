@@ -269,8 +269,8 @@ _ENGINES: dict[int, "Engine"] = {}
 
 
 class PairProgress:
-    """Each side's denoising steps during one :func:`run_pair` (written by the editor threads,
-    read by the caller's thread)."""
+    """Each side's denoising steps during one :func:`run_pair` (written by the threads that run
+    the editors or hear from their processes, read by the caller's thread)."""
 
     def __init__(self, sides):
         self._lock = threading.Lock()
