@@ -46,7 +46,7 @@ import os
 import re
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADAPTER = "checkpoints/mini/grpo"
 DEFAULT_REWARD_MODEL = "checkpoints/mini/calibrated"
 WORLD_EDITORS = ("mini", "oracle", "identity")

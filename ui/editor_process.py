@@ -249,11 +249,14 @@ class _Outbox:
         self._lock = threading.Lock()
 
     def send(self, message) -> None:
+        """Send ``message`` (raises what pickling it raises; a closed pipe is ignored: the main
+        loop ends on it)."""
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             with self._lock:
-                self.conn.send(message)
+                self.conn.send_bytes(data)
         except (OSError, ValueError):
-            pass   # the web process is gone: the main loop ends on its closed pipe
+            pass
 
     def add(self, name: str, seconds: float) -> None:
         self.send(("time", name, seconds))
@@ -269,13 +272,11 @@ class _Outbox:
         if error is None:
             output = future.result()
             try:
-                pickle.dumps(output)
-            except Exception as exc:  # noqa: BLE001
-                error = EditFailure(f"the editor returned an unsendable {type(output).__name__} "
-                                    f"({describe(exc)})")
-            else:
                 self.send(("done", rid, output))
                 return
+            except Exception as exc:  # noqa: BLE001 - an output that does not pickle
+                error = EditFailure(f"the editor returned an unsendable {type(output).__name__} "
+                                    f"({describe(exc)})")
         self.send(("error", rid, sendable(error)))
 
 
