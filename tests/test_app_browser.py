@@ -67,6 +67,11 @@ def test_arena_and_labeling_in_a_real_browser(tmp_path):
                                          ["left", "tie", "right"], shots, watch=True)
             for shown in seen:
                 check_progress(shown["progress"])
+                assert shown["instruction"] == ""        # the box empties after each edit
+            # text typed while an edit runs stays in the box when the edit is done
+            typed = "make it bigger"
+            assert testing.type_during_edit(page, session.turns[3].instruction, typed,
+                                            turn=4) == typed
             # anonymous through every vote; ending the session shows both names
             for shown in seen:
                 text = " ".join(shown[k] for k in ("status", "title_left", "title_right"))

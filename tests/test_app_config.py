@@ -188,7 +188,7 @@ def test_hub_dataset_flags(monkeypatch):
 def test_thread_policy_flags_and_wait_policy(monkeypatch):
     """--threads / MTEDITLAB_THREADS, --take-turns; app.py sets OMP_WAIT_POLICY=PASSIVE before
     torch loads (unless set) and the policy gives torch the threads asked for."""
-    for name in ("MTEDITLAB_THREADS", "MTEDITLAB_TAKE_TURNS"):
+    for name in ("MTEDITLAB_THREADS", "MTEDITLAB_TAKE_TURNS", "MTEDITLAB_IN_PROCESS_EDITORS"):
         monkeypatch.delenv(name, raising=False)
     config = config_from_args([])
     assert config.threads is None and config.take_turns is False
@@ -202,6 +202,14 @@ def test_thread_policy_flags_and_wait_policy(monkeypatch):
     for bad in ("0.5", "-2", "many"):
         with pytest.raises(ConfigError):
             config_from_args(["--threads", bad])
+    from ui.engine import editors_in_own_processes
+
+    monkeypatch.delenv("MTEDITLAB_TAKE_TURNS")
+    assert editors_in_own_processes(config_from_args([]))       # the default: a process per side
+    assert not editors_in_own_processes(config_from_args(["--in-process-editors"]))
+    assert not editors_in_own_processes(config_from_args(["--take-turns"]))
+    monkeypatch.setenv("MTEDITLAB_IN_PROCESS_EDITORS", "1")
+    assert config_from_args([]).in_process_editors is True
     code = ("import os, sys\nos.environ.pop('OMP_WAIT_POLICY', None)\nimport app\n"
             "from ui.threads import apply_thread_policy, auto_threads\n"
             "print('POLICY', os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)\n"

@@ -8,7 +8,8 @@ import pytest
 
 from ui import testing
 from ui.arena import Arena, ArenaState
-from ui.engine import progress_fraction, run_pair, takes_callback
+from ui.batcher import takes_callback
+from ui.engine import progress_fraction, run_pair
 from mteditlab.editors.reference import IdentityEditor, OracleEditor
 from mteditlab.world import generate_session, render
 

@@ -25,6 +25,10 @@ from .worldview import EXAMPLES, GRAMMAR
 log = logging.getLogger("mteditlab.ui")
 VOTE_LABELS = {"left": "👈 A is better", "right": "👉 B is better", "tie": "🤝 Tie",
                "both_bad": "👎 Both bad"}
+# browser-side steps (no request to the server): the vote buttons follow `votable`, and after
+# an edit the instruction box is emptied only if it still holds the instruction carried out
+VOTE_BUTTONS_JS = f"(v) => Array({len(PICKS)}).fill({{__type__: 'update', interactive: !!v}})"
+CLEAR_DONE_JS = "(box, done) => (done && box === done) ? '' : {__type__: 'update'}"
 
 
 def voter_name(ctx, request: gr.Request | None) -> str:
@@ -75,6 +79,11 @@ def build_arena_tab(ctx, arena: Arena) -> None:
                                      elem_id=f"arena-vote-{pick}") for pick in PICKS}
         criterion = gr.Dropdown(list(CRITERIA), value="overall", label="Criterion (optional)",
                                 scale=1, min_width=150, elem_id="arena-criterion")
+    # what the browser itself acts on (see render): whether the latest turn takes a vote, and
+    # the instruction an edit just carried out
+    votable = gr.Checkbox(False, visible="hidden", label="can vote", elem_id="arena-votable")
+    accepted = gr.Textbox("", visible="hidden", label="instruction carried out",
+                          elem_id="arena-accepted")
     turn_no = gr.Number(value=0, precision=0, visible=False, label="turn")
     status = gr.Markdown("Start with **🎲 Random scene**, an **example** or **upload** an image.",
                          elem_id="arena-status", latex_delimiters=NO_LATEX)
@@ -113,15 +122,18 @@ def build_arena_tab(ctx, arena: Arena) -> None:
 
     outputs = [state, source, columns["left"][0], columns["right"][0], columns["left"][1],
                columns["right"][1], columns["left"][2], columns["right"][2], status, turn_no,
-               *vote_btns.values(), fork_no, suggestions, instruction, history]
+               votable, fork_no, suggestions, accepted, history]
 
-    def render(st: ArenaState, clear_instruction: bool = False, choices: bool = False) -> list:
+    def render(st: ArenaState, done: str = "", choices: bool = False) -> list:
         """All outputs from the state.  Pictures are always plain values (display file paths):
         any ``gr.update(...)``, even an empty one, makes gradio rebuild that component and its
         API schema on the server's event loop (a gallery's costs milliseconds), which under load
-        was most of the event loop's time.  ``choices`` re-sends the suggestions list (only a
-        new source changes it)."""
-        can_vote = st.can_vote()
+        was most of the event loop's time.  So the vote buttons get no update either: the answer
+        says whether the latest turn takes a vote (``votable``) and the browser enables them
+        (:data:`VOTE_BUTTONS_JS`).  ``done`` is the instruction an edit just carried out: the
+        browser empties the instruction box if it still holds that text, so what the person
+        typed meanwhile stays (:data:`CLEAR_DONE_JS`).  ``choices`` re-sends the suggestions
+        list (only a new source changes it)."""
         src = ctx.display.path(st.source) if st.source else None
         cur_l, cur_r = arena.current(st, "left"), arena.current(st, "right")
         strip_l, strip_r = arena.strip(st, "left"), arena.strip(st, "right")
@@ -130,13 +142,12 @@ def build_arena_tab(ctx, arena: Arena) -> None:
         else:
             suggestion_box = None
         return [st, src, arena.title(st, "left"), arena.title(st, "right"),
-                cur_l, cur_r, strip_l, strip_r, arena.status(st), st.n,
-                *[gr.update(interactive=can_vote) for _ in PICKS],
+                cur_l, cur_r, strip_l, strip_r, arena.status(st), st.n, st.can_vote(),
                 gr.update(value=max(0, st.n - 1), maximum=max(0, st.n)),
-                suggestion_box,
-                gr.update(value="") if clear_instruction else gr.update(), arena.history(st)]
+                suggestion_box, done, arena.history(st)]
 
-    def run(op, st: ArenaState, request: gr.Request | None, *args, clear=False, choices=False):
+    def run(op, st: ArenaState, request: gr.Request | None, *args, done: str = "",
+            choices=False):
         key = getattr(request, "session_hash", None) or st.arena_id or "anon"
         name = getattr(op, "__name__", "op")
         waited = time.perf_counter()
@@ -158,7 +169,7 @@ def build_arena_tab(ctx, arena: Arena) -> None:
                 ok = False
             ctx.timings.add(f"{name}: handler", time.perf_counter() - start)
             with ctx.timings.timed(f"{name}: render answer (display files)"):
-                return render(st, clear_instruction=clear and ok, choices=choices and ok)
+                return render(st, done=done if ok else "", choices=choices and ok)
 
     def on_random(st, request: gr.Request):
         return run(arena.start_random, st, request, choices=True)
@@ -176,7 +187,8 @@ def build_arena_tab(ctx, arena: Arena) -> None:
                 progress=gr.Progress()):
         def report(fraction, desc):
             progress(fraction, desc=desc)
-        return run(arena.edit, st, request, text, seed_value, steps_value, report, clear=True)
+        return run(arena.edit, st, request, text, seed_value, steps_value, report,
+                   done=text if isinstance(text, str) else "")
 
     def make_vote(pick):
         def on_vote(st, turn, crit, request: gr.Request):
@@ -212,8 +224,11 @@ def build_arena_tab(ctx, arena: Arena) -> None:
     edit_event = dict(fn=on_edit, inputs=[state, instruction, seed, steps], outputs=outputs,
                       concurrency_limit=None,
                       show_progress_on=[columns["left"][1], columns["right"][1], status])
-    edit_btn.click(**edit_event, api_name="edit")
-    instruction.submit(**edit_event, api_visibility="private")
+    for trigger, api in ((edit_btn.click, dict(api_name="edit")),
+                         (instruction.submit, dict(api_visibility="private"))):
+        trigger(**edit_event, **api).then(None, [instruction, accepted], [instruction],
+                                          js=CLEAR_DONE_JS)
+    votable.change(None, [votable], list(vote_btns.values()), js=VOTE_BUTTONS_JS)
     suggestions.input(lambda s: s or gr.update(), [suggestions], [instruction],
                       api_visibility="private")
     for pick, btn in vote_btns.items():

@@ -21,10 +21,11 @@ from .arena import Arena
 from .arena_ui import build_arena_tab
 from .config import AppConfig, ConfigError, config_from_args
 from .context import AppContext
+from .engine import editors_in_own_processes
 from .label import Labeling, seed_queue_in_background
 from .label_ui import SHORTCUTS_JS, build_label_tab
 from .leaderboard_ui import build_leaderboard_tab
-from .threads import apply_thread_policy
+from .threads import apply_thread_policy, apply_web_policy
 
 log = logging.getLogger("mteditlab.ui")
 
@@ -97,6 +98,9 @@ def launch(demo: gr.Blocks, config: AppConfig, **overrides):
     from gradio import networking
 
     networking.url_ok = _patient_url_ok
+    # display files are written once, atomically, and never change: served from their folder
+    # as they are, gradio neither copies nor hashes them for every answer that shows them
+    gr.set_static_paths([demo.mteditlab_ctx.display_dir])
     kwargs = dict(demo.launch_kwargs)
     kwargs.update(server_name=config.host, server_port=config.port, share=config.share,
                   max_file_size="20mb", show_error=True,
@@ -117,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from labeling.errors import StoreError
 
-    apply_thread_policy(config.threads)
+    if editors_in_own_processes(config):
+        apply_web_policy()   # each editor process applies the editors' policy itself
+    else:
+        apply_thread_policy(config.threads)
     try:
         demo = build_app(config)
     except StoreError as exc:

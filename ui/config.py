@@ -28,6 +28,7 @@ flag                        environment variable             default
 ``--hub-every``             ``MTEDITLAB_HUB_EVERY``          5 (minutes between snapshots)
 ``--threads``               ``MTEDITLAB_THREADS``            auto (half the available cores)
 ``--take-turns``            ``MTEDITLAB_TAKE_TURNS``         off (both sides run at once)
+``--in-process-editors``    ``MTEDITLAB_IN_PROCESS_EDITORS`` off (a process per side's editor)
 ``--auth``                  ``MTEDITLAB_AUTH``               none: the app is public
 ==========================  ===============================  ===================================
 
@@ -45,7 +46,7 @@ import os
 import re
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADAPTER = "checkpoints/mini/grpo"
 DEFAULT_REWARD_MODEL = "checkpoints/mini/calibrated"
 WORLD_EDITORS = ("mini", "oracle", "identity")
@@ -139,6 +140,7 @@ class AppConfig:
     concurrency: int = 32                 # gradio queue default concurrency limit
     threads: int | None = None            # torch intra-op threads (None: half the cores)
     take_turns: bool = False              # the sides' batches take turns instead of sharing
+    in_process_editors: bool = False      # editors in the web process (default: one process each)
     seed_queue: int = 0                   # labeling items to generate at start when the queue is empty
     reward_model: str | None = DEFAULT_REWARD_MODEL  # calibrated reward model dir (its report)
     min_battles: int = 20                 # leaderboard: fewer battles = provisional, not ranked
@@ -226,14 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest batch of concurrent edits sent to one editor call")
     g.add_argument("--threads", default=_env("MTEDITLAB_THREADS", "auto"), metavar="N",
                    help="torch intra-op threads of each side's editor, or 'auto': half the "
-                   "cores this process may use (the sides run at once), at least 1, at most 8. "
+                   "cores the app may use (the sides run at once), at least 1, at most 8. "
                    "Give fewer when another heavy job shares the "
                    "machine; idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE unless set) "
                    "[MTEDITLAB_THREADS] (default auto)")
     g.add_argument("--take-turns", dest="take_turns", action="store_true",
                    default=_bool_env("MTEDITLAB_TAKE_TURNS", False),
                    help="run one side's batch at a time with every thread, instead of both "
-                   "sides at once on half the threads each [MTEDITLAB_TAKE_TURNS]")
+                   "sides at once on half the threads each (the editors then run in the web "
+                   "server's process) [MTEDITLAB_TAKE_TURNS]")
+    g.add_argument("--in-process-editors", dest="in_process_editors", action="store_true",
+                   default=_bool_env("MTEDITLAB_IN_PROCESS_EDITORS", False),
+                   help="run the editors in the web server's process instead of a process per "
+                   "side (for tests and tiny setups: the editors then share Python's GIL with "
+                   "the server) [MTEDITLAB_IN_PROCESS_EDITORS]")
     g.add_argument("--reward-model", default=_env("MTEDITLAB_REWARD_MODEL", DEFAULT_REWARD_MODEL),
                    help="directory of the calibrated reward model (python -m "
                    "training.reward_model --out DIR); the leaderboard shows its held-out "
@@ -319,7 +327,7 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
         auth=Credentials.parse(args.auth, "--auth"),
         anonymous=args.anonymous, device=args.device, steps=args.steps, strict=args.strict,
         max_batch=max(1, args.max_batch), concurrency=max(1, args.concurrency),
-        threads=threads, take_turns=args.take_turns,
+        threads=threads, take_turns=args.take_turns, in_process_editors=args.in_process_editors,
         seed_queue=max(0, args.seed_queue), reward_model=_opt(args.reward_model),
         min_battles=max(0, args.min_battles), queue_selection=args.queue_selection,
         hub_dataset=_opt(args.hub_dataset), hub_every=args.hub_every,

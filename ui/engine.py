@@ -13,21 +13,23 @@ Fallbacks (never crash on a fresh clone; ``--strict`` turns them into errors)
     Every fallback is listed in a notice shown at the top of the app.
 
 Running edits
-    Each side has an :class:`EditorWorker`: a thread that gathers the edit requests queued by
-    concurrent users into one ``edit_batch`` call (up to ``max_batch``; items with the same step
-    count), so 20 users cost one batched forward pass per side rather than 20.  The two sides'
-    batches run at the same time, each on the app's intra-op threads (``--threads``, see
-    :mod:`ui.threads`); ``--take-turns`` runs one side's batch at a time.  Item i of a batch
-    depends only on its own seed (the editor protocol), so batching never changes a result.  On
-    ZeroGPU Spaces the GPU exists only inside ``spaces.GPU`` functions, so there the edits run
-    directly inside :func:`run_pair`, which carries the decorator (a no-op elsewhere).
+    By default each side's editor runs in a process of its own (:mod:`ui.editor_process`), so
+    its torch work never competes with the web server for Python's GIL; ``--in-process-editors``
+    (and ``--take-turns``, ZeroGPU) keeps them in the web process.  Either way an
+    :class:`~ui.batcher.EditorWorker` gathers the edit requests queued by concurrent users into
+    one ``edit_batch`` call per side (up to ``--max-batch``); the two sides' batches run at the
+    same time, each on the editor threads of ``--threads`` (see :mod:`ui.threads`);
+    ``--take-turns`` runs one side's batch at a time.  On ZeroGPU Spaces the GPU exists only
+    inside ``spaces.GPU`` functions, so there the edits run directly inside :func:`run_pair`,
+    which carries the decorator (a no-op elsewhere).
 
 Progress
     Editors report each denoising step (``edit_batch(..., callback=)``); the worker passes the
-    steps of a batch to every request in it, and :func:`run_pair` hands the caller each side's
-    ``(steps done, steps in all)`` from the caller's own thread (where ``gr.Progress`` works):
-    when a side starts and when it finishes at once, in between every ``REPORT_EVERY_S``.  Editors that have no denoising loop (the reference editors) report
-    their side finished when their result arrives.
+    steps of a batch to every request in it (from an editor process, one message per step of a
+    batch), and :func:`run_pair` hands the caller each side's ``(steps done, steps in all)``
+    from the caller's own thread (where ``gr.Progress`` works): when a side starts and when it
+    finishes at once, in between every ``REPORT_EVERY_S``.  Editors that have no denoising loop
+    (the reference editors) report their side finished when their result arrives.
 """
 
 from __future__ import annotations
@@ -35,17 +37,17 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import inspect
 import logging
 import os
-import queue
 import threading
 import time
 from typing import Any, Callable
 
 from PIL import Image
 
+from .batcher import EditFailure, EditorWorker, describe
 from .config import WORLD_EDITORS, AppConfig, SideSpec, resolve_path
+from .editor_process import EditorProcess
 from .profile import Timings
 
 log = logging.getLogger("mteditlab.ui")
@@ -66,20 +68,30 @@ def on_zero_gpu() -> bool:
     return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
 
 
-class EditFailure(RuntimeError):
-    """An editor failed or timed out; ``str()`` is shown to the user."""
+def editors_in_own_processes(config: AppConfig) -> bool:
+    """Whether the sides' editors run in processes of their own (see the module docstring)."""
+    return not (config.in_process_editors or config.take_turns or on_zero_gpu())
 
 
 @dataclasses.dataclass
 class Side:
-    """A loaded arena side: the store's (editor, adapter) naming plus the editor object."""
+    """A loaded arena side: the store's (editor, adapter) naming plus what runs its edits."""
 
     key: str                     # "A" or "B" (the store's session_a / session_b)
     editor_name: str             # store `editor` column, e.g. "mini"
     adapter: str | None          # store `adapter` column, e.g. "lora:checkpoints/mini/grpo"
-    editor: Any                  # mteditlab.editors.Editor
+    editor: Any                  # mteditlab.editors.Editor; None when `process` runs it
     requested: SideSpec | None = None
     fallback_reason: str | None = None
+    resolution: int | None = None   # the editor's square working size (None: any)
+    default_steps: int = 10
+    process: EditorProcess | None = None   # the editor's own process, if it has one
+
+    def __post_init__(self):
+        if self.editor is not None:
+            value = getattr(self.editor, "resolution", None)
+            self.resolution = int(value) if value else None
+            self.default_steps = int(getattr(self.editor, "default_steps", 10) or 10)
 
     @property
     def model(self) -> str:
@@ -88,11 +100,6 @@ class Side:
     @property
     def is_world(self) -> bool:
         return self.editor_name.split("@")[0] in WORLD_EDITORS
-
-    @property
-    def resolution(self) -> int | None:
-        value = getattr(self.editor, "resolution", None)
-        return int(value) if value else None
 
 
 def _store_names(spec: SideSpec) -> tuple[str, str | None]:
@@ -115,22 +122,51 @@ def load_side(key: str, spec: SideSpec, device: str | None = None) -> Side:
     return Side(key, name, adapter, editor, requested=spec)
 
 
-def _reference(key: str, name: str, reason: str, requested: SideSpec) -> Side:
-    from mteditlab.editors import get_editor
-
-    return Side(key, name, None, get_editor(name), requested=requested, fallback_reason=reason)
+SideStarter = Callable[[str, SideSpec], concurrent.futures.Future]
 
 
-def load_sides(config: AppConfig) -> tuple[Side, Side, list[str]]:
-    """Both sides with the fallbacks of the module docstring; returns (A, B, notices)."""
+def _load_here(device: str | None) -> SideStarter:
+    """Load a side in this process (at once; the future is already done)."""
+    def start(key: str, spec: SideSpec) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(load_side(key, spec, device))
+        except Exception as exc:  # noqa: BLE001 - the caller decides (fallback or strict)
+            future.set_exception(exc)
+        return future
+    return start
+
+
+def _reference(start: SideStarter, key: str, name: str, reason: str,
+               requested: SideSpec) -> Side:
+    side = start(key, SideSpec(name)).result()
+    side.requested, side.fallback_reason = requested, reason
+    return side
+
+
+def _discard(side: Side) -> None:
+    if side.process is not None:
+        side.process.stop()
+
+
+def load_sides(config: AppConfig, start: SideStarter | None = None
+               ) -> tuple[Side, Side, list[str]]:
+    """Both sides with the fallbacks of the module docstring; returns (A, B, notices).
+    ``start(key, spec)`` begins loading a side and returns a future of it (default: load it in
+    this process); both sides are started before either is waited for."""
+    start = start or _load_here(config.device)
     notices: list[str] = []
     sides: dict[str, Side] = {}
     errors: dict[str, str] = {}
+    loading = {key: start(key, spec) for key, spec in (("A", config.side_a), ("B", config.side_b))}
     for key, spec in (("A", config.side_a), ("B", config.side_b)):
         try:
-            sides[key] = load_side(key, spec, config.device)
+            sides[key] = loading[key].result()
         except Exception as exc:  # noqa: BLE001 - any load failure becomes a visible notice
             if config.strict:
+                for other in loading.values():
+                    if other.done() and other.exception() is None:
+                        _discard(other.result())
                 raise
             errors[key] = f"{type(exc).__name__}: {exc}"
             log.warning("side %s (%s) could not be loaded: %s", key, spec.describe(), exc)
@@ -147,21 +183,22 @@ def load_sides(config: AppConfig) -> tuple[Side, Side, list[str]]:
                       f"It runs the **{name}** editor instead"
                       + (" (the world's exact editor, a ceiling reference)." if world else
                          " (returns its input unchanged)."))
-            sides[key] = _reference(key, name, reason, spec)
+            sides[key] = _reference(start, key, name, reason, spec)
         else:
             name = "identity" if key == "A" else "oracle"
             reason = (f"Side {key} ({spec.describe()}) could not be loaded — {errors[key]}. "
                       f"It runs the **{name}** reference editor instead"
                       + (" (returns its input unchanged)." if name == "identity" else
                          " (the world's exact editor)."))
-            sides[key] = _reference(key, name, reason, base_only)
+            sides[key] = _reference(start, key, name, reason, base_only)
         notices.append(reason)
     a, b = sides["A"], sides["B"]
     if a.model == b.model:
         name = "oracle" if a.editor_name != "oracle" else "identity"
         reason = (f"Both sides would run {a.model}; a same-model arena carries no information, "
                   f"so side B runs the **{name}** editor.")
-        b = _reference("B", name, reason, b.requested)
+        _discard(b)
+        b = _reference(start, "B", name, reason, b.requested)
         notices.append(reason)
     return a, b, notices
 
@@ -178,185 +215,53 @@ def working_size(a: Side, b: Side) -> int:
     return 512
 
 
-@dataclasses.dataclass
-class _Request:
-    image: Image.Image
-    instruction: str
-    intent: str | None
-    seed: int
-    steps: int | None
-    future: concurrent.futures.Future
-    on_step: Callable[[int, int], Any] | None = None
-    queued_at: float = dataclasses.field(default_factory=time.perf_counter)
-
-
-def takes_callback(editor) -> bool:
-    """Whether ``editor.edit_batch`` accepts a ``callback`` keyword (the protocol's step hook;
-    editors written before it, or that forward ``**kwargs`` elsewhere, are called without)."""
-    try:
-        params = inspect.signature(editor.edit_batch).parameters
-    except (TypeError, ValueError):
-        return False
-    return "callback" in params
-
-
-def _fan_out(callbacks: list) -> Callable[[int, int], None] | None:
-    """One step callback calling every request's own (errors in a listener are ignored)."""
-    live = [cb for cb in callbacks if cb is not None]
-    if not live:
-        return None
-
-    def callback(done: int, total: int) -> None:
-        for cb in live:
-            try:
-                cb(done, total)
-            except Exception:  # noqa: BLE001 - progress must never fail an edit
-                pass
-    return callback
-
-
-class EditorWorker:
-    """One thread per editor that batches concurrent requests (see the module docstring)."""
-
-    def __init__(self, side: Side, max_batch: int = 16, gather_s: float = 0.01,
-                 timings: Timings | None = None, run_lock: threading.Lock | None = None):
-        self.side = side
-        self.timings = timings if timings is not None else Timings()
-        self.max_batch = max_batch
-        self.gather_s = gather_s
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        # held while the editor runs; shared by both sides' workers when their batches take
-        # turns on the CPU (see Engine)
-        self._lock = run_lock or threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=f"editor-{side.key}", daemon=True)
-        self._stopped = False
-        self._thread.start()
-        self.batches = 0
-        self.items = 0
-        self.with_steps = takes_callback(side.editor)
-
-    def submit(self, image, instruction, intent, seed, steps,
-               on_step: Callable[[int, int], Any] | None = None) -> concurrent.futures.Future:
-        """Queue one edit; ``on_step(done, total)`` is called (on the worker thread) after each
-        denoising step of the batch it runs in."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put(_Request(image, instruction, intent, seed, steps, future, on_step))
-        return future
-
-    def _edit_batch(self, images, instructions, intents, seeds, steps, callback=None) -> list:
-        extra = {"callback": callback} if callback is not None and self.with_steps else {}
-        return self.side.editor.edit_batch(images, instructions, intents=intents, seeds=seeds,
-                                           steps=steps, **extra)
-
-    def edit_direct(self, image, instruction, intent, seed, steps,
-                    on_step: Callable[[int, int], Any] | None = None) -> Image.Image:
-        with self._lock:
-            return self._edit_batch([image], [instruction], [intent], [seed], steps,
-                                    _fan_out([on_step]))[0]
-
-    def edit_many(self, images, instructions, intents, seeds, steps=None, chunk: int = 64) -> list:
-        """A direct batched call (seeding the labeling queue), in chunks, under the lock."""
-        out = []
-        for i in range(0, len(images), chunk):
-            with self._lock:
-                out += self.side.editor.edit_batch(
-                    images[i:i + chunk], instructions[i:i + chunk], intents=intents[i:i + chunk],
-                    seeds=seeds[i:i + chunk], steps=steps)
-        return out
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._queue.put(None)
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.gather_s
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
-            groups: dict[Any, list[_Request]] = {}
-            for req in batch:
-                groups.setdefault(req.steps, []).append(req)
-            for steps, reqs in groups.items():
-                self._run_batch(steps, reqs)
-
-    def _run_batch(self, steps, reqs: list[_Request]) -> None:
-        live = [r for r in reqs if r.future.set_running_or_notify_cancel()]
-        if not live:
-            return
-        key = self.side.key
-        try:
-            with self._lock:
-                start = time.perf_counter()
-                for r in live:
-                    self.timings.add(f"editor {key}: queue wait", start - r.queued_at)
-                outputs = self._edit_batch(
-                    [r.image for r in live], [r.instruction for r in live],
-                    [r.intent for r in live], [r.seed for r in live], steps,
-                    _fan_out([r.on_step for r in live]))
-                self.timings.add(f"editor {key}: batch compute", time.perf_counter() - start)
-            self.timings.count(f"editor {key}: batch size", len(live))
-            self.batches += 1
-            self.items += len(live)
-        except Exception as exc:  # noqa: BLE001
-            if len(live) == 1:
-                live[0].future.set_exception(exc)
-                return
-            for r in live:  # isolate the failing item(s): one bad request fails only itself
-                try:
-                    with self._lock:
-                        out = self._edit_batch([r.image], [r.instruction], [r.intent],
-                                               [r.seed], steps, _fan_out([r.on_step]))[0]
-                    r.future.set_result(out)
-                except Exception as single:  # noqa: BLE001
-                    r.future.set_exception(single)
-            return
-        for r, out in zip(live, outputs):
-            r.future.set_result(out)
-
-
 class Engine:
-    """Both sides, their workers and the working image size."""
+    """Both sides, what runs their edits (``workers``: an :class:`~ui.batcher.EditorWorker`
+    per side in this process, or the side's :class:`~ui.editor_process.EditorProcess`) and the
+    working image size."""
 
     def __init__(self, a: Side, b: Side, notices: list[str], max_batch: int = 16,
-                 take_turns: bool = False):
+                 take_turns: bool = False, timings: Timings | None = None):
         self.sides = {"A": a, "B": b}
         self.notices = notices
         self.size = working_size(a, b)
         self.batching = not on_zero_gpu()
-        self.timings = Timings()
+        self.timings = timings if timings is not None else Timings()
         # take_turns: one side's batch at a time (a lock shared by both workers); measured
         # against both at once in docs/app_load.md
         self.take_turns = take_turns
         shared = threading.Lock() if take_turns else None
-        self.workers = {k: EditorWorker(s, max_batch, timings=self.timings, run_lock=shared)
+        self.workers = {k: s.process or EditorWorker(s, max_batch, timings=self.timings,
+                                                     run_lock=shared)
                         for k, s in self.sides.items()}
 
     @classmethod
     def from_config(cls, config: AppConfig) -> "Engine":
-        a, b, notices = load_sides(config)
-        return cls(a, b, notices, config.max_batch, take_turns=config.take_turns)
+        timings = Timings()
+        start = None
+        if editors_in_own_processes(config):
+            def start(key: str, spec: SideSpec) -> concurrent.futures.Future:
+                load = functools.partial(load_side, key, spec, config.device)
+                return EditorProcess(key, load, threads=config.threads,
+                                     max_batch=config.max_batch, timings=timings).ready
+        a, b, notices = load_sides(config, start)
+        return cls(a, b, notices, config.max_batch, take_turns=config.take_turns,
+                   timings=timings)
 
     @property
     def world(self) -> bool:
         return all(s.is_world for s in self.sides.values())
 
     def default_steps(self) -> int:
-        return max(int(getattr(s.editor, "default_steps", 10) or 10) for s in self.sides.values())
+        return max(s.default_steps for s in self.sides.values())
 
     def close(self) -> None:
-        for w in self.workers.values():
-            w.stop()
+        """Stop both sides at once (an editor process first finishes the edits it has)."""
+        stopping = [threading.Thread(target=w.stop) for w in self.workers.values()]
+        for thread in stopping:
+            thread.start()
+        for thread in stopping:
+            thread.join()
         _ENGINES.pop(id(self), None)
 
 
@@ -364,8 +269,8 @@ _ENGINES: dict[int, "Engine"] = {}
 
 
 class PairProgress:
-    """Each side's denoising steps during one :func:`run_pair` (written by the editor threads,
-    read by the caller's thread)."""
+    """Each side's denoising steps during one :func:`run_pair` (written by the threads that run
+    the editors or hear from their processes, read by the caller's thread)."""
 
     def __init__(self, sides):
         self._lock = threading.Lock()
@@ -465,7 +370,7 @@ def _run_pair_batched(engine: Engine, inputs, instruction, intent, seed, steps,
         try:
             results[k] = (_check_output(fut.result()), seconds, None)
         except Exception as exc:  # noqa: BLE001
-            results[k] = (None, seconds, _describe(exc))
+            results[k] = (None, seconds, describe(exc))
     return results
 
 
@@ -480,7 +385,7 @@ def _run_pair_gpu(engine_key: int, inputs: dict[str, Image.Image], instruction: 
             out = engine.workers[k].edit_direct(inputs[k], instruction, intent, seed, steps)
             results[k] = (_check_output(out), time.perf_counter() - t0, None)
         except Exception as exc:  # noqa: BLE001
-            results[k] = (None, time.perf_counter() - t0, _describe(exc))
+            results[k] = (None, time.perf_counter() - t0, describe(exc))
     return results
 
 
@@ -488,8 +393,3 @@ def _check_output(out) -> Image.Image:
     if not isinstance(out, Image.Image):
         raise EditFailure(f"the editor returned {type(out).__name__}, not an image")
     return out.convert("RGB")
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__

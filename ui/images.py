@@ -219,7 +219,8 @@ class DisplayFiles:
     rewrites its cache file in place on every response (``write_bytes``), so a browser fetching
     an image that another response is rewriting at that moment (the same source thumbnail is in
     every response of a session, and equal images are shared between users) can get a broken
-    file.  Paths are copied into gradio's cache atomically and only once."""
+    file.  The files are written once, atomically, and never change, so the app serves their
+    folder as a gradio static path (``ui/build.py``): gradio neither copies nor hashes them."""
 
     def __init__(self, bank: ImageBank, directory: str | os.PathLike):
         self.bank = bank

@@ -55,6 +55,17 @@ def paced_editor(reference, delay_s: float = 0.1, steps: int = 10):
     return PacedEditor()
 
 
+def paced_side(key: str, reference: str, delay_s: float = 0.1, steps: int = 10):
+    """A :class:`~ui.engine.Side` named ``reference`` running :func:`paced_editor` around that
+    reference editor ("oracle", "identity"); a module-level function, so that an editor process
+    can load it (``functools.partial(paced_side, "A", "oracle")``)."""
+    from mteditlab.editors import get_editor
+
+    from .engine import Side
+
+    return Side(key, reference, None, paced_editor(get_editor(reference), delay_s, steps))
+
+
 def make_engine(a, b, names=None, max_batch: int = 16):
     """An :class:`~ui.engine.Engine` around two editor objects (``names``: the store
     names (editor, adapter) of each side; default their ``name`` attributes)."""
@@ -190,6 +201,7 @@ def arena_session(page, url: str, instructions: list[str], picks,
         wait_text(page, "#arena-status", f"Vote stored for turn {k + 1}")
         page.wait_for_function("() => document.querySelector('#arena-vote-left').disabled")
         seen.append({"status": page.locator("#arena-status").inner_text(),
+                     "instruction": page.locator("#arena-instruction textarea").input_value(),
                      "title_left": page.locator("#arena-title-left").inner_text(),
                      "title_right": page.locator("#arena-title-right").inner_text(),
                      "strip_left": gallery_count(page, "#arena-strip-left"),
@@ -199,6 +211,19 @@ def arena_session(page, url: str, instructions: list[str], picks,
         wait_images(page)
         page.screenshot(path=str(shots / "arena.png"), full_page=True)
     return seen
+
+
+def type_during_edit(page, instruction: str, typed: str, turn: int) -> str:
+    """Start turn ``turn``'s edit, type ``typed`` into the instruction box while it runs, and
+    return what the box holds once the edit is done."""
+    box = page.locator("#arena-instruction textarea")
+    box.fill(instruction)
+    page.locator("#arena-edit").click()
+    wait_text(page, "#arena-img-left .progress-level-inner", "Model A")
+    box.fill(typed)
+    wait_text(page, "#arena-status", f"Turn {turn} done")
+    page.wait_for_timeout(500)   # the browser-side step after the answer
+    return box.input_value()
 
 
 def end_session(page) -> dict:
