@@ -53,7 +53,7 @@ def serve(latency: float, urls) -> None:
 def run(flags: list[str], iterations: int) -> tuple[dict, object]:
     """Train for ``iterations`` with ``flags``; medians of the phases over the iterations after the first."""
     with tempfile.TemporaryDirectory() as scratch:
-        cfg = parse_args(["--lora", *flags, "--iterations", str(iterations), "--eval-every", str(10**9),
+        cfg = parse_args(["--lora", *flags, "--iterations", str(iterations), "--eval-every", "0",
                           "--save-every", str(10**9), "--max-minutes", "0", "--out", scratch])
         train(cfg)
         rows = [json.loads(line) for line in (Path(scratch) / "metrics.jsonl").read_text().splitlines()]

@@ -39,6 +39,12 @@ def test_nft_trains_each_sample_at_the_requested_number_of_timesteps(tmp_path):
                          out=str(tmp_path / f"t{n}"), **TINY))
         # turns × timesteps per sample × minibatches × inner epochs loss evaluations
         assert _rows(tmp_path / f"t{n}")[0]["loss_terms"] == 2 * n * 2 * 2
+    assert len(_rows(tmp_path / "t1", "eval")) == 1   # the last iteration is evaluated
+
+
+def test_eval_every_zero_never_evaluates(tmp_path):
+    train(GRPOConfig(algo="nft", iterations=1, out=str(tmp_path), **{**TINY, "eval_every": 0}))
+    assert len(_rows(tmp_path)) == 1 and _rows(tmp_path, "eval") == []
 
 
 def test_old_policy_decay_schedules():

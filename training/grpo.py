@@ -125,7 +125,7 @@ class GRPOConfig:
     # operations
     iterations: int = 50                  # ≈ 30 min of training on one thread of a 2-core CPU
     max_minutes: float = 60.0             # stop after this much training time (0 = no limit)
-    eval_every: int = 10
+    eval_every: int = 10                  # evaluate on val every N iterations and after the last (0: never)
     eval_sessions: int = 100
     save_every: int = 10
     hacking_window: int = 20
@@ -253,7 +253,7 @@ def train(cfg: GRPOConfig) -> Path:
         out_of_time = bool(cfg.max_minutes) and minutes >= cfg.max_minutes
         last = iteration + 1 == cfg.iterations or out_of_time
         lines = [row]
-        if val and ((iteration + 1) % cfg.eval_every == 0 or last):
+        if val and cfg.eval_every and ((iteration + 1) % cfg.eval_every == 0 or last):
             editor.denoiser.eval()
             with algo.exported_policy(editor):
                 result = run_benchmark(editor, val, seed=cfg.seed, intent=cfg.intent, progress=False)
