@@ -9,13 +9,18 @@ its own module, and the registry imports every module of its package the first t
     EDITORS["mini"]          # the class; "mini" in EDITORS, list(EDITORS): the names, as argparse choices
 
 Modules of a registry's package therefore keep their heavy imports (model libraries, pipelines)
-inside the functions that need them: looking one backend up imports all of them.
+inside the functions that need them: looking one backend up imports all of them. A process that must
+not import them at all (the app's web server parsing its flags) reads the names from the sources
+with :func:`registered_names`.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import pkgutil
+from pathlib import Path
 from collections.abc import Iterator, Mapping
 
 
@@ -60,3 +65,16 @@ class Registry(Mapping[str, type]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind}: {', '.join(self)})"
+
+
+def registered_names(package: str, decorator: str) -> tuple[str, ...]:
+    """The names a package's modules register with ``@decorator("NAME")`` on a class, read from their
+    source without importing them (in file order)."""
+    names = []
+    for path in sorted(Path(importlib.util.find_spec(package).submodule_search_locations[0]).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef):
+                names += [d.args[0].value for d in node.decorator_list
+                          if isinstance(d, ast.Call) and isinstance(d.func, ast.Name) and d.func.id == decorator
+                          and d.args and isinstance(d.args[0], ast.Constant)]
+    return tuple(names)

@@ -17,7 +17,8 @@ import pytest
 from mteditlab.editors.reference import OracleEditor
 from mteditlab.world import generate_session, render
 from ui import testing
-from ui.arena import Arena, ArenaState
+from ui.arena import Arena
+from ui.arena_state import ArenaState
 from ui.batcher import EditFailure
 from ui.config import AppConfig, SideSpec
 from ui.context import AppContext

@@ -214,7 +214,7 @@ def test_only_the_admin_sees_the_database_path(app):
 
 
 def test_lone_surrogates_are_cleaned_like_control_characters(app):
-    from ui.arena import clean_instruction
+    from ui.arena_state import clean_instruction
 
     assert clean_instruction("change the\ud800 background\udfff to\x07 black") == \
         "change the background to black"
@@ -222,7 +222,8 @@ def test_lone_surrogates_are_cleaned_like_control_characters(app):
         clean_instruction("\ud800\udbff")
     # a browser's JSON can carry a lone surrogate (JSON.stringify escapes it); httpx cannot
     # send one, so the arena operation is called on the running app's own context
-    from ui.arena import Arena, ArenaState
+    from ui.arena import Arena
+    from ui.arena_state import ArenaState
 
     url, ctx = app
     arena, state = Arena(ctx), ArenaState()

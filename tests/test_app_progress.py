@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from ui import testing
-from ui.arena import Arena, ArenaState
+from ui.arena import Arena
+from ui.arena_state import ArenaState
 from ui.batcher import takes_callback
 from ui.engine import progress_fraction, run_pair
 from mteditlab.editors.reference import IdentityEditor, OracleEditor

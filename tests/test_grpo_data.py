@@ -194,7 +194,8 @@ def test_failed_judgments_are_counted_and_the_run_goes_on(tmp_path, kontext_dir,
 
 
 def test_arena_sessions_from_the_app_store_train_one_iteration(tmp_path, kontext_dir):
-    from ui.arena import Arena, ArenaState
+    from ui.arena import Arena
+    from ui.arena_state import ArenaState
     from ui.context import AppContext
     from ui.testing import app_config, make_engine
     from mteditlab.editors.reference import IdentityEditor, OracleEditor

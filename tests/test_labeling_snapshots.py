@@ -106,7 +106,8 @@ def test_scheduled_pushes_carry_new_judgments_and_only_changed_files(tmp_path):
 
 
 def test_app_restart_keeps_arena_votes_and_labels(tmp_path):
-    from ui.arena import Arena, ArenaState
+    from ui.arena import Arena
+    from ui.arena_state import ArenaState
     from ui.context import AppContext
     from ui.label import populate_queue
     from ui.testing import app_config, make_engine

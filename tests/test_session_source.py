@@ -137,7 +137,8 @@ def test_fold_prefixes_keeps_the_longest_per_source():
 
 
 def test_arena_sessions_made_by_the_app_read_back_as_training_sessions(tmp_path):
-    from ui.arena import Arena, ArenaState
+    from ui.arena import Arena
+    from ui.arena_state import ArenaState
     from ui.context import AppContext
     from ui.testing import app_config, make_engine
     from mteditlab.editors.reference import IdentityEditor, OracleEditor

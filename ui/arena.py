@@ -1,10 +1,4 @@
-"""Arena logic: per-user state and the operations on it (no gradio here).
-
-State
-    :class:`ArenaState` lives in a ``gr.State``: small and deep-copyable (images are sha256
-    keys into the process's :class:`~ui.images.ImageBank`).  Gradio hands the same
-    object to every event of a browser session, so operations mutate it in place, under a
-    per-session lock, and only after everything that can fail has succeeded.
+"""Arena logic: the operations on a person's :class:`~ui.arena_state.ArenaState` (no gradio here).
 
 Multi-turn
     Each side edits **its own** previous output; both sides get the same instruction, the same
@@ -37,10 +31,8 @@ Storage (DuckDB, through :class:`labeling.store.LabelStore`)
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
-import re
 import time
 import uuid
 
@@ -48,109 +40,16 @@ from PIL import Image
 
 from mteditlab.intent import turn_seed
 
+from .arena_state import (CRITERIA, MAX_SEED, MAX_TURNS, ArenaError, ArenaState, TurnRecord,
+                          clean_instruction, whole_number)
 from .engine import progress_fraction, run_pair
 from .images import ImageInputError, load_upload, prepare_source
 from .screen import PICKS, choice_from_screen
 from .text import md_literal
-from .worldview import (IntentStep, format_verdict, random_test_scene, read_world_scene,
+from .worldview import (format_verdict, random_test_scene, read_world_scene,
                         resolve_turn, test_scene, verdict)
 
 log = logging.getLogger("mteditlab.ui")
-CRITERIA = ("overall", "instruction", "consistency", "quality")
-MAX_INSTRUCTION_CHARS = 500
-MAX_TURNS = 20
-MAX_SEED = 2**31 - 1
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")  # and lone surrogates
-
-
-class ArenaError(ValueError):
-    """A request the arena refuses; ``str()`` is shown to the user and nothing changes."""
-
-
-@dataclasses.dataclass
-class TurnRecord:
-    instruction: str
-    step: IntentStep               # reconstructed intent (and world edit) of this turn
-    intent_used: bool              # whether the editors were conditioned on the intent
-    seed: int
-    steps: int | None
-    outputs: dict                  # side -> sha256
-    seconds: dict                  # side -> float
-    verdicts: dict                 # side -> dict | None
-    shown_at: float
-    vote: dict | None = None
-
-
-@dataclasses.dataclass
-class ArenaState:
-    arena_id: str = ""
-    branch: int = 0
-    source: str | None = None      # sha256 of the prepared source
-    source_label: str = ""
-    scene: object = None           # world Scene of the source, or None
-    suggestions: list = dataclasses.field(default_factory=list)
-    left: str = "A"                # which side ('A'/'B') is shown on the left
-    anonymous: bool = True
-    revealed: bool = False
-    turns: list = dataclasses.field(default_factory=list)
-    stored: set = dataclasses.field(default_factory=set)     # image shas already in the store
-    saved_prefix: int = 0          # turns of this branch already stored as a comparison
-    voter: str | None = None
-    votes: int = 0                 # votes cast in this arena session (all branches)
-    message: str = ""
-    # display and behaviour settings (changed by the UI's checkboxes)
-    use_intent: bool = True        # reconstruct the intent, show it and condition on it
-    show_verdict: bool = False     # show the verifier's verdicts (world sources only)
-    anonymous_next: bool = True    # anonymity of the next session started
-    arena_key: int | None = None   # which Arena (process-wide registry) owns this state
-
-    @property
-    def n(self) -> int:
-        return len(self.turns)
-
-    def side_on(self, screen: str) -> str:
-        return self.left if screen == "left" else ("B" if self.left == "A" else "A")
-
-    def input_of(self, side: str, k: int) -> str:
-        """sha of what ``side`` edited at turn ``k`` (the source, or its own output k-1)."""
-        return self.source if k == 0 else self.turns[k - 1].outputs[side]
-
-    def latest_of(self, side: str) -> str:
-        return self.input_of(side, self.n)
-
-    def names_visible(self) -> bool:
-        return not self.anonymous or self.revealed
-
-    def can_vote(self) -> bool:
-        return bool(self.turns) and self.turns[-1].vote is None and not self.revealed
-
-
-def clean_instruction(text) -> str:
-    """The instruction as editors and the store get it: control characters and lone
-    surrogates (not encodable text) become spaces, whitespace runs one space; length checked."""
-    if not isinstance(text, str):
-        raise ArenaError("Type an instruction first.")
-    text = " ".join(_CONTROL.sub(" ", text).split())
-    if not text:
-        raise ArenaError("Type an instruction first (it is empty).")
-    if len(text) > MAX_INSTRUCTION_CHARS:
-        raise ArenaError(f"That instruction has {len(text):,} characters; the limit is "
-                         f"{MAX_INSTRUCTION_CHARS}. Say it in fewer words.")
-    return text
-
-
-def _int(value, name: str, low: int, high: int) -> int:
-    try:
-        number = int(value)
-        if number != float(value):
-            raise ValueError
-    except (TypeError, ValueError, OverflowError):
-        raise ArenaError(f"{name} must be a whole number between {low} and {high}.") from None
-    if not low <= number <= high:
-        raise ArenaError(f"{name} must be between {low} and {high}; got {number}.")
-    return number
-
-
 _ARENAS: dict[int, "Arena"] = {}
 
 
@@ -211,7 +110,7 @@ class Arena:
     def start_example(self, state: ArenaState, index) -> str:
         from .worldview import EXAMPLES
 
-        i = _int(index, "Example", 1, len(EXAMPLES))
+        i = whole_number(index, "Example", 1, len(EXAMPLES))
         image, suggestions, label = test_scene(EXAMPLES[i - 1])
         self._begin(state, image, f"example {i} ({label})", suggestions, state.anonymous_next)
         return f"New session on example {i}. Suggested instructions are in the list."
@@ -259,8 +158,8 @@ class Arena:
         if state.n >= MAX_TURNS:
             raise ArenaError(f"This session has {MAX_TURNS} turns, the most one session keeps; "
                              "fork from an earlier turn or reset.")
-        seed = _int(seed, "Seed", 0, MAX_SEED)
-        steps = _int(steps, "Steps", 1, 100) if steps not in (None, "") else None
+        seed = whole_number(seed, "Seed", 0, MAX_SEED)
+        steps = whole_number(steps, "Steps", 1, 100) if steps not in (None, "") else None
         k = state.n
         step = resolve_turn(text, state.scene, [t.step for t in state.turns])
         intent = step.intent if state.use_intent and step.edit is not None else None
@@ -306,7 +205,7 @@ class Arena:
         if state.n == 0:
             raise ArenaError("Nothing to vote on yet: make an edit first.")
         self._require_open(state)
-        turn = _int(turn_shown, "Turn", 1, MAX_TURNS)
+        turn = whole_number(turn_shown, "Turn", 1, MAX_TURNS)
         if turn != state.n:
             raise ArenaError(f"Vote refused: it is for turn {turn}, but the turn on screen is "
                              f"{state.n}. Votes are for the latest turn only.")
@@ -398,7 +297,7 @@ class Arena:
         if state.n == 0:
             raise ArenaError("Nothing to fork from: make an edit first.")
         self._require_open(state)
-        keep = _int(turn, "Fork turn", 0, state.n)
+        keep = whole_number(turn, "Fork turn", 0, state.n)
         if keep == state.n:
             raise ArenaError(f"Turn {keep} is already the latest; pick an earlier turn to fork.")
         self._finish_branch(state)

@@ -18,7 +18,9 @@ import time
 
 import gradio as gr
 
-from .arena import CRITERIA, MAX_SEED, PICKS, Arena, ArenaError, ArenaState, finish_state
+from .arena import Arena, finish_state
+from .arena_state import CRITERIA, MAX_SEED, ArenaError, ArenaState
+from .screen import PICKS
 from .text import NO_LATEX
 from .worldview import EXAMPLES, GRAMMAR
 

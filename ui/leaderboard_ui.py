@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 
 from . import leaderboard as lb
-from .arena import CRITERIA
+from .arena_state import CRITERIA
 
 log = logging.getLogger("mteditlab.ui")
 

@@ -1,0 +1,110 @@
+"""Per-person arena state and the checks on what people type (no gradio here).
+
+State
+    :class:`ArenaState` lives in a ``gr.State``: small and deep-copyable (images are sha256
+    keys into the process's :class:`~ui.images.ImageBank`).  Gradio hands the same
+    object to every event of a browser session, so operations mutate it in place, under a
+    per-session lock, and only after everything that can fail has succeeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from .worldview import IntentStep
+
+CRITERIA = ("overall", "instruction", "consistency", "quality")
+MAX_INSTRUCTION_CHARS = 500
+MAX_TURNS = 20
+MAX_SEED = 2**31 - 1
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")  # and lone surrogates
+
+
+class ArenaError(ValueError):
+    """A request the arena refuses; ``str()`` is shown to the user and nothing changes."""
+
+
+@dataclasses.dataclass
+class TurnRecord:
+    instruction: str
+    step: IntentStep               # reconstructed intent (and world edit) of this turn
+    intent_used: bool              # whether the editors were conditioned on the intent
+    seed: int
+    steps: int | None
+    outputs: dict                  # side -> sha256
+    seconds: dict                  # side -> float
+    verdicts: dict                 # side -> dict | None
+    shown_at: float
+    vote: dict | None = None
+
+
+@dataclasses.dataclass
+class ArenaState:
+    arena_id: str = ""
+    branch: int = 0
+    source: str | None = None      # sha256 of the prepared source
+    source_label: str = ""
+    scene: object = None           # world Scene of the source, or None
+    suggestions: list = dataclasses.field(default_factory=list)
+    left: str = "A"                # which side ('A'/'B') is shown on the left
+    anonymous: bool = True
+    revealed: bool = False
+    turns: list = dataclasses.field(default_factory=list)
+    stored: set = dataclasses.field(default_factory=set)     # image shas already in the store
+    saved_prefix: int = 0          # turns of this branch already stored as a comparison
+    voter: str | None = None
+    votes: int = 0                 # votes cast in this arena session (all branches)
+    message: str = ""
+    # display and behaviour settings (changed by the UI's checkboxes)
+    use_intent: bool = True        # reconstruct the intent, show it and condition on it
+    show_verdict: bool = False     # show the verifier's verdicts (world sources only)
+    anonymous_next: bool = True    # anonymity of the next session started
+    arena_key: int | None = None   # which Arena (process-wide registry) owns this state
+
+    @property
+    def n(self) -> int:
+        return len(self.turns)
+
+    def side_on(self, screen: str) -> str:
+        return self.left if screen == "left" else ("B" if self.left == "A" else "A")
+
+    def input_of(self, side: str, k: int) -> str:
+        """sha of what ``side`` edited at turn ``k`` (the source, or its own output k-1)."""
+        return self.source if k == 0 else self.turns[k - 1].outputs[side]
+
+    def latest_of(self, side: str) -> str:
+        return self.input_of(side, self.n)
+
+    def names_visible(self) -> bool:
+        return not self.anonymous or self.revealed
+
+    def can_vote(self) -> bool:
+        return bool(self.turns) and self.turns[-1].vote is None and not self.revealed
+
+
+def clean_instruction(text) -> str:
+    """The instruction as editors and the store get it: control characters and lone
+    surrogates (not encodable text) become spaces, whitespace runs one space; length checked."""
+    if not isinstance(text, str):
+        raise ArenaError("Type an instruction first.")
+    text = " ".join(_CONTROL.sub(" ", text).split())
+    if not text:
+        raise ArenaError("Type an instruction first (it is empty).")
+    if len(text) > MAX_INSTRUCTION_CHARS:
+        raise ArenaError(f"That instruction has {len(text):,} characters; the limit is "
+                         f"{MAX_INSTRUCTION_CHARS}. Say it in fewer words.")
+    return text
+
+
+def whole_number(value, name: str, low: int, high: int) -> int:
+    """``value`` as an int in ``[low, high]``, or an :class:`ArenaError` naming ``name``."""
+    try:
+        number = int(value)
+        if number != float(value):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ArenaError(f"{name} must be a whole number between {low} and {high}.") from None
+    if not low <= number <= high:
+        raise ArenaError(f"{name} must be between {low} and {high}; got {number}.")
+    return number
