@@ -109,7 +109,7 @@ def test_reward_terms_address_overalls_and_sub_scores(tiny_editor):
     sessions = [generate_session("train", i, 2) for i in range(2)]
     records = sample_turns(tiny_editor, sessions, [render(s.source) for s in sessions], cfg, iteration=0)
     verifier = get_reward("verifier")
-    scored = score_all(RewardTerms(weights, {"verifier": verifier}, verifier), records, sessions)
+    scored = RewardTerms(weights, {"verifier": verifier}, verifier).score(records, sessions, 2, world_meta, seed=0)
     scores, gold, subs = scored.trained, scored.gold, scored.sub_means
     assert set(scores) == {"verifier", "verifier.quality", "verifier.ga"}
     assert (scores["verifier"] == gold).all()
@@ -117,14 +117,7 @@ def test_reward_terms_address_overalls_and_sub_scores(tiny_editor):
     quality = scores["verifier.quality"]
     assert ((quality >= 0) & (quality <= 1)).all() and quality.mean() == pytest.approx(subs["verifier/quality"])
     with pytest.raises(ValueError, match="no sub-score 'style'"):
-        score_all(RewardTerms({"verifier.style": 1.0}, {"verifier": verifier}, verifier), records, sessions)
-
-
-def score_all(terms: RewardTerms, records, sessions, overlap: bool = False):
-    scoring = terms.batch(sessions, len(records[0].after) // len(sessions), world_meta, seed=0, overlap=overlap)
-    for k, record in enumerate(records):
-        scoring.add(k, record)
-    return scoring.result()
+        RewardTerms({"verifier.style": 1.0}, {"verifier": verifier}, verifier).score(records, sessions, 2, world_meta, seed=0)
 
 
 def test_scoring_overlapped_with_sampling_gives_the_serial_scores(tiny_editor):
@@ -136,7 +129,7 @@ def test_scoring_overlapped_with_sampling_gives_the_serial_scores(tiny_editor):
     terms = RewardTerms(weights, {"judge": get_reward("judge"), "verifier": verifier}, verifier)
     scoring = terms.batch(sessions, 2, world_meta, seed=0, overlap=True)
     records = sample_turns(tiny_editor, sessions, sources, cfg, iteration=0, on_turn=scoring.add)
-    overlapped, serial = scoring.result(), score_all(terms, records, sessions)
+    overlapped, serial = scoring.result(), terms.score(records, sessions, 2, world_meta, seed=0)
     assert scoring.busy_s > 0 and overlapped.sub_means == serial.sub_means
     for name in ("judge", "verifier.quality"):
         np.testing.assert_array_equal(overlapped.trained[name], serial.trained[name])

@@ -80,6 +80,14 @@ class RewardTerms:
         turn by turn: see :class:`BatchScoring`."""
         return BatchScoring(self, sessions, generations, meta, seed, tally, overlap)
 
+    def score(self, turns: list[TurnSamples], sessions: list, generations: int, meta: Callable[[object, int], dict],
+              seed: int, tally: dict | None = None) -> Scores:
+        """The scores of rollouts already sampled (:meth:`batch` fed every turn, serially)."""
+        scoring = self.batch(sessions, generations, meta, seed, tally)
+        for k, turn in enumerate(turns):
+            scoring.add(k, turn)
+        return scoring.result()
+
     def metrics(self, scores: Scores, trajectory_filter: bool) -> dict[str, float]:
         """The batch's metrics: ``reward/TERM``, ``reference/TERM``, ``sub/NAME/SUB``, the gold's success
         (per turn, and of whole rollouts) and whether the trajectory filter applied."""
