@@ -33,6 +33,7 @@ CSS = """
 #arena-status, #label-status, #label-header { min-height: 2em; }
 .gradio-container img { image-rendering: pixelated; }
 #arena-vote-row button { min-height: 3em; font-size: 1.05em; }
+#arena-vote-row button:disabled { opacity: 0.45; cursor: not-allowed; }
 #label-rubric { font-size: 0.92em; }
 footer { display: none !important; }
 """
