@@ -129,6 +129,15 @@ class Player(threading.Thread):
             self.errors.append(f"{api_name}: {type(exc).__name__}: {exc}"[:300])
             return None
 
+    def timed(self, client, expect: str, *args, api_name) -> tuple[list | None, float]:
+        """A call and its wall time; ``(None, 0)`` (and an error) unless the status says ``expect``."""
+        t0 = time.perf_counter()
+        out = self.call(client, *args, api_name=api_name)
+        if out is not None and expect not in out[STATUS]:
+            self.errors.append(f"{api_name} refused: {out[STATUS][:200]}")
+            out = None
+        return out, time.perf_counter() - t0
+
     def run(self) -> None:
         from gradio_client import Client
 
@@ -163,27 +172,21 @@ class Player(threading.Thread):
             for text in script[: self.rng.randint(3, 5)]:
                 if time.time() >= self.deadline:
                     break
-                t0 = time.perf_counter()
-                out = self.call(client, text, self.rng.randrange(1000), 10, api_name="/edit")
+                out, seconds = self.timed(client, f"Turn {turns + 1} done", text, self.rng.randrange(1000), 10,
+                                          api_name="/edit")
                 if out is None:
                     break
-                if f"Turn {turns + 1} done" not in out[STATUS]:
-                    self.errors.append(f"edit refused: {out[STATUS][:200]}")
-                    break
-                self.turn_s.append(time.perf_counter() - t0)
+                self.turn_s.append(seconds)
                 done = re.search(r"done in ([\d.]+) s", out[STATUS])
                 if done:
                     self.edit_s.append(float(done.group(1)))
                 turns += 1
                 pick, criterion = self.rng.choice(PICKS), self.rng.choice(CRITERIA)
-                t0 = time.perf_counter()
-                out = self.call(client, turns, criterion, api_name=f"/vote_{pick}")
+                out, seconds = self.timed(client, f"Vote stored for turn {turns}", turns, criterion,
+                                          api_name=f"/vote_{pick}")
                 if out is None:
                     break
-                if f"Vote stored for turn {turns}" not in out[STATUS]:
-                    self.errors.append(f"vote refused: {out[STATUS][:200]}")
-                    break
-                self.vote_s.append(time.perf_counter() - t0)
+                self.vote_s.append(seconds)
                 self.acked.append({"turn": turns - 1, "criterion": criterion, "pick": pick,
                                    "left_model": None, "right_model": None})
                 if self.rng.random() < 0.1 and turns > 1:  # sometimes undo and redo
