@@ -22,3 +22,7 @@ def test_the_app_lists_its_editors_without_importing_a_model_library():
     code = "import sys, ui.config as c; print(len(c.ALL_EDITORS), *[m for m in ('torch', 'diffusers') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.split() == [str(len(EDITORS))]
+
+
+def test_the_world_editors_say_so_on_their_classes():
+    assert {name for name, cls in EDITORS.items() if cls.world} == {"mini", "oracle", "identity"}

@@ -51,7 +51,6 @@ from mteditlab.registry import registered_names
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADAPTER = "checkpoints/mini/grpo"
 DEFAULT_REWARD_MODEL = "checkpoints/mini/calibrated"
-WORLD_EDITORS = ("mini", "oracle", "identity")
 ALL_EDITORS = registered_names("mteditlab.editors", "register_editor")   # without importing torch
 NONE_WORDS = ("", "none", "no", "off", "-")
 

@@ -46,7 +46,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from .batcher import EditFailure, EditorWorker, describe
-from .config import WORLD_EDITORS, AppConfig, SideSpec, resolve_path
+from .config import AppConfig, SideSpec, resolve_path
 from .editor_process import EditorProcess
 from .profile import Timings
 
@@ -85,6 +85,7 @@ class Side:
     fallback_reason: str | None = None
     resolution: int | None = None   # the editor's square working size (None: any)
     default_steps: int = 10
+    is_world: bool = False          # it edits the world's scenes (``Editor.world``)
     process: EditorProcess | None = None   # the editor's own process, if it has one
 
     def __post_init__(self):
@@ -92,14 +93,11 @@ class Side:
             value = getattr(self.editor, "resolution", None)
             self.resolution = int(value) if value else None
             self.default_steps = int(getattr(self.editor, "default_steps", 10) or 10)
+            self.is_world = bool(getattr(self.editor, "world", False))
 
     @property
     def model(self) -> str:
         return f"{self.editor_name}+{self.adapter}" if self.adapter else self.editor_name
-
-    @property
-    def is_world(self) -> bool:
-        return self.editor_name.split("@")[0] in WORLD_EDITORS
 
 
 def _store_names(spec: SideSpec) -> tuple[str, str | None]:

@@ -31,6 +31,7 @@ def paced_editor(reference, delay_s: float = 0.1, steps: int = 10):
         name = reference.name
         default_steps = steps
         resolution = getattr(reference, "resolution", None)
+        world = reference.world
 
         def encode(self, images, texts):
             targets = reference.edit_batch(list(images), list(texts))

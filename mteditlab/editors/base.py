@@ -30,12 +30,14 @@ class Editor:
 
     ``name`` is set by ``register_editor``; ``default_steps`` is the sampling budget when a caller
     gives none. ``local_weights``: ``path`` in :meth:`create` names a checkpoint directory (relative
-    to the working directory), not a model id.
+    to the working directory), not a model id. ``world``: it edits the world's scenes (its outputs
+    are renders the world's verifier reads), so the app offers world scenes and verdicts with it.
     """
 
     name: str = "editor"
     default_steps: int = 10
     local_weights: ClassVar[bool] = False
+    world: ClassVar[bool] = False
 
     @classmethod
     def create(cls, path: str | Path | None = None, device: str | None = None) -> "Editor":

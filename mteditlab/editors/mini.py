@@ -117,6 +117,7 @@ class MiniEditor(FlowPolicy):
     default_steps = 10
     shift = 1.0
     local_weights = True
+    world = True
     lora_prefix = "unet"
     lora_target_modules = ATTENTION
     lora_presets = {"attention": ATTENTION, "attention+conv": ATTENTION + CONV,

@@ -16,6 +16,8 @@ from .base import Editor, register_editor
 class IdentityEditor(Editor):
     """Returns its input: instruction following ≈ 0, content consistency = 1."""
 
+    world = True
+
     def edit_batch(self, images: Sequence[Image.Image], instructions: Sequence[str], **_) -> list[Image.Image]:
         return [image.copy() for image in images]
 
@@ -24,6 +26,8 @@ class IdentityEditor(Editor):
 class OracleEditor(Editor):
     """Reads the scene from the image, parses the (reconstructed) instruction with the world's grammar
     and renders the exact result. Text it cannot parse leaves the image unchanged."""
+
+    world = True
 
     def __init__(self, resolution: int = DEFAULT_RESOLUTION):
         self.resolution = resolution
