@@ -29,7 +29,6 @@ import os
 import random
 import re
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -40,29 +39,17 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ui.arena_state import CRITERIA
+from ui.profile import percentile
+from ui.screen import PICKS
+from ui.testing import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 STATUS = 7  # index of the status text in an arena endpoint's API outputs
-PICKS = ("left", "right", "tie", "both_bad")
 # gradio_client opens a fresh httpx client for each request, and with it an SSL context that
 # loads the CA bundle: half the bench's CPU, on the cores the app runs on.  The app is plain
 # http, so every client gets this one, made once.
 TLS = ssl.create_default_context()
-CRITERIA = ("overall", "instruction", "consistency", "quality")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = (len(values) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def make_random_checkpoints(root: Path) -> tuple[Path, Path]:

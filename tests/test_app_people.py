@@ -96,7 +96,7 @@ def test_the_voter_secret_is_made_once_and_kept(tmp_path):
 def test_voters_stored_under_their_session_hash_by_older_versions_are_renamed_on_start(tmp_path):
     from labeling.store import LabelStore
     from mteditlab.editors.reference import IdentityEditor, OracleEditor
-    from ui.context import AppContext, voter_id
+    from ui.context import AppContext, rename_raw_voter_ids, voter_id
     from ui.testing import app_config, make_engine
 
     config = app_config(tmp_path / "data")
@@ -109,6 +109,7 @@ def test_voters_stored_under_their_session_hash_by_older_versions_are_renamed_on
         try:
             assert ctx.store.excluded_voters() == {voter_id(ctx.secret, "Qx7_raw-hash")}
             assert "Qx7_raw-hash" not in everything_stored(ctx)
+            assert rename_raw_voter_ids(ctx.store, ctx.secret) == 0   # none left to rename
         finally:
             ctx.close()
 

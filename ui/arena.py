@@ -213,7 +213,7 @@ class Arena:
         if record.vote is not None:
             raise ArenaError(f"Turn {turn} already has a vote; one vote per turn.")
         choice = choice_from_screen(pick, state.left)
-        blind = state.anonymous and not state.revealed
+        blind = state.anonymous
         latency_ms = max(0.0, (time.time() - record.shown_at) * 1000.0)
         with self.ctx.timings.timed("vote: store images, sessions, judgment"):
             comparison = self._store_sessions(state, turn, {"blind": blind})

@@ -36,10 +36,10 @@ CLEAR_DONE_JS = "(box, done) => (done && box === done) ? '' : {__type__: 'update
 def voter_name(ctx, request: gr.Request | None) -> str:
     """Arena voters: the signed-in user, else one anonymous id per browser session (a keyed
     hash of its session hash, never the hash itself: see :mod:`ui.context`)."""
-    username = getattr(request, "username", None) if request is not None else None
+    username = getattr(request, "username", None)
     if username:
         return f"arena:{username}"
-    return ctx.voter(getattr(request, "session_hash", None) if request is not None else None)
+    return ctx.voter(getattr(request, "session_hash", None))
 
 
 def build_arena_tab(ctx, arena: Arena) -> None:
@@ -164,7 +164,7 @@ def build_arena_tab(ctx, arena: Arena) -> None:
                 gr.Warning(str(exc))
                 ok = False
             except Exception as exc:  # noqa: BLE001 - the server keeps serving
-                log.exception("arena operation %s failed", getattr(op, "__name__", op))
+                log.exception("arena operation %s failed", name)
                 st.message = (f"⚠️ Something went wrong on the server ({type(exc).__name__}); "
                               "the session is unchanged.")
                 gr.Warning(st.message)

@@ -111,10 +111,10 @@ class EditorWorker:
         return self.side.editor.edit_batch(images, instructions, intents=intents, seeds=seeds,
                                            steps=steps, **extra)
 
-    def edit_direct(self, image, instruction, intent, seed, steps, on_step=None):
+    def edit_direct(self, image, instruction, intent, seed, steps):
         """One edit on the calling thread (under the run lock), no batching."""
         with self._lock:
-            return self._edit_batch([image], [instruction], [intent], [seed], steps, [on_step])[0]
+            return self._edit_batch([image], [instruction], [intent], [seed], steps)[0]
 
     def edit_many(self, images, instructions, intents, seeds, steps=None, chunk: int = 64) -> list:
         """A direct batched call (seeding the labeling queue), in chunks, under the lock."""

@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "training.reward_model --out DIR); the leaderboard shows its held-out "
                    f"agreement with the labels [MTEDITLAB_REWARD_MODEL] (default "
                    f"{DEFAULT_REWARD_MODEL})")
-    g.add_argument("--min-battles", type=int, default=int(_env("MTEDITLAB_MIN_BATTLES", "20")),
+    g.add_argument("--min-battles", type=int, default=_env("MTEDITLAB_MIN_BATTLES", "20"),
                    metavar="N", help="leaderboard: models with fewer battles are shown apart "
                    "as provisional and not ranked [MTEDITLAB_MIN_BATTLES] (default 20)")
     g.add_argument("--queue-selection", choices=("active", "uniform"),
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "from HF_TOKEN) and, when the store starts empty, resume from the last one; "
                    "file:DIR uses a local folder instead [MTEDITLAB_HUB_DATASET]")
     g.add_argument("--hub-every", type=float,
-                   default=float(_env("MTEDITLAB_HUB_EVERY", "5")), metavar="MIN",
+                   default=_env("MTEDITLAB_HUB_EVERY", "5"), metavar="MIN",
                    help="minutes between snapshot pushes [MTEDITLAB_HUB_EVERY] (default 5)")
     g.add_argument("--seed-queue", type=int, default=0, metavar="N",
                    help="when the labeling queue is empty at start, fill it with N world test "
@@ -331,7 +331,7 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
         threads=threads, take_turns=args.take_turns, in_process_editors=args.in_process_editors,
         seed_queue=max(0, args.seed_queue), reward_model=_opt(args.reward_model),
         min_battles=max(0, args.min_battles), queue_selection=args.queue_selection,
-        hub_dataset=_opt(args.hub_dataset), hub_every=args.hub_every,
+        hub_dataset=hub, hub_every=args.hub_every,
     )
 
 

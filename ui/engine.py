@@ -227,7 +227,6 @@ class Engine:
         self.timings = timings if timings is not None else Timings()
         # take_turns: one side's batch at a time (a lock shared by both workers); measured
         # against both at once in docs/app_load.md
-        self.take_turns = take_turns
         shared = threading.Lock() if take_turns else None
         self.workers = {k: s.process or EditorWorker(s, max_batch, timings=self.timings,
                                                      run_lock=shared)
@@ -284,8 +283,7 @@ class PairProgress:
 
     def finish(self, side: str) -> None:
         with self._lock:
-            done, total = self._steps[side]
-            total = total or 1
+            total = self._steps[side][1] or 1
             self._steps[side] = (total, total)
         self.changed.set()
 

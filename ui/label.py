@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import threading
 import time
 
@@ -262,15 +261,15 @@ def _populate_chunk(ctx, start: int, n_sessions: int, n_turns: int, gold_idx: li
     return created
 
 
-def seed_queue_in_background(ctx, n_sessions: int, file=None) -> threading.Thread:
+def seed_queue_in_background(ctx, n_sessions: int) -> threading.Thread:
     """Run :func:`populate_queue` for ``n_sessions`` on a daemon thread (the server keeps
-    serving meanwhile) with a tqdm progress bar on ``file`` (default stderr); returns the
-    started thread.  A failure is logged, never raised."""
+    serving meanwhile) with a tqdm progress bar on stderr; returns the started thread.  A
+    failure is logged, never raised."""
     from tqdm import tqdm
 
     def work() -> None:
         with tqdm(total=n_sessions, desc="seeding the label queue", unit="session",
-                  file=file or sys.stderr, dynamic_ncols=True) as bar:
+                  dynamic_ncols=True) as bar:
             try:
                 made = populate_queue(ctx, n_sessions, progress=bar.update)
             except Exception:  # noqa: BLE001 - the app keeps serving without the items

@@ -17,7 +17,10 @@ import time
 MAX_SAMPLES = 200_000   # per name; beyond it only count and total grow
 
 
-def _pct(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0–100) of ``values``, linearly interpolated; nan if empty."""
+    if not values:
+        return float("nan")
     values = sorted(values)
     k = (len(values) - 1) * q / 100
     lo, hi = int(k), min(int(k) + 1, len(values) - 1)
@@ -59,8 +62,9 @@ class Timings:
             out: dict = {}
             for name, samples in sorted(self._samples.items()):
                 n, total = self._totals[name]
-                out[name] = {"n": n, "mean": round(total / n, 4), "p50": round(_pct(samples, 50), 4),
-                             "p95": round(_pct(samples, 95), 4), "total": round(total, 2)}
+                out[name] = {"n": n, "mean": round(total / n, 4),
+                             "p50": round(percentile(samples, 50), 4),
+                             "p95": round(percentile(samples, 95), 4), "total": round(total, 2)}
             for name, hist in sorted(self._hist.items()):
                 n = sum(hist.values())
                 out[name] = {"n": n, "mean": round(sum(k * v for k, v in hist.items()) / n, 2),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from pathlib import Path
 
 from .config import AppConfig, Credentials
@@ -160,15 +161,19 @@ _EDIT_SCREEN = """() => {
 }"""
 
 
-def watch_edit(page, turn: int, poll_ms: int = 60) -> list[dict]:
+def watch_edit(page, turn: int, poll_ms: int = 60, timeout: float = 120) -> list[dict]:
     """Poll the screen while turn ``turn``'s edit runs, until the status says it is done: the
     progress text over each side's picture and the status, and whether the source picture or
-    the instruction box are covered by a progress overlay (they should not be)."""
+    the instruction box are covered by a progress overlay (they should not be).  Raises
+    ``TimeoutError`` (with the last status) if it is not done within ``timeout`` seconds."""
     seen = []
+    deadline = time.monotonic() + timeout
     while True:
         now = page.evaluate(_EDIT_SCREEN)
         if f"Turn {turn} done" in now["done"]:
             return seen
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"turn {turn} not done after {timeout:g} s; status: {now['done']!r}")
         seen.append(now)
         page.wait_for_timeout(poll_ms)
 
