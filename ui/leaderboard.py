@@ -73,10 +73,12 @@ def summary(frame: pd.DataFrame) -> str:
 
 def notes(table: pd.DataFrame, provisional: pd.DataFrame, min_battles: int) -> str:
     """Markdown warnings under the ratings: open intervals and provisional models."""
+    from labeling.ratings import UNDEFEATED
+
     lines = []
     for _, row in table.iterrows():
         if row["note"]:
-            side = "lost" if "never lost" in row["note"] else "won"
+            side = "lost" if row["note"] == UNDEFEATED else "won"
             lines.append(f"⚠️ `{row['model']}` never {side} ({row['wins']}–{row['losses']}): "
                          "no finite rating fits that record; the number shown is held in place "
                          "only by the fit's tiny regularisation, and every resample has the "
