@@ -7,7 +7,8 @@ the credit-assignment choices act on advantages, which RFT and SFT do not use) w
 flipped, plus the other objectives (GRPO, the default RFT, the supervised control); each is
 trained for the same number of iterations by the real command (``python -m training.grpo --lora``,
 one torch thread per job, ``--jobs`` arms at a time), then measured on the ``test`` split by
-``python -m mteditlab.bench`` (``--test-sessions`` × 5 turns). *Time to target* is the training
+``python -m mteditlab.bench`` (``--test-sessions`` × 5 turns), on the base's sessions and seed: the
+table gives each arm's turn-3 Δ overall against the base ± its paired standard error. *Time to target* is the training
 wall time (rollout + reward + update, evaluations excluded) until the in-run ``val`` evaluation
 (every ``--eval-every`` iterations) first reaches turn-3 overall ≥ base + ``--target-gain``.
 
@@ -30,9 +31,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from mteditlab.bench import paired
 from training.grpo import GRPOConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULTS = GRPOConfig()
 FLIPPED_FUSION = "reward" if DEFAULTS.fusion == "advantage" else "advantage"
@@ -54,7 +56,7 @@ def slug(arm: str) -> str:
     return arm.replace(" ", "_").replace(",", "")
 
 
-def run_arm(arm: str, args: argparse.Namespace) -> dict:
+def run_arm(arm: str, args: argparse.Namespace, base_test: dict) -> dict:
     """Train one arm (resuming if interrupted) and benchmark its adapter on the test split."""
     out = args.out / slug(arm)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
@@ -69,25 +71,30 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
             subprocess.run([sys.executable, "-m", "mteditlab.bench", "--editor", "mini", "--lora", str(out / "adapter"),
                             "--sessions", str(args.test_sessions), "--turns", "5", "--json", str(test_json)],
                            cwd=ROOT, env=env, stdout=log, stderr=log, check=True)
-    return summarize(arm, out)
+    return summarize(arm, out, base_test)
 
 
-def summarize(arm: str, out: Path) -> dict:
+def summarize(arm: str, out: Path, base_test: dict) -> dict:
+    """An arm's test figures, its paired difference to the base (same sessions and seed: Δ overall
+    ± paired s.e. per turn), its training time and its val curve (iteration, turn-3 overall, minutes)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     test = json.loads((out / "test.json").read_text())
+    delta = paired(test, base_test)
     return {"arm": arm, "flags": " ".join(ARMS[arm]) or "(defaults)",
             "overall": [t["overall"] for t in test["per_turn"]],
             "exposure_gap": [t["exposure_gap"] for t in test["per_turn"]],
-            "train_seconds": sum(r["rollout_s"] + r["reward_s"] + r["update_s"] for r in rows if r["kind"] == "train"),
-            "curve": [(r["iteration"], r["overall"][min(2, len(r["overall"]) - 1)]) for r in rows if r["kind"] == "eval"],
-            "seconds_at": {r["iteration"]: r["rollout_s"] + r["reward_s"] + r["update_s"] for r in rows if r["kind"] == "train"}}
+            "delta_overall": [d["delta_overall"] for d in delta],
+            "delta_overall_se": [d["delta_overall_se"] for d in delta],
+            "train_seconds": 60 * [r for r in rows if r["kind"] == "train"][-1]["train_minutes"],
+            "curve": [(r["iteration"], r["overall"][min(2, len(r["overall"]) - 1)], r["train_minutes"])
+                      for r in rows if r["kind"] == "eval"]}
 
 
 def time_to_target(summary: dict, target: float) -> tuple[int | None, float | None]:
     """(iteration, training seconds) of the first val evaluation with turn-3 overall ≥ ``target``."""
-    for iteration, value in summary["curve"]:
+    for iteration, value, minutes in summary["curve"]:
         if value >= target:
-            return iteration, sum(s for i, s in summary["seconds_at"].items() if i <= iteration)
+            return iteration, 60 * minutes
     return None, None
 
 
@@ -118,7 +125,7 @@ def plot(summaries: list[dict], base_val: float, target: float, path: Path) -> N
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for s in summaries:
-        ax.plot([0] + [i for i, _ in s["curve"]], [base_val] + [v for _, v in s["curve"]], "o-", ms=3, label=s["arm"])
+        ax.plot([0] + [i for i, _, _ in s["curve"]], [base_val] + [v for _, v, _ in s["curve"]], "o-", ms=3, label=s["arm"])
     ax.axhline(target, color="gray", ls=":", lw=1, label="target")
     ax.set(xlabel="iteration", ylabel="val turn-3 overall", title="credit-assignment ablation (mini editor)")
     ax.legend(fontsize=7)
@@ -151,19 +158,20 @@ def main() -> None:
     base_test, base_val = base_results(args)
     target = base_val + args.target_gain
     with ThreadPoolExecutor(args.jobs) as pool:
-        summaries = list(pool.map(lambda arm: run_arm(arm, args), arms))
+        summaries = list(pool.map(lambda arm: run_arm(arm, args, base_test), arms))
 
-    header = ("| arm | flags | turn-1 | turn-3 | turn-5 | turn-3 exposure gap | iterations to target | "
-              "minutes to target |\n|---|---|---|---|---|---|---|---|")
+    header = ("| arm | flags | turn-1 | turn-3 | turn-5 | Δ turn-3 vs base ± paired s.e. | turn-3 exposure gap | "
+              "iterations to target | minutes to target |\n|---|---|---|---|---|---|---|---|---|")
     lines = [header, f"| base (no RL) | | {base_test['per_turn'][0]['overall']:.3f} | "
-                     f"{base_test['per_turn'][2]['overall']:.3f} | {base_test['per_turn'][4]['overall']:.3f} | "
+                     f"{base_test['per_turn'][2]['overall']:.3f} | {base_test['per_turn'][4]['overall']:.3f} | | "
                      f"{base_test['per_turn'][2]['exposure_gap']:.3f} | | |"]
     for s in summaries:
         s["iterations_to_target"], seconds = time_to_target(s, target)
         s["minutes_to_target"] = None if seconds is None else seconds / 60
         reached = ("not reached", "") if seconds is None else (str(s["iterations_to_target"]), f"{seconds / 60:.1f}")
         lines.append(f"| {s['arm']} | `{s['flags']}` | {s['overall'][0]:.3f} | {s['overall'][2]:.3f} | "
-                     f"{s['overall'][4]:.3f} | {s['exposure_gap'][2]:.3f} | {reached[0]} | {reached[1]} |")
+                     f"{s['overall'][4]:.3f} | {s['delta_overall'][2]:+.3f} ± {s['delta_overall_se'][2]:.3f} | "
+                     f"{s['exposure_gap'][2]:.3f} | {reached[0]} | {reached[1]} |")
     table = "\n".join(lines)
     print(table)
     caption = (f"Test split, {args.test_sessions} sessions × 5 turns, overall success (every turn so far correct). "
@@ -177,8 +185,6 @@ def main() -> None:
     args.markdown.write_text(f"# Multi-turn credit assignment: ablation\n\n{caption}\n{table}\n\n"
                              f"![val curves]({args.markdown.with_suffix('.png').name})\n")
     plot(summaries, base_val, target, args.markdown.with_suffix(".png"))
-    for s in summaries:
-        s.pop("seconds_at")
     args.json.write_text(json.dumps({"base": base_test["per_turn"], "base_val_turn3": base_val, "target": target,
                                      "args": {k: str(v) for k, v in vars(args).items()}, "arms": summaries}, indent=2))
 

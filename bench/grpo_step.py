@@ -91,11 +91,12 @@ def main() -> None:
               "config": {k: getattr(cfg, k) for k in ("num_generations", "sessions_per_step", "turns", "steps", "sde_window")},
               "runs": {mode or "default": figures for mode, (figures, _) in runs.items()},
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    measured = next(iter(result["runs"].values()))["iterations_measured"]
     print(f"\n{cfg.algo}: {cfg.sessions_per_step * cfg.num_generations} trajectories × {cfg.turns} turns × {cfg.steps} "
-          f"steps per iteration (SDE window {cfg.sde_window}), medians over {args.iterations - 1} iterations"
+          f"steps per iteration (SDE window {cfg.sde_window}), medians over {measured} iterations"
           + (f"; served judge answering after {args.judge_latency:g} s" if args.judge_latency is not None else "") + "\n")
     names = list(result["runs"])
-    print("| phase | " + " | ".join(f"{n} (s)" for n in names) + " |\n|---" * 1 + "|---" * len(names) + "|")
+    print("| phase | " + " | ".join(f"{n} (s)" for n in names) + " |\n|---" + "|---" * len(names) + "|")
     for phase in (*PHASES, "reward_busy_s"):
         label = phase[:-2].replace("_", " ")
         print(f"| {label} | " + " | ".join(f"{result['runs'][n][phase]:.2f}" for n in names) + " |")

@@ -14,10 +14,10 @@ from mteditlab.bench import pass_at_k, paired, run_benchmark
 from mteditlab.editors import get_editor
 from mteditlab.editors.mini import MiniEditor
 from mteditlab.rewards import get_reward
-from mteditlab.rewards.base import RewardModel, RewardOutput
+from mteditlab.rewards.base import EditSample, RewardModel, RewardOutput
 from mteditlab.rewards.features import image_features, parse_cached
-from mteditlab.world import generate_session, render, sessions
 from mteditlab.rewards.verifier import world_meta
+from mteditlab.world import generate_session, render, sessions
 from training.algorithms import ALGORITHMS, gold_examples, rft_examples
 from training.grpo import GRPOConfig, train
 from training.sampling import WorldSessions, sample_turns
@@ -122,8 +122,6 @@ def _items(sessions_, G):
 
 
 def _sample(rec, i, s, k):
-    from mteditlab.rewards.base import EditSample
-    from mteditlab.rewards.verifier import world_meta
     return EditSample(rec.before[i], rec.after[i], rec.texts[i][0], [t.instruction for t in s.turns[:k]],
                       rec.texts[i][1], world_meta(s, k))
 
@@ -215,3 +213,10 @@ def test_op_weights_oversample_sessions_with_weak_operations():
     plain = GRPOConfig(sessions_per_step=16, turns=3, op_weights={})
     assert [s.index for s in WorldSessions(plain).draw(3)] == [s.index for s in WorldSessions(plain).draw(3)]  # seeded
     assert share(GRPOConfig(sessions_per_step=16, turns=3, op_weights={"swap": 4.0})) > share(plain) + 0.15
+
+
+def test_world_only_targets_need_a_world_editor():
+    assert GRPOConfig().rft_target == "render" and GRPOConfig(editor="kontext").rft_target == "own"
+    for bad in (dict(algo="sft"), dict(algo="rft", rft_target="render")):
+        with pytest.raises(ValueError, match="does not edit the world's scenes"):
+            GRPOConfig(editor="kontext", **bad)

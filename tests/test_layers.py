@@ -34,12 +34,6 @@ SCRIPTS = ("app.py",)
 LAYERS = ("core", "labeling", "training", "app", "tools")
 TOOLS = ("tests", "bench", "docs", "examples")
 
-# Known upward imports, tolerated until they are fixed: (importing module, imported module).
-# Each entry needs a comment saying why it is there; an entry that no longer occurs fails
-# test_allow_list_is_current, so the list only shrinks. Empty: none was found when this test was
-# written.
-ALLOWED: frozenset[tuple[str, str]] = frozenset()
-
 
 def layer_of(module: str) -> int | None:
     """Rank of a project module in LAYERS; None for modules outside the project (stdlib, third party)."""
@@ -116,16 +110,11 @@ def upward_imports() -> dict[tuple[str, str], str]:
 
 
 def test_no_module_imports_a_higher_layer():
-    new = {key: where for key, where in upward_imports().items() if key not in ALLOWED}
+    new = upward_imports()
     assert not new, ("modules import a higher layer (see tests/test_layers.py for the layers; move the "
                      "code down or the import up):\n" + "\n".join(
                          f"  {importer} imports {imported}  ({where})"
                          for (importer, imported), where in sorted(new.items())))
-
-
-def test_allow_list_is_current():
-    gone = ALLOWED - upward_imports().keys()
-    assert not gone, f"allowed upward imports that no longer occur; remove them from ALLOWED: {sorted(gone)}"
 
 
 def test_every_layer_is_scanned():

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mteditlab.rewards import get_reward
 from mteditlab.rewards.base import EditSample
-from mteditlab.rewards.endpoint import JUDGE_URL_ENV, EndpointJudge, served_judge
+from mteditlab.rewards.endpoint import JUDGE_URL_ENV, EndpointJudge, score_position, served_judge
 from mteditlab.rewards.pairwise import PairwiseJudge, group_indices, win_rates
 from mteditlab.rewards.qwen_vl import QwenVLJudge
 from tests.chat_server import (DROP, ChatServer, TinyVLMResponder, completion, decode_data_url, error,
@@ -251,3 +251,9 @@ def test_get_reward_selects_the_endpoint_by_url_or_environment(monkeypatch):
         get_reward("qwen-vl", path="http://127.0.0.1:1/v1?colour=red")
     with pytest.raises(ValueError, match="votes"):
         served_judge("http://127.0.0.1:1/v1?votes=3")  # direct mode takes one vote
+
+
+def test_without_prefill_the_score_is_the_first_single_digit_token():
+    tokens = [{"token": "Score"}, {"token": ":"}, {"token": " 12"}, {"token": " 7"}, {"token": "."}]
+    assert score_position(tokens, prefill=False) == {"token": " 7"}
+    assert score_position(tokens, prefill=True) == {"token": "Score"}

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from mteditlab.rewards.base import EditSample, RewardOutput, combine_overall
+from mteditlab.rewards.base import RewardOutput, combine_overall
 from mteditlab.rewards.parsing import ScoreParseError, parse_score
 from mteditlab.rewards.qwen_vl import JUDGE_ID_ENV, QwenVLJudge
 from tests.tiny_qwen_vl import ARCHS, build_model, build_processor, build_tokenizer, judge_samples

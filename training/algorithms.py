@@ -110,7 +110,7 @@ class PolicyGradient(Algorithm):
                     for step in self.steps(turn):
                         with updater.term():
                             loss, term_stats = self.loss(editor, turn, cond, minibatch, adv[minibatch, k], step, generator)
-                            updater.backward(loss, self.loss_terms())
+                            updater.backward(loss)
                         for key, value in {"loss": loss.item(), **term_stats}.items():
                             loss_stats.setdefault(key, []).append(value)
                 updater.step()
@@ -216,7 +216,7 @@ class Replay(Algorithm):
             updater.zero_grad()
             with updater.term():
                 loss = flow_matching_loss(editor, sampler.sample(self.buffer, min(len(self.buffer), cfg.rft_batch_size)), generator)
-                updater.backward(loss, 1)
+                updater.backward(loss)
             loss_stats.setdefault("loss", []).append(loss.item())
             updater.step()
         return {"buffer_new": float(len(new)), "buffer_size": float(len(self.buffer))}, loss_stats

@@ -20,11 +20,13 @@ if TYPE_CHECKING:
 
 class Updater:
     """Optimizer steps on the trained adapter: ``zero_grad``, then per loss term ``with term():
-    backward(loss, n_terms)``, then ``step()`` (gradients averaged over processes, norm clipped)."""
+    backward(loss)``, then ``step()`` (gradients averaged over processes, norm clipped); a minibatch's
+    gradient is the mean of its ``n_terms`` loss terms."""
 
     def __init__(self, accelerator, editor: FlowPolicy, optimizer: torch.optim.Optimizer, max_grad_norm: float,
                  n_terms: int):
         self.accelerator, self.optimizer, self.max_grad_norm = accelerator, optimizer, max_grad_norm
+        self.n_terms = n_terms
         self.model = None   # the prepared (distributed) denoiser of a distributed policy
         if editor.distributed:
             self.model, self.optimizer = accelerator.prepare(editor.denoiser, optimizer)
@@ -47,13 +49,13 @@ class Updater:
         synchronised only at the minibatch's last term), nothing for the mini editor."""
         return self.accelerator.accumulate(self.model) if self.model is not None else contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor, n_terms: int) -> None:
-        """Backward of one of ``n_terms`` loss terms averaged into a minibatch's gradient (accelerate
-        divides by its ``gradient_accumulation_steps`` == ``n_terms``)."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one of the ``n_terms`` loss terms averaged into a minibatch's gradient
+        (accelerate divides by its ``gradient_accumulation_steps`` == ``n_terms``)."""
         if self.model is not None:
             self.accelerator.backward(loss)
         else:
-            (loss / n_terms).backward()
+            (loss / self.n_terms).backward()
 
     def step(self) -> None:
         """Clip the gradients' norm and step. The mini editor averages its gradients over processes

@@ -105,7 +105,7 @@ class GRPOConfig:
     timesteps_per_sample: int = 1         # NFT: forward-process times trained per sample
     sample_by_old: bool = False           # NFT: rollouts drawn by the old (EMA) adapter
     # reward-filtered self-training (rft) and its supervised control (sft)
-    rft_target: str = "auto"              # own | render (world only) | auto: render on the world, own on data
+    rft_target: str = "auto"              # own | render (world editors only) | auto: render for a world editor on the world, else own
     rft_threshold: float = 0.5            # a turn passes when its fused reward Σw·r/Σw ≥ this
     rft_share: bool = True                # failed on-track rollouts learn from a sibling that passed
     rft_mixed_only: bool = False          # keep only (session, turn) groups with both passes and failures
@@ -140,11 +140,15 @@ class GRPOConfig:
             raise ValueError(f"--algo must be one of {tuple(ALGORITHMS)}")
         if self.sample_by_old and self.algo != "nft":
             raise ValueError("--sample-by-old needs --algo nft (the old policy is NFT's)")
-        if self.rft_target == "auto":
-            self.rft_target = "own" if self.sessions_from else "render"
         policy = EDITORS[self.editor]
         if not issubclass(policy, FlowPolicy):
             raise ValueError(f"--editor {self.editor} is not a flow-matching policy: nothing to train")
+        if self.rft_target == "auto":
+            self.rft_target = "render" if policy.world and not self.sessions_from else "own"
+        if not policy.world and (self.algo == "sft" or (self.algo == "rft" and self.rft_target == "render")):
+            raise ValueError(f"--editor {self.editor} does not edit the world's scenes, so it cannot learn from "
+                             "the world's gold pairs or clean re-renders (--algo sft, --rft-target render); "
+                             "use --algo rft --rft-target own, nft or grpo")
         if policy.lora_presets and self.lora_targets not in policy.lora_presets or self.rft_target not in ("own", "render") \
                 or self.old_decay not in ("constant", "ramp"):
             raise ValueError(f"bad --lora-targets ({sorted(policy.lora_presets)}), --rft-target (own, render) "

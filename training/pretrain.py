@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import random
 import time
 from pathlib import Path
 
-import math
-
 import torch
-from diffusers import UNet2DConditionModel
 from tqdm import tqdm
 
 from mteditlab.bench import run_benchmark
@@ -124,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    editor = (MiniEditor(UNet2DConditionModel.from_pretrained(args.init_from)) if args.init_from
+    editor = (MiniEditor.from_pretrained(args.init_from) if args.init_from
               else MiniEditor.from_config(args.resolution, seed=args.seed))
     model = editor.denoiser.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -182,7 +180,6 @@ def main(argv: list[str] | None = None) -> None:
             with eval_path.open("a") as log:
                 log.write(json.dumps({"step": step + 1, "seconds": time.time() - started, **scores}) + "\n")
             bar.write(f"step {step + 1}: val success {scores['success']} overall {scores['overall']}")
-            model.train()
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(ckpt_path, step + 1, editor, ema, optimizer)
 

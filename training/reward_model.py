@@ -96,20 +96,13 @@ class Dataset:
 
 
 # ------------------------------------------------------------------------------ loading
-def _world_session(meta: dict, instructions: list[str], cache: dict):
-    world = meta.get("world") if isinstance(meta, dict) else None
-    if not isinstance(world, dict):
+def _world_session(meta: dict, instructions: list[str]):
+    """The world session a stored session's meta names, when the stored one follows it; else None."""
+    from mteditlab.rewards.verifier import world_session
+
+    session = world_session(meta) if isinstance(meta, dict) else "no meta"
+    if isinstance(session, str) or [t.instruction for t in session.turns] != instructions:
         return None
-    from mteditlab.world import generate_session
-    key = (world.get("split"), world.get("index"), world.get("turns"))
-    if key not in cache:
-        try:
-            cache[key] = generate_session(*key)
-        except (TypeError, ValueError):
-            cache[key] = None
-    session = cache[key]
-    if session is None or [t.instruction for t in session.turns] != instructions:
-        return None  # the stored session does not follow that world session
     return session
 
 
@@ -126,7 +119,8 @@ def load_dataset(db: Path, judge, *, include_simulated: bool | None, image_featu
         raise DataError(f"no label database at {db}")
     with LabelStore.open(db, read_only=True) as store:
         selection = store.label_selection(include_simulated)
-        log(describe_selection(selection))
+        described = describe_selection(selection)
+        log(described)
         frame = without_gold(store.judgments_frame(selection.include_simulated))
         n_overall = int(frame["turn"].isna().sum())
         frame = frame[frame["turn"].notna()].copy()
@@ -149,12 +143,11 @@ def load_dataset(db: Path, judge, *, include_simulated: bool | None, image_featu
                 images[sha] = store.get_image(sha).convert("RGB")
             return images[sha]
 
-        worlds: dict = {}
         keys, samples = [], []
         for sid, rows in turns.groupby("session_id"):
             rows = rows.sort_values("turn_index")
             instructions = rows["instruction"].tolist()
-            session = _world_session(json.loads(sessions.loc[sid, "meta"]), instructions, worlds)
+            session = _world_session(json.loads(sessions.loc[sid, "meta"]), instructions)
             for k, row in enumerate(rows.itertuples()):
                 keys.append((int(sid), k))
                 samples.append(EditSample(
@@ -171,7 +164,7 @@ def load_dataset(db: Path, judge, *, include_simulated: bool | None, image_featu
     ok = judged.valid[a] & judged.valid[b]
     source = dict(zip(comparisons["comparison_id"].astype(int), comparisons["source_sha"]))
     group = np.array([source[int(c)] for c in frame["comparison_id"]])
-    info = {"selection": describe_selection(selection), "simulated": bool(selection.include_simulated),
+    info = {"selection": described, "simulated": bool(selection.include_simulated),
             "n_human_available": selection.human, "n_simulated_available": selection.simulated,
             "n_overall_not_fit": n_overall, "n_candidates": len(keys),
             "n_candidates_judge_failed": int((~judged.valid).sum()),

@@ -99,7 +99,6 @@ class RewardTerms:
                 "filtered": float(trajectory_filter and scores.if_passed is not None)}
 
 
-
 class BatchScoring:
     """Scores one batch of rollouts as its turns come: :meth:`add` each turn when it is sampled
     (the rollout's ``on_turn``), :meth:`result` once sampling is done.
@@ -175,6 +174,7 @@ class BatchScoring:
                 if np.isfinite(values).any():
                     self.sub_means.setdefault(f"{name}/{sub}", []).append(float(np.nanmean(values)))
         self.busy_s += time.perf_counter() - started
+
 
 def count_failures(outputs: dict, tally: dict) -> None:
     """Add each reward model's failed items and its endpoint's request counts to ``tally``."""

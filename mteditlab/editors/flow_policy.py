@@ -107,9 +107,11 @@ class FlowPolicy(Editor):
         ``lora_target_modules`` when the backend has no presets or ``preset`` is None."""
         from peft import LoraConfig
 
-        if self.lora_presets and preset is not None and preset not in self.lora_presets:
-            raise ValueError(f"{self.name}: unknown LoRA target set {preset!r}; one of {sorted(self.lora_presets)}")
-        targets = self.lora_presets[preset] if self.lora_presets and preset is not None else self.lora_target_modules
+        targets = self.lora_target_modules
+        if self.lora_presets and preset is not None:
+            if preset not in self.lora_presets:
+                raise ValueError(f"{self.name}: unknown LoRA target set {preset!r}; one of {sorted(self.lora_presets)}")
+            targets = self.lora_presets[preset]
         config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
         self.denoiser.add_adapter(config, adapter_name=TRAINED)
 

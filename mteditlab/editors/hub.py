@@ -174,9 +174,14 @@ class PipelineEditor(FlowPolicy):
         return cls.from_pretrained(path, device=device)
 
     @classmethod
+    def model_id(cls, path: str | Path | None = None) -> str:
+        """``path``, else ``$<model_id_env>``, else ``default_model_id``."""
+        return str(path or os.environ.get(cls.model_id_env) or cls.default_model_id)
+
+    @classmethod
     def available(cls, path: str | Path | None = None) -> bool:
         try:
-            model_index(str(path or os.environ.get(cls.model_id_env) or cls.default_model_id), cls.model_id_env)
+            model_index(cls.model_id(path), cls.model_id_env)
         except EditorError:
             return False
         return True
@@ -186,8 +191,7 @@ class PipelineEditor(FlowPolicy):
                         device: str | torch.device | None = None, offload: bool | None = None, **kwargs):
         """Load from a model id or local directory (default ``$<model_id_env>``, else ``default_model_id``),
         local files only; ``dtype``/``device``/``offload`` default to ``$MTEDITLAB_DTYPE``/``_DEVICE``/``_OFFLOAD``."""
-        model_id = model_id or os.environ.get(cls.model_id_env) or cls.default_model_id
-        pipe = load_pipeline(model_id, cls.pipeline_classes, dtype=dtype, device=device, offload=offload,
+        pipe = load_pipeline(cls.model_id(model_id), cls.pipeline_classes, dtype=dtype, device=device, offload=offload,
                              env_var=cls.model_id_env, components=cls.pipeline_components)
         return cls(pipe, **kwargs)
 

@@ -59,6 +59,7 @@ from mteditlab.rewards.qwen_vl import JUDGE_ID_ENV, check_judge_options, judge_j
 JUDGE_URL_ENV = "MTEDITLAB_JUDGE_URL"
 API_KEY_ENVS = ("MTEDITLAB_JUDGE_API_KEY", "OPENAI_API_KEY")
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+DIGITS = frozenset("0123456789")
 
 
 class EndpointError(Exception):
@@ -187,7 +188,7 @@ def score_position(tokens: list[dict], prefill: bool) -> dict:
     if prefill:
         return tokens[0]
     for entry in tokens:
-        if entry.get("token", "").strip() in "0123456789" and entry.get("token", "").strip():
+        if entry.get("token", "").strip() in DIGITS:
             return entry
     raise EndpointError("no digit token in the reply", False)
 

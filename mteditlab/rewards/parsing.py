@@ -3,14 +3,14 @@
 A reply that does not state exactly one valid answer is a :class:`ScoreParseError` with a short
 reason — never a default number (VIEScore's silent random fallback is what this avoids).
 
-* :func:`parse_score` / :func:`parse_choice`: the final ``Score: N`` (or ``LABEL: N``) line;
+* :func:`parse_score`: the final ``Score: N`` line;
 * :func:`digit_expectation`: direct mode's expected value over the digit tokens' probabilities;
 * :func:`average_votes`: thinking mode's mean over the votes that parse, failures counted.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 import re
 from collections import Counter
 from typing import Callable, Sequence
@@ -18,19 +18,15 @@ from typing import Callable, Sequence
 _VALUE = re.compile(r"(?P<num>[+-]?[0-9]+(?:\.[0-9]+)?)(?:\s*(?:/|out of)\s*(?P<den>[0-9]+))?[\s.!]*",
                     re.IGNORECASE)
 _MARKUP = "*_`'\" \t"
+_STATEMENT = re.compile(r"\bScore\s*[:=]\s*(?P<value>[^\n]*)", re.IGNORECASE)
 
 
 class ScoreParseError(ValueError):
     """The reply holds no single valid score; ``str(err)`` is the reason."""
 
 
-@functools.cache
-def _statement_pattern(label: str) -> re.Pattern:
-    return re.compile(rf"\b{re.escape(label)}\s*[:=]\s*(?P<value>[^\n]*)", re.IGNORECASE)
-
-
-def answer_statement(reply: str | None, label: str = "Score") -> str:
-    """The value written after the reply's one ``LABEL: …`` statement (markup stripped).
+def answer_statement(reply: str | None) -> str:
+    """The value written after the reply's one ``Score: …`` statement (markup stripped).
 
     Anything before the last ``</think>`` (a reasoning block) is ignored; case is ignored.
     ``ScoreParseError``: empty reply, no statement, two or more statements.
@@ -38,11 +34,11 @@ def answer_statement(reply: str | None, label: str = "Score") -> str:
     text = (reply or "").rsplit("</think>", 1)[-1]
     if not text.strip():
         raise ScoreParseError("empty reply")
-    statements = [m.group("value").strip(_MARKUP) for m in _statement_pattern(label).finditer(text)]
+    statements = [m.group("value").strip(_MARKUP) for m in _STATEMENT.finditer(text)]
     if not statements:
-        raise ScoreParseError(f"no '{label}: N' statement")
+        raise ScoreParseError("no 'Score: N' statement")
     if len(statements) > 1:
-        raise ScoreParseError(f"{len(statements)} {label.lower()} statements (ambiguous)")
+        raise ScoreParseError(f"{len(statements)} score statements (ambiguous)")
     return statements[0]
 
 
@@ -56,7 +52,7 @@ def parse_score(reply: str | None, scale: int) -> float:
     extra text instead of a number ("ten", "7 or 8"), a negative or too large number, a denominator
     other than ``scale``.
     """
-    statement = answer_statement(reply, "Score")
+    statement = answer_statement(reply)
     match = _VALUE.fullmatch(statement)
     if match is None:
         raise ScoreParseError(f"malformed score {statement[:40]!r}")
@@ -68,15 +64,6 @@ def parse_score(reply: str | None, scale: int) -> float:
     return value / scale
 
 
-def parse_choice(reply: str | None, label: str, choices: Sequence[str]) -> str:
-    """The one ``LABEL: C`` statement's ``C``, which must be one of ``choices`` (trailing ``.``/``!``
-    ignored); ``ScoreParseError`` otherwise."""
-    value = answer_statement(reply, label).rstrip(".! ")
-    if value not in choices:
-        raise ScoreParseError(f"{label.lower()} {value[:40]!r} is not one of {', '.join(choices)}")
-    return value
-
-
 def digit_expectation(probs: Sequence[float], min_mass: float) -> tuple[float, str | None, float]:
     """Direct-mode score from ``probs[k]`` = probability of the digit token ``k``, ``k = 0..scale``:
     ``m = Σ_k p_k``, ``score = Σ_k k · p_k / m / scale`` (Edit-R1's expected value in [0, 1]).
@@ -85,7 +72,7 @@ def digit_expectation(probs: Sequence[float], min_mass: float) -> tuple[float, s
     ``m < min_mass`` (the judge was not answering with a score)."""
     scale = len(probs) - 1
     mass = float(sum(probs))
-    if mass != mass or any(p != p or p in (float("inf"), float("-inf")) for p in probs):
+    if not all(map(math.isfinite, [mass, *probs])):
         return float("nan"), "non-finite probabilities", mass
     if not mass > 0 or mass < min_mass:
         return float("nan"), f"score tokens hold {mass:.3f} < {min_mass} of the probability", mass

@@ -57,7 +57,7 @@ def _world_session(split: str, index: int, turns: int) -> Session:
     return generate_session(split, index, turns)
 
 
-def _session(meta: dict) -> Session | str:
+def world_session(meta: dict) -> Session | str:
     """The world session ``meta["world"]`` names, or why there is none."""
     world = meta.get("world")
     if not isinstance(world, dict):
@@ -70,7 +70,7 @@ def _session(meta: dict) -> Session | str:
 
 def _check(sample: EditSample) -> str | None:
     meta = sample.meta if isinstance(sample.meta, dict) else {}
-    session, turn = _session(meta), meta.get("turn")
+    session, turn = world_session(meta), meta.get("turn")
     if isinstance(session, str):
         return session
     if isinstance(turn, bool) or not isinstance(turn, (int, np.integer)):
@@ -99,7 +99,7 @@ class VerifierReward(RewardModel):
                 try:
                     k = int(sample.meta["turn"])
                     before, after = parse_cached(sample.source), parse_cached(sample.edited)
-                    session = _session(sample.meta)
+                    session = world_session(sample.meta)
                     verdict = score_turn(session, k, before, after)
                     scores[IF][i], scores[CC][i] = float(verdict.if_), float(verdict.cc)
                     scores[GA][i] = float(verdict.ga) if k > 0 else np.nan
