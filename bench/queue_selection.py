@@ -32,6 +32,7 @@ import numpy as np
 
 from labeling.active import SELECTIONS, choose_pair, pair_gain, rating_covariance
 from labeling.ratings import ELO_SCALE, fit_ratings
+from mteditlab.bench import standard_error
 
 Z95 = 1.959964
 
@@ -102,6 +103,18 @@ def run_scenario(elo: np.ndarray, args, checkpoints: list[int]) -> dict:
     return results
 
 
+def paired_differences(results: dict, budget: int, checkpoints: list[int]) -> dict[str, tuple[float, float]]:
+    """Active − uniform per seed (run r of both rules shares its seed): mean and paired s.e. of the
+    judgments to separate (a run that never separated counts as the budget) and of each half-width."""
+    runs = {rule: results[rule]["runs"] for rule in SELECTIONS}
+    needed = {rule: np.array([r["separated_at"] or budget for r in rs], dtype=float) for rule, rs in runs.items()}
+    diffs = {"judgments": needed["active"] - needed["uniform"]}
+    for c in checkpoints:
+        diffs[f"half_width_{c}"] = np.array([a["widths"][c] - u["widths"][c]
+                                             for a, u in zip(runs["active"], runs["uniform"])])
+    return {key: (float(d.mean()), standard_error(d)) for key, d in diffs.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--elo", action="append",
@@ -139,6 +152,14 @@ def main(argv=None) -> int:
             lines.append(f"| {label} | {rule} | {r['separated']}/{args.reps} | "
                          f"{r['median']:.0f} ({r['q25']:.0f}–{r['q75']:.0f}) | "
                          + " | ".join(f"{r['half_width'][c]:.1f}" for c in checkpoints) + " |")
+    lines += ["", "Active − uniform, paired over the same seeds (mean ± paired s.e.):", "",
+              "| models (true Elo) | Δ judgments to separate | "
+              + " | ".join(f"Δ half-width at {c} (Elo)" for c in checkpoints) + " |",
+              "|---|---|" + "---|" * len(checkpoints)]
+    for sc in scenarios:
+        sc["paired"] = paired_differences(sc["results"], args.budget, checkpoints)
+        label = ", ".join(f"{x:g}" for x in sc["elo"])
+        lines.append(f"| {label} | " + " | ".join(f"{m:+.1f} ± {se:.1f}" for m, se in sc["paired"].values()) + " |")
     lines.append("")
     for sc in scenarios:
         ratio = sc["results"]["active"]["median"] / sc["results"]["uniform"]["median"]
