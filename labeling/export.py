@@ -23,10 +23,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from labeling.schema import TABLES
+from labeling.schema import SCORES, TABLES
 from labeling.store import LabelStore
 
-LABELS = {"A": (1.0, 0.0), "B": (0.0, 1.0), "tie": (0.5, 0.5), "both_bad": (0.5, 0.5)}
+LABELS = {choice: (score, 1.0 - score) for choice, score in SCORES.items()}  # (label_a, label_b)
 IMAGE_COLUMNS = ("source", "input_a", "input_b", "output_a", "output_b")
 FEATURES = datasets.Features({
     "judgment_id": datasets.Value("int64"),

@@ -39,6 +39,8 @@ import dataclasses
 import datetime as dt
 import random
 
+from labeling.schema import SCORES
+
 
 @dataclasses.dataclass(frozen=True)
 class AssignmentPolicy:
@@ -182,14 +184,8 @@ def battle_matrix(cur, models: list[str]):
     for a, b, choice, n in rows:
         if a not in index or b not in index or a == b:
             continue
-        ia, ib = index[a], index[b]
-        if choice == "A":
-            w[ia, ib] += n
-        elif choice == "B":
-            w[ib, ia] += n
-        else:
-            w[ia, ib] += 0.5 * n
-            w[ib, ia] += 0.5 * n
+        w[index[a], index[b]] += SCORES[choice] * n
+        w[index[b], index[a]] += (1.0 - SCORES[choice]) * n
     return w
 
 

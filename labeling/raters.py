@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from labeling.cli import open_store
-from mteditlab.rewards import REWARDS, EditSample, RewardModel, get_reward
+from mteditlab.registry import registered_names
+
+if TYPE_CHECKING:
+    from mteditlab.rewards import EditSample, RewardModel
 
 PREFIX = "judge:"
+MACHINE_PREFIXES = (PREFIX, "reward:")  # annotator names of automatic raters, never people
 CRITERION = "overall"
 
 
@@ -51,14 +55,23 @@ def verdict(score_a: float, score_b: float, margin: float) -> str | None:
 
 def turn_samples(store, comparison_id: int) -> list[tuple[EditSample, EditSample]]:
     """Per turn, the (A, B) samples of one comparison: each side's input, output and the text."""
+    from mteditlab.rewards import EditSample  # loads torch: not at import (the CLI's parser must stay light)
+
     rows = store.query(
         """SELECT c.session_a = t.session_id AS is_a, t.turn_index, t.instruction, t.input_sha, t.output_sha
            FROM comparisons c JOIN turns t ON t.session_id IN (c.session_a, c.session_b)
            WHERE c.comparison_id = ? ORDER BY t.turn_index""", [int(comparison_id)])
+    images: dict = {}  # sha -> image, loaded once: turn k's input is turn k−1's output, the source is shared
+
+    def image(sha: str):
+        if sha not in images:
+            images[sha] = store.get_image(sha)
+        return images[sha]
+
     pairs = []
     for k, turn in rows.groupby("turn_index", sort=True):
         history = rows[rows.is_a & (rows.turn_index < k)].instruction.tolist()
-        sides = {bool(r.is_a): EditSample(source=store.get_image(r.input_sha), edited=store.get_image(r.output_sha),
+        sides = {bool(r.is_a): EditSample(source=image(r.input_sha), edited=image(r.output_sha),
                                           instruction=r.instruction, history=history,
                                           meta={"group": (comparison_id, int(k))})
                  for r in turn.itertuples()}
@@ -75,11 +88,12 @@ def rate_comparisons(store, reward: RewardModel, *, name: str | None = None, com
     report = RatingReport(rater)
     store.add_annotator(rater)
     if comparison_ids is None:
+        people = " AND ".join("NOT starts_with(a.name, ?)" for _ in MACHINE_PREFIXES)
         comparison_ids = store.query(
-            """SELECT DISTINCT j.comparison_id FROM judgments j JOIN annotators a USING (annotator_id)
-               JOIN comparisons c USING (comparison_id)
-               WHERE NOT j.simulated AND c.kind <> 'gold' AND a.name NOT LIKE 'judge:%' AND a.name NOT LIKE 'reward:%'
-               ORDER BY 1""").comparison_id.tolist()
+            f"""SELECT DISTINCT j.comparison_id FROM judgments j JOIN annotators a USING (annotator_id)
+                JOIN comparisons c USING (comparison_id)
+                WHERE NOT j.simulated AND c.kind <> 'gold' AND {people}
+                ORDER BY 1""", list(MACHINE_PREFIXES)).comparison_id.tolist()
     done = set(store.query(
         """SELECT DISTINCT comparison_id FROM judgments JOIN annotators USING (annotator_id) WHERE name = ?""",
         [rater]).comparison_id.tolist())
@@ -113,7 +127,7 @@ def rate_comparisons(store, reward: RewardModel, *, name: str | None = None, com
 def register(subparsers) -> None:
     parser = subparsers.add_parser("rate", help="an automatic rater (a judge or reward) answers the comparisons",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reward", required=True, choices=REWARDS)
+    parser.add_argument("--reward", required=True, choices=registered_names("mteditlab.rewards", "register_reward"))
     parser.add_argument("--reward-path", help="checkpoint directory, model id or judge URL (?pairwise=1: Pref-GRPO)")
     parser.add_argument("--name", help="rater name after 'judge:' (default: the reward's name)")
     parser.add_argument("--margin", type=float, default=0.05, help="|s_A − s_B| at or below which it is a tie")
@@ -122,6 +136,8 @@ def register(subparsers) -> None:
 
 
 def _cmd_rate(args) -> int:
+    from mteditlab.rewards import get_reward  # loads torch: not at import (the CLI's parser must stay light)
+
     reward = get_reward(args.reward, **({"path": args.reward_path} if args.reward_path else {}))
     store = open_store(args, writable=True)
     try:

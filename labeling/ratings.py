@@ -39,6 +39,7 @@ import pandas as pd
 from scipy.sparse.csgraph import connected_components
 from scipy.special import expit
 
+from labeling.schema import SCORES
 from labeling.selection import without_gold
 
 ELO_BASE = 1000.0
@@ -298,7 +299,7 @@ def win_rate_by_turn(frame: pd.DataFrame) -> pd.DataFrame:
     """Per turn index and model: battles and win rate (ties half) over per-turn votes."""
     frame = battles(frame)
     frame = frame[frame["turn"].notna()]
-    score_a = frame["choice"].map({"A": 1.0, "B": 0.0, "tie": 0.5, "both_bad": 0.5}).astype(float)
+    score_a = frame["choice"].map(SCORES).astype(float)
     long = pd.concat([
         pd.DataFrame({"turn": frame["turn"].astype(int), "model": frame["model_a"],
                       "score": score_a}),

@@ -121,7 +121,8 @@ class StoreReads:
         resolve the selection first with :meth:`label_selection` and pass its
         ``include_simulated`` here.
         """
-        selection = self.label_selection(include_simulated)
+        if include_simulated is None:
+            include_simulated = self.label_selection().include_simulated
         return self.query(
             """SELECT j.judgment_id, j.comparison_id, an.name AS annotator, j.simulated,
                       j.turn_index AS turn, j.criterion, j.choice, j.left_side AS "left",
@@ -133,7 +134,7 @@ class StoreReads:
                JOIN sessions sa ON sa.session_id = c.session_a
                JOIN sessions sb ON sb.session_id = c.session_b
                WHERE ? OR NOT j.simulated
-               ORDER BY j.judgment_id""", [selection.include_simulated])
+               ORDER BY j.judgment_id""", [include_simulated])
 
     def label_progress(self, annotator: str) -> tuple[int, int]:
         """(comparisons the annotator judged, labeling items still open to them) under

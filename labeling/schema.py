@@ -22,6 +22,7 @@ from labeling.errors import SchemaVersionError
 log = logging.getLogger("mteditlab.labeling")
 KINDS = ("arena", "item", "gold")      # comparisons.kind
 CHOICES = ("A", "B", "tie", "both_bad")  # judgments.choice, gold_items.answer
+SCORES = {"A": 1.0, "B": 0.0, "tie": 0.5, "both_bad": 0.5}  # choice -> A's share of a win, B has the rest
 SIDES = ("A", "B")                      # judgments.left_side, assignments.left_side
 CRITERION_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")  # judgments.criterion
 EVENTS_FILENAME = "app_events.jsonl"   # skips and flags before schema v4, beside the database
@@ -174,10 +175,7 @@ TABLES = {"annotators": "annotator_id", "images": "sha256", "sessions": "session
           "gold_items": "comparison_id, criterion", "judgments": "judgment_id",
           "assignments": "assignment_id", "voter_exclusions": "exclusion_id",
           "skips": "skip_id"}
-ID_COLUMNS = {"annotators": "annotator_id", "sessions": "session_id",
-              "comparisons": "comparison_id", "judgments": "judgment_id",
-              "assignments": "assignment_id", "voter_exclusions": "exclusion_id",
-              "skips": "skip_id"}  # tables whose ids the store hands out
+ID_COLUMNS = {t: k for t, k in TABLES.items() if k.endswith("_id")}  # tables keyed by an id the store hands out
 
 
 def schema_version(cur) -> int:

@@ -34,10 +34,10 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Callable, Protocol
 
+from labeling.blobs import ImageBlobs
 from labeling.schema import SCHEMA_VERSION, TABLES
 
 log = logging.getLogger("mteditlab.labeling")
@@ -48,9 +48,9 @@ SNAPSHOT_DIR = "snapshot"
 def export_snapshot(store, folder: str | os.PathLike) -> dict:
     """Write (update) a snapshot of ``store`` in ``folder``; returns the manifest."""
     folder = Path(folder)
-    tables_dir, images_dir = folder / "tables", folder / "images"
+    tables_dir, images = folder / "tables", ImageBlobs(folder / "images")
     tables_dir.mkdir(parents=True, exist_ok=True)
-    images_dir.mkdir(parents=True, exist_ok=True)
+    images.root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
     counts = {}
     try:
@@ -64,7 +64,7 @@ def export_snapshot(store, folder: str | os.PathLike) -> dict:
         for table in TABLES:
             _replace_if_changed(work / f"{table}.parquet", tables_dir / f"{table}.parquet")
         for sha in shas:
-            target = images_dir / sha[:2] / f"{sha}.png"
+            target = images.path(sha)
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = work / f"{sha}.png"
@@ -110,9 +110,8 @@ def restore_snapshot(store, folder: str | os.PathLike) -> dict:
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"the snapshot has schema v{manifest.get('schema_version')}, this "
                          f"code reads v{SCHEMA_VERSION}")
-    images = folder / "images"
-    for path in images.glob("*/*.png"):
-        target = store.images_dir / path.parent.name / path.name
+    for path in (folder / "images").glob("*/*.png"):
+        target = store.blobs.path(path.stem)
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
@@ -192,8 +191,8 @@ class FolderScheduler:
             if rel.parts[0].startswith("."):
                 continue
             out = self.target / rel
-            if out.exists() and out.stat().st_size == path.stat().st_size \
-                    and filecmp.cmp(path, out, shallow=False):
+            if out.exists() and (rel.parts[0] == "images"     # content-addressed: never changes
+                                 or filecmp.cmp(path, out, shallow=False)):
                 continue
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(f".{out.name}.tmp")
@@ -309,13 +308,3 @@ class SnapshotSync:
         finally:
             self.scheduler.stop()
             self.scheduler = None
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    """Poll ``predicate`` until true or ``timeout_s`` (tests and scripts)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()

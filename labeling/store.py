@@ -384,14 +384,10 @@ class LabelStore(StoreReads):
                 path = str(Path(files[table])).replace("'", "''")
                 tx.cur.execute(f"INSERT INTO {table} SELECT * FROM read_parquet('{path}')")
                 loaded[table] = _first(tx.cur.execute(f"SELECT count(*) FROM {table}"))[0]
-            self._ledger.load(tx.cur)
+            tx.on_commit.append(lambda: self._ledger.load(tx.cur))
             return loaded
 
-        try:
-            return self._call(body)
-        except BaseException:
-            self._call(lambda tx: self._ledger.load(tx.cur))
-            raise
+        return self._call(body)
 
 
 def _now() -> dt.datetime:

@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit, log_expit
 
-from labeling.ratings import ELO_BASE, ELO_SCALE, L2, battles, rank_by_intervals
+from labeling.ratings import ELO_SCALE, L2, battles, rank_by_intervals, to_elo
+from labeling.schema import SCORES
 
 STYLE_FEATURES = ("quality", "tint")
-SCORES = {"A": 1.0, "B": 0.0, "tie": 0.5, "both_bad": 0.5}
 
 
 def fit_contextual_bt(i: np.ndarray, j: np.ndarray, y: np.ndarray, x: np.ndarray, n_models: int,
@@ -137,10 +137,9 @@ def style_controlled(frame: pd.DataFrame, feats: pd.DataFrame, features=STYLE_FE
     lower, upper = np.percentile(np.array(boot_theta), [2.5, 97.5], axis=0)
     g_lower, g_upper = np.percentile(np.array(boot_gamma), [2.5, 97.5], axis=0)
     n = np.bincount(np.concatenate([i, j]), minlength=m)
-    elo = lambda v: ELO_BASE + ELO_SCALE * v  # noqa: E731
     table = pd.DataFrame({
-        "model": models, "rating": elo(plain), "controlled": elo(theta), "lower": elo(lower),
-        "upper": elo(upper), "rank": rank_by_intervals(elo(lower), elo(upper)),
+        "model": models, "rating": to_elo(plain), "controlled": to_elo(theta), "lower": to_elo(lower),
+        "upper": to_elo(upper), "rank": rank_by_intervals(to_elo(lower), to_elo(upper)),
         "change": ELO_SCALE * (theta - plain), "battles": n})
     table = table.sort_values(["controlled", "model"], ascending=[False, True],
                               ignore_index=True)

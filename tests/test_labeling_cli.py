@@ -125,3 +125,10 @@ def test_python_dash_m_entry_point():
     assert done.returncode == 0
     for command in ("init", "stats", "leaderboard", "agreement", "export"):
         assert command in done.stdout
+
+
+def test_the_parser_with_its_extensions_does_not_load_torch():
+    done = subprocess.run([sys.executable, "-c", "import sys, labeling.cli; labeling.cli.build_parser(); "
+                           "print(sorted({'torch', 'diffusers'} & set(sys.modules)))"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

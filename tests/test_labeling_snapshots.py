@@ -4,20 +4,30 @@ protocol the Hugging Face dataset target follows."""
 
 from __future__ import annotations
 
-import numpy as np
+import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from labeling.snapshots import (FolderTarget, HubTarget, SnapshotSync, target_from_spec,
-                                wait_for)
+from labeling.snapshots import FolderTarget, HubTarget, SnapshotSync, target_from_spec
 from labeling.errors import StoreError
 from labeling.store import LabelStore
 from tests.test_labeling_store import build_store, vote
 
 MODELS = (("mini", None), ("mini", "lora:ck/grpo"))
+
+
+def wait_for(predicate, timeout_s: float = 10.0) -> bool:
+    """Poll ``predicate`` until true or ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
 
 
 def _labelled_store(path: Path):

@@ -86,15 +86,30 @@ def test_a_model_that_wins_by_looking_cleaner_drops_under_style_control(store):
     assert quality["lower"] > 0          # appearance sways votes, clearly
 
 
-def test_features_of_whole_session_votes_are_the_turn_means(store):
-    frame = store.judgments_frame()
-    feats = battle_features(store, frame)
-    whole = frame["turn"].isna()
-    per_turn = frame[~whole & (frame["criterion"] == "overall")]
-    merged = frame[whole].merge(per_turn[["comparison_id"]].assign(row=per_turn.index),
-                                on="comparison_id")
-    for (_, w), row in zip(frame[whole].iterrows(), merged["row"]):
-        assert feats.loc[w.name, "quality_a"] == pytest.approx(feats.loc[row, "quality_a"])
+def test_features_of_whole_session_votes_are_the_turn_means(tmp_path):
+    rng = np.random.default_rng(0)
+    with LabelStore.open(tmp_path / "labels.duckdb") as store:
+        store.add_annotator("voter")
+        for s in range(3):       # three-turn sessions, each turn's output noisier than the last
+            session = generate_session("test", s, turns=3)
+            source_sha = store.put_image(render(session.source))
+            ids = [store.add_session("mini", f"lora:{name}", s, source_sha, [
+                {"instruction": turn.instruction,
+                 "output_sha": store.put_image(_noisy(render(turn.after), sigma, rng))}
+                for turn, sigma in zip(session.turns, np.array([0.0, 0.04, 0.08]) + shift)])
+                for name, shift in (("a", 0.0), ("b", 0.01))]
+            cid = store.add_comparison(*ids)
+            for turn in (None, 0, 1, 2):
+                store.record_judgment(cid, "voter", turn, "overall", "A", "A", blind=True)
+        frame = store.judgments_frame()
+        feats = battle_features(store, frame)
+    for _, votes in frame.groupby("comparison_id"):
+        whole, turns = votes.index[votes["turn"].isna()], votes.index[votes["turn"].notna()]
+        for column in feats.columns:
+            per_turn = feats.loc[turns, column].to_numpy()
+            assert feats.loc[whole, column].item() == pytest.approx(per_turn.mean())
+            if column.startswith("quality"):     # the mean is neither the first nor the last turn's
+                assert per_turn.mean() not in (pytest.approx(per_turn[0]), pytest.approx(per_turn[-1]))
 
 
 def test_contextual_fit_recovers_known_parameters():

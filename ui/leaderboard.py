@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from labeling.raters import MACHINE_PREFIXES
+
 log = logging.getLogger("mteditlab.ui")
-MACHINE_PREFIXES = ("judge:", "reward:")
 SOURCES = ("all human votes", "arena votes", "label judgments")
 CRITERIA_ALL = "all criteria"
 N_BOOT = 500
