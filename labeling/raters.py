@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from labeling.cli import open_store
 from mteditlab.registry import registered_names
-
-if TYPE_CHECKING:
-    from mteditlab.rewards import EditSample, RewardModel
+from mteditlab.rewards import EditSample, RewardModel, get_reward
 
 PREFIX = "judge:"
 MACHINE_PREFIXES = (PREFIX, "reward:")  # annotator names of automatic raters, never people
@@ -55,8 +53,6 @@ def verdict(score_a: float, score_b: float, margin: float) -> str | None:
 
 def turn_samples(store, comparison_id: int) -> list[tuple[EditSample, EditSample]]:
     """Per turn, the (A, B) samples of one comparison: each side's input, output and the text."""
-    from mteditlab.rewards import EditSample  # loads torch: not at import (the CLI's parser must stay light)
-
     rows = store.query(
         """SELECT c.session_a = t.session_id AS is_a, t.turn_index, t.instruction, t.input_sha, t.output_sha
            FROM comparisons c JOIN turns t ON t.session_id IN (c.session_a, c.session_b)
@@ -127,7 +123,8 @@ def rate_comparisons(store, reward: RewardModel, *, name: str | None = None, com
 def register(subparsers) -> None:
     parser = subparsers.add_parser("rate", help="an automatic rater (a judge or reward) answers the comparisons",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reward", required=True, choices=registered_names("mteditlab.rewards", "register_reward"))
+    parser.add_argument("--reward", required=True, choices=registered_names("mteditlab.rewards", "register_reward"))   # read from the sources: the parser
+    # must not import every reward backend
     parser.add_argument("--reward-path", help="checkpoint directory, model id or judge URL (?pairwise=1: Pref-GRPO)")
     parser.add_argument("--name", help="rater name after 'judge:' (default: the reward's name)")
     parser.add_argument("--margin", type=float, default=0.05, help="|s_A − s_B| at or below which it is a tie")
@@ -136,8 +133,6 @@ def register(subparsers) -> None:
 
 
 def _cmd_rate(args) -> int:
-    from mteditlab.rewards import get_reward  # loads torch: not at import (the CLI's parser must stay light)
-
     reward = get_reward(args.reward, **({"path": args.reward_path} if args.reward_path else {}))
     store = open_store(args, writable=True)
     try:

@@ -30,10 +30,8 @@ Deterministic for a given ``--seed``; write throughput comes from the store's gr
 from __future__ import annotations
 
 import argparse
-import ast
 import concurrent.futures
 import dataclasses
-import importlib.util
 import math
 import random
 import sys
@@ -44,21 +42,11 @@ import numpy as np
 from PIL import Image
 
 from labeling.store import LabelStore
+from mteditlab.rewards.features import parse_cached
+from mteditlab.simulation import BIASES, DEFAULT_BIAS, PROFILES, SyntheticEditor, decide, make_annotators, turn_utility
 from mteditlab.world import generate_session, render, score_turn
 
 SPLITS = ("train", "val")
-
-
-def _simulation_literals(*names: str) -> list:
-    """The values of ``names`` assigned in :mod:`mteditlab.simulation`, read from its source: importing it
-    loads torch, and the CLI's parser must stay light."""
-    source = Path(importlib.util.find_spec("mteditlab.simulation").origin).read_text()
-    values = {target.id: node.value for node in ast.parse(source).body if isinstance(node, ast.Assign)
-              for target in node.targets if isinstance(target, ast.Name)}
-    return [ast.literal_eval(values[name]) for name in names]
-
-
-BIASES, DEFAULT_BIAS = _simulation_literals("BIASES", "DEFAULT_BIAS")
 
 
 # --------------------------------------------------------------------------------- driver
@@ -67,9 +55,6 @@ def simulate(store: LabelStore, *, sessions: int = 200, turns: int = 3, annotato
              split: str = "train", start: int = 0, progress: bool = False) -> dict:
     """Write ``sessions`` simulated comparisons and their judgments into ``store``; returns a
     summary (counts of comparisons, judgments, choices, defects)."""
-    from mteditlab.rewards.features import parse_cached  # loads torch: not at import (see BIASES)
-    from mteditlab.simulation import PROFILES, SyntheticEditor, decide, make_annotators, turn_utility
-
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} (test is for reporting only), got {split!r}")
     if bias not in BIASES:

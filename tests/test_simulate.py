@@ -8,7 +8,6 @@ import random
 import numpy as np
 import pytest
 
-import labeling.simulate
 from labeling import cli
 from labeling.simulate import simulate
 from labeling.store import LabelStore
@@ -48,10 +47,6 @@ def test_simulate_writes_flagged_judgments_through_the_store(small_db, capsys):
     assert {"tie", "both_bad"} <= set(judgments.choice)  # they occur naturally
     code = cli.main(["--db", str(small_db), "--read-only", "stats"])
     assert code == 0 and "0 human, 240 simulated" in capsys.readouterr().out
-
-
-def test_the_cli_reads_the_scenarios_the_simulation_defines():
-    assert (labeling.simulate.BIASES, labeling.simulate.DEFAULT_BIAS) == (BIASES, DEFAULT_BIAS)
 
 
 def test_default_scenario_penalises_background_tint_which_the_verifier_ignores():

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from mteditlab.editors import FlowPolicy
+from mteditlab.editors.flow_policy import FlowPolicy
 from mteditlab.editors.flow_policy import OLD, TRAINED
 from mteditlab.flow import gaussian_log_prob, sde_step_stats
 from mteditlab.intent import turn_text

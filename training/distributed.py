@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mteditlab.editors import FlowPolicy
+from mteditlab.editors.flow_policy import FlowPolicy
 
 if TYPE_CHECKING:
     from training.grpo import GRPOConfig

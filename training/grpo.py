@@ -60,7 +60,8 @@ import torch
 from tqdm import tqdm
 
 from mteditlab.bench import run_benchmark
-from mteditlab.editors import EDITORS, FlowPolicy, get_editor
+from mteditlab.editors import EDITORS, get_editor
+from mteditlab.editors.flow_policy import FlowPolicy
 from mteditlab.intent import INTENT_MODES
 from training.algorithms import ALGORITHMS
 from training.credit import FUSIONS, TURN_AGGREGATIONS

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from mteditlab.editors import FlowPolicy
+from mteditlab.editors.flow_policy import FlowPolicy
 from training.distributed import full_tensor
 from training.scoring import GOLD
 

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from PIL import Image
 
-from mteditlab.editors import EDITORS, FlowPolicy
+from mteditlab.editors import EDITORS
+from mteditlab.editors.flow_policy import FlowPolicy
 from mteditlab.flow import gaussian_log_prob, ode_step, sde_step_stats
 from mteditlab.intent import turn_seed, turn_text
 from mteditlab.rewards.verifier import world_meta

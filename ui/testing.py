@@ -26,7 +26,7 @@ def paced_editor(reference, delay_s: float = 0.1, steps: int = 10):
     import numpy as np
     import torch
 
-    from mteditlab.editors import FlowPolicy
+    from mteditlab.editors.flow_policy import FlowPolicy
 
     class PacedEditor(FlowPolicy):
         name = reference.name

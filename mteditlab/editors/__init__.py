@@ -1,7 +1,9 @@
 """Editor backends: one module each, its class registered by name with ``@register_editor``.
 
 ``EDITORS`` maps the registered names to their classes (reading it imports this package's modules,
-which keep model libraries' imports inside their functions); ``get_editor`` builds one.
+which keep model libraries' imports inside their functions); ``get_editor`` builds one. Importing the
+package loads no model library (the flow-policy face is :mod:`mteditlab.editors.flow_policy`), so
+the reference editors and the world's simulations stay light.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import EDITORS, Editor, EditorError, register_editor
-from .flow_policy import FlowPolicy
 
 
 def get_editor(name: str, *, lora: str | Path | None = None, path: str | Path | None = None,
@@ -17,6 +18,8 @@ def get_editor(name: str, *, lora: str | Path | None = None, path: str | Path | 
     """Build editor ``name``; ``lora`` loads an RL-tuned adapter on top (merged into the weights when
     ``fuse``, so it costs nothing at inference); ``path`` overrides the base weights (a checkpoint
     directory, or a model id / local directory for the hub backends)."""
+    from .flow_policy import FlowPolicy
+
     editor = EDITORS[name].create(path, device=device)
     if lora:
         if not isinstance(editor, FlowPolicy):
@@ -27,4 +30,4 @@ def get_editor(name: str, *, lora: str | Path | None = None, path: str | Path | 
     return editor
 
 
-__all__ = ["EDITORS", "Editor", "EditorError", "FlowPolicy", "get_editor", "register_editor"]
+__all__ = ["EDITORS", "Editor", "EditorError", "get_editor", "register_editor"]

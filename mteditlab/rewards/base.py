@@ -20,13 +20,15 @@ from __future__ import annotations
 import abc
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import PIL.Image
-import torch
 
 from mteditlab.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 IF, CC, QUALITY, GA = "if", "cc", "quality", "ga"
 SUB_SCORES: tuple[str, ...] = (IF, CC, QUALITY, GA)
@@ -130,7 +132,7 @@ class RewardOutput:
 
 
 def _as_float_array(values) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
+    if hasattr(values, "detach"):   # a torch tensor (torch itself is not imported here: rewards stay light)
         values = values.detach().cpu().double().numpy()
     return np.asarray(values, dtype=np.float64)
 
