@@ -1,6 +1,6 @@
 """Latency of one side-by-side arena turn on the mini editor (base and LoRA sides, default steps).
 
-    python -m bench.edit_latency [--repeats 30] [--json out/bench/edit_latency.json]
+    python -m bench.edit_latency [--repeats 30] [--batch 8] [--json out/bench/edit_latency.json]
 
 Prints a markdown table of medians (and p90) and where the time goes: text encoding (cached after
 the first call of a string), the UNet forwards, decoding, and the verifier's parse used by the arena.
@@ -36,6 +36,7 @@ def timed(fn, repeats: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=8, help="also time one LoRA edit_batch of this many images")
     parser.add_argument("--json", type=Path, default=Path("out/bench/edit_latency.json"))
     args = parser.parse_args()
 
@@ -60,6 +61,8 @@ def main() -> None:
         "arena turn (base + LoRA)": timed(lambda: (base.edit(image, text), tuned.edit(image, text)), args.repeats),
         "base edit": timed(lambda: base.edit(image, text), args.repeats),
         "LoRA edit": timed(lambda: tuned.edit(image, text), args.repeats),
+        f"LoRA edit, batch {args.batch}": timed(lambda: tuned.edit_batch([image] * args.batch, [text] * args.batch),
+                                                args.repeats),
         "encode (cached text)": timed(lambda: base.encode([image], [text]), args.repeats),
         "one UNet forward": timed(lambda: torch.no_grad()(base.velocity)(x, sigma, cond), args.repeats),
         "decode": timed(lambda: base.decode(x), args.repeats),
@@ -76,7 +79,7 @@ def main() -> None:
           f"of the {1000 * summary['arena turn (base + LoRA)']['median_s']:.0f} ms arena turn: the denoiser is the cost.")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "steps": steps,
-                                     "threads": torch.get_num_threads(), "adapter": adapter, "repeats": args.repeats,
+                                     "threads": torch.get_num_threads(), "adapter": adapter, "repeats": args.repeats, "batch": args.batch,
                                      "results": summary, "unet_share_of_turn": forward_share}, indent=2))
 
 
