@@ -2,9 +2,10 @@
 
 Global options: ``--data-dir`` (default ``$MTEDITLAB_DATA`` or ``./data``), ``--db`` (default
 ``<data dir>/labels.duckdb``) and ``--read-only`` (read the database, or a snapshot of it while
-another process holds it).  Analysis commands print which labels they use, with counts:
-human only by default, ``--include-simulated`` to mix in simulated ones (used automatically,
-and said so, when there are no human labels).
+another process holds it).  Only commands that write create a missing database; a missing or
+unreadable one is a single ``error:`` line on stderr and exit status 2.  Analysis commands print
+which labels they use, with counts: human only by default, ``--include-simulated`` to mix in
+simulated ones (used automatically, and said so, when there are no human labels).
 
 Adding a subcommand from another module: give the module a ``register(subparsers)`` function
 that calls ``subparsers.add_parser(...)`` and sets ``handler=`` (a function of the parsed args
@@ -31,14 +32,26 @@ EXTENSIONS: list[str] = ["labeling.simulate", "labeling.raters"]
 
 
 def open_store(args: argparse.Namespace, writable: bool = False) -> LabelStore:
-    """Open the database named by the global options (read-write unless ``--read-only``)."""
+    """Open the database named by the global options (read-write unless ``--read-only``); only
+    a ``writable`` command creates it when missing, for the others that is FileNotFoundError."""
     if writable and args.read_only:
         raise StoreError(f"`{args.command}` writes to the database; drop --read-only")
-    store = LabelStore.open(args.db, read_only=args.read_only)
+    missing = not writable and not args.db.exists()
+    store = LabelStore.open(args.db, read_only=args.read_only or missing)  # refuses a missing file
     if store.snapshot_of is not None:
         print(f"note: process {store.snapshot_of} holds {store.path}; reading a snapshot "
               "copied just now", file=sys.stderr)
     return store
+
+
+def turn_option(text: str) -> int | str:
+    """``--turn``: a turn index (0-based) or 'overall'."""
+    if text == "overall":
+        return text
+    if text.isascii() and text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(
+        f"expected a turn index (0, 1, …) or 'overall', got {text!r}")
 
 
 def add_label_options(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +115,7 @@ def cmd_leaderboard(args) -> int:
     if args.turn == "overall":
         frame = frame[frame["turn"].isna()]
     elif args.turn is not None:
-        frame = frame[frame["turn"].eq(int(args.turn)).fillna(False).astype(bool)]
+        frame = frame[frame["turn"].eq(args.turn).fillna(False).astype(bool)]
     frame = ratings.battles(frame)
     print(f"battles: {len(frame)} (gold items excluded)")
     board = ratings.leaderboard(frame, by=args.by, n_boot=args.bootstrap, seed=args.seed,
@@ -165,7 +178,8 @@ def _register_builtin(sub) -> None:
     add_label_options(p)
     p.add_argument("--by", choices=ratings.GROUPINGS, help="one leaderboard per value")
     p.add_argument("--criterion", help="only this criterion")
-    p.add_argument("--turn", help="only this turn index, or 'overall'")
+    p.add_argument("--turn", type=turn_option,
+                   help="only this turn index (0 = the first turn), or 'overall'")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds")
     p.add_argument("--min-battles", type=int, default=20, metavar="N",
                    help="models with fewer battles are listed as provisional, not ranked "
@@ -214,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _hint(exc: Exception, db: Path) -> str:
-    """The commands that get past ``exc`` on database ``db`` (empty when none apply)."""
+    """The commands that get past ``exc`` on database ``db`` (empty when none apply); on the
+    error's line unless there are several."""
     if isinstance(exc, StoreLockedError):
         return (f"\nTo read it meanwhile, take a snapshot:\n"
                 f"  python -m labeling --db {db} --read-only stats   (or leaderboard, agreement)\n"
@@ -222,5 +237,5 @@ def _hint(exc: Exception, db: Path) -> str:
     if isinstance(exc, SchemaVersionError) and exc.older:
         return f"\nMigrate it: python -m labeling --db {db} init"
     if isinstance(exc, FileNotFoundError) and not Path(db).exists():
-        return f"\nCreate one with: python -m labeling --db {db} init"
+        return f"; create one with: python -m labeling --db {db} init"
     return ""

@@ -23,14 +23,24 @@ from labeling.errors import StoreError, StoreLockedError
 
 DATA_ENV = "MTEDITLAB_DATA"
 DB_FILENAME = "labels.duckdb"
+SPACE_STORAGE = Path("/data")   # a Hugging Face Space's persistent storage, when it has some
 _LOCK_RE = re.compile(r"Conflicting lock is held in (?P<prog>.*?) \(PID (?P<pid>\d+)\)")
 _OPEN_PATHS: set[Path] = set()
 _OPEN_LOCK = threading.Lock()
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The data directory: ``explicit``, else ``$MTEDITLAB_DATA``, else ``./data``."""
-    return Path(explicit if explicit is not None else os.environ.get(DATA_ENV, "data"))
+    """The data directory, the one rule for the app and the CLI: ``explicit``, else
+    ``$MTEDITLAB_DATA``, else ``/data/mteditlab`` on a Hugging Face Space (``$SPACE_ID`` set)
+    whose persistent storage :data:`SPACE_STORAGE` is writable, else ``./data``.  Empty values
+    count as unset."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV])
+    if os.environ.get("SPACE_ID") and os.access(SPACE_STORAGE, os.W_OK):
+        return SPACE_STORAGE / "mteditlab"
+    return Path("data")
 
 
 def default_db_path(directory: str | os.PathLike | None = None) -> Path:

@@ -34,6 +34,17 @@ class DuplicateJudgmentError(StoreError):
     """The annotator already judged this (comparison, turn, criterion) with another choice."""
 
 
+class AssignmentError(StoreError):
+    """Judgments submitted for a comparison that is not the annotator's open assignment;
+    ``reason``: 'never assigned', 'already judged' or 'given back' (see :mod:`labeling.queue`)."""
+
+    def __init__(self, annotator: str, comparison_id: int, reason: str):
+        self.annotator, self.comparison_id, self.reason = annotator, comparison_id, reason
+        super().__init__(f"comparison {comparison_id} is not open to {annotator!r}: {reason}; "
+                         "judgments are taken only for the annotator's open assignment, once "
+                         "(ask for the next assignment)")
+
+
 class SchemaVersionError(StoreError):
     """The database schema is newer than this code, or (``older``) too old to read without
     migrating."""

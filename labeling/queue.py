@@ -28,9 +28,11 @@ functions on the store's single writer thread, so two annotators never race for 
   annotators, so they get no assignment rows.
 * **Resume.** An annotator who asks again before judging their open assignment gets the same
   one back (a page refresh does not burn items).
-
-An assignment counts as judged as soon as any judgment by that annotator on that comparison
-is recorded, so a client submits all of a comparison's votes before asking for the next.
+* **One submission per assignment.** An assignment is *open* from when it is handed out until
+  the annotator's judgments of it are recorded or they give it back (skip, flag);
+  :meth:`LabelStore.record_submission` takes a comparison's judgments all together, in one
+  transaction, and only while it is the annotator's open assignment (:func:`closed_because`),
+  so a stale or repeated submission stores nothing.
 """
 
 from __future__ import annotations
@@ -105,6 +107,21 @@ def open_assignment(cur, annotator_id: int, expired_before: dt.datetime):
         [annotator_id, expired_before],
     ).fetchall()
     return rows[0] if rows else None
+
+
+def closed_because(cur, annotator_id: int, comparison_id: int) -> str | None:
+    """Why the annotator's assignment of ``comparison_id`` is not open — 'never assigned',
+    'already judged' or 'given back' — or None while it is open."""
+    assigned, judged, given_back = cur.execute(
+        """SELECT EXISTS (SELECT 1 FROM assignments WHERE annotator_id = $a AND comparison_id = $c),
+                  EXISTS (SELECT 1 FROM judgments WHERE annotator_id = $a AND comparison_id = $c),
+                  EXISTS (SELECT 1 FROM skips WHERE annotator_id = $a AND comparison_id = $c)""",
+        {"a": annotator_id, "c": comparison_id}).fetchall()[0]
+    if not assigned:
+        return "never assigned"
+    if judged:
+        return "already judged"
+    return "given back" if given_back else None
 
 
 def pick_comparison(

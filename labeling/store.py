@@ -17,8 +17,9 @@ Durability ("acknowledged" contract)
     :meth:`LabelStore.record_judgment` returns only after the transaction holding the judgment
     has committed (DuckDB writes the commit to its write-ahead log before returning), so an
     acknowledged judgment survives the process being killed.  Judgments that queue up while
-    the writer commits share one transaction (group commit).  Identity rules: see
-    :mod:`labeling.ledger`.
+    the writer commits share one transaction (group commit);
+    :meth:`LabelStore.record_submission` writes a labeling item's judgments in a transaction
+    of their own, all or nothing.  Identity rules: see :mod:`labeling.ledger`.
 
 Comparisons and votes
     A comparison's ``kind`` says what it is: ``'item'`` (labeling item), ``'gold'`` (labeling
@@ -26,6 +27,14 @@ Comparisons and votes
     ('A' = ``session_a``), not the screen side; ``left`` records which session was on the left.
     Every judgment records ``blind``: whether the judge did not know which model was on which
     side.  Skips and flags of labeling items are rows too (:meth:`LabelStore.release_assignment`).
+
+Free text
+    Reasons (flags, voter exclusions) are stored as :func:`clean_reason` makes them (lone
+    surrogates become U+FFFD), never refused.
+
+Opening
+    A file DuckDB cannot read (corrupt, truncated, not a database) is a :class:`StoreError`
+    saying so in one line.
 """
 
 from __future__ import annotations
@@ -39,17 +48,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import duckdb
 from PIL import Image
 
 from labeling.blobs import ImageBlobs, check_sha
 from labeling.connection import DatabaseFile
-from labeling.errors import ReadOnlyStoreError, StoreError
+from labeling.errors import AssignmentError, ReadOnlyStoreError, StoreError
 from labeling.ledger import JudgmentRequest, Ledger
-from labeling.queue import Assignment, AssignmentPolicy, open_assignment, pick_comparison, release
+from labeling.queue import (Assignment, AssignmentPolicy, closed_because, open_assignment,
+                            pick_comparison, release)
 from labeling.reads import StoreReads
 from labeling.schema import CHOICES, CRITERION_RE, KINDS, SIDES, TABLES, check_readable, migrate
 from labeling.writer import Tx, Writer
 
+REASON_CHARS = 500  # longest stored reason (flags, exclusions)
 
 
 def model_name(editor: str, adapter: str | None) -> str:
@@ -70,7 +82,10 @@ class LabelStore(StoreReads):
         self.blobs = ImageBlobs(self.path.parent / "images")
         self.images_dir = self.blobs.root
         self.policy = policy or AssignmentPolicy()
-        self._db = DatabaseFile(self.path, read_only)
+        try:
+            self._db = DatabaseFile(self.path, read_only)
+        except duckdb.Error as exc:
+            raise _unreadable(self.path, exc) from exc
         self.snapshot_of = self._db.snapshot_of  # PID whose database this is a snapshot of
         self._con = self._db.con
         self._local = threading.local()
@@ -88,8 +103,10 @@ class LabelStore(StoreReads):
             self._pair_rng = random.Random(f"pairs:{self.policy.seed}")  # model-pair draws
             self._writer = Writer(cur, f"labelstore-writer:{self.path.name}",
                                   self._ledger.write_judgments, max_batch)
-        except BaseException:
+        except BaseException as exc:
             self._db.close()
+            if isinstance(exc, duckdb.Error):
+                raise _unreadable(self.path, exc) from exc
             raise
 
     @classmethod
@@ -274,10 +291,36 @@ class LabelStore(StoreReads):
         judge did not see which model was on which side (labeling always; the arena until the
         names are shown).
         """
-        return self._write().submit(JudgmentRequest(
-            int(comparison_id), annotator, turn, criterion, choice, left,
-            None if latency_ms is None else float(latency_ms),
-            None if simulated is None else bool(simulated), blind, _now()))
+        return self._write().submit(_request(comparison_id, annotator, turn, criterion, choice,
+                                             left, latency_ms, simulated, blind, _now()))
+
+    def record_submission(self, annotator: str, comparison_id: int, left: str,
+                          judgments: Sequence[tuple[int | None, str, str, float | None]], *,
+                          blind: bool) -> list[int]:
+        """Record an annotator's judgments of their assigned comparison together, in one
+        transaction (all or nothing); returns their ids once committed.
+
+        ``judgments``: ``(turn, criterion, choice, latency_ms)`` each, checked as by
+        :meth:`record_judgment`, with ``left`` and ``blind`` shared (``simulated``: the
+        annotator's).  Unless ``comparison_id`` is the annotator's open assignment (see
+        :mod:`labeling.queue`) it is refused with :class:`AssignmentError`: a stale or repeated
+        submission stores nothing.
+        """
+        if not judgments:
+            raise ValueError("a submission needs at least one judgment")
+        now = _now()
+        requests = [_request(comparison_id, annotator, turn, criterion, choice, left, ms, None,
+                             blind, now) for turn, criterion, choice, ms in judgments]
+
+        def body(tx: Tx) -> list[int]:
+            cid = requests[0].comparison_id
+            reason = closed_because(tx.cur, self._ledger.annotator_id(annotator), cid)
+            if reason is not None:
+                raise AssignmentError(annotator, cid, reason)
+            self._ledger.write_judgments(lambda insert: insert(tx), requests)
+            return [request.future.result() for request in requests]  # a refusal undoes all
+
+        return self._call(body)
 
     def next_assignment(self, annotator: str) -> Assignment | None:
         """The annotator's next comparison under :attr:`policy` (see :mod:`labeling.queue`)."""
@@ -308,7 +351,8 @@ class LabelStore(StoreReads):
         """Give an assignment back: skip it, or flag it for review (``flag``: the annotator's
         reason).  It no longer counts against the overlap and is never served to this
         annotator again; the skip (or flag) is recorded as a ``skips`` row, whose id this
-        returns."""
+        returns.  ``flag`` is stored as :func:`clean_reason` makes it."""
+        flag = None if flag is None else clean_reason(flag)
 
         def body(tx: Tx) -> int:
             aid = self._ledger.annotator_id(annotator)
@@ -326,9 +370,11 @@ class LabelStore(StoreReads):
                            reason: str | None = None) -> int:
         """Record an admin's decision to exclude a voter from the ratings (``excluded=True``)
         or to count them again; returns the log row's id.  The latest decision holds; the
-        log keeps every one (who, when, why)."""
+        log keeps every one (who, when, why); ``reason`` is stored as :func:`clean_reason`
+        makes it (None when that is empty)."""
         if not isinstance(admin, str) or not admin.strip():
             raise ValueError("admin must be a non-empty string")
+        reason = clean_reason(reason) or None
 
         def body(tx: Tx) -> int:
             if annotator not in self._ledger.annotators:
@@ -388,6 +434,27 @@ class LabelStore(StoreReads):
             return loaded
 
         return self._call(body)
+
+
+def clean_reason(text: Any) -> str:
+    """``text`` as a stored reason: one line (whitespace runs become one space) of at most
+    :data:`REASON_CHARS` characters; lone surrogates (a browser's JSON can carry them, DuckDB
+    cannot store them) become U+FFFD, paired ones the character they encode.  '' for None."""
+    text = str(text or "").encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return " ".join(text.split())[:REASON_CHARS]
+
+
+def _request(comparison_id, annotator, turn, criterion, choice, left, latency_ms, simulated,
+             blind, created_at) -> JudgmentRequest:
+    return JudgmentRequest(int(comparison_id), annotator, turn, criterion, choice, left,
+                           None if latency_ms is None else float(latency_ms),
+                           None if simulated is None else bool(simulated), blind, created_at)
+
+
+def _unreadable(path: Path, exc: duckdb.Error) -> StoreError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return StoreError(f"{path} is not a readable label database ({reason}); check the path, "
+                      "or restore the file from a backup or snapshot")
 
 
 def _now() -> dt.datetime:

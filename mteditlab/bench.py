@@ -15,7 +15,8 @@ Every per-turn rate comes with its standard error over sessions (``KEY_se``).
 
 ``--against`` runs a second editor (``base`` = the same backend without the adapter, or another adapter
 directory) on the same sessions and seeds and reports Δ = this − that per turn with the paired standard
-error s.e.(Δ) = std(d_i) / √n over the per-session differences d_i. ``--pass-at K`` samples every turn
+error s.e.(Δ) = std(d_i) / √n over the per-session differences d_i; ``--against-result R.json`` pairs
+with a result saved earlier by ``--json`` (same split, sessions and seed) instead of running it again. ``--pass-at K`` samples every turn
 K times from the true previous scene (teacher-forced, seeds ``seed..seed+K−1``) and reports pass@1 (mean
 success) and pass@K (any success) per turn and per operation. ``--start N`` takes sessions N, N+1, ...
 """
@@ -93,9 +94,9 @@ PAIRED_KEYS = ("success", "overall", "teacher_forced_success", "exposure_gap")
 def paired(result: dict, reference: dict) -> list[dict]:
     """Per turn, Δ = result − reference and its paired s.e. over sessions, for ``PAIRED_KEYS``.
     Both results must come from the same sessions and seed."""
-    if (result["split"], result.get("start"), result["sessions"], result["seed"]) != \
-            (reference["split"], reference.get("start"), reference["sessions"], reference["seed"]):
-        raise ValueError("paired comparison needs the same split, sessions and seed on both sides")
+    same = ("split", "start", "sessions", "turns", "seed")
+    if [result.get(k) for k in same] != [reference.get(k) for k in same]:
+        raise ValueError("paired comparison needs the same split, sessions, turns and seed on both sides")
     rows = []
     for k in range(result["turns"]):
         row = {"turn": k + 1}
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--intent", default="reconstruct", choices=INTENT_MODES)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--against", help="paired comparison: 'base' (no adapter) or another adapter directory")
+    parser.add_argument("--against-result", type=Path,
+                        help="paired comparison with a result saved by --json on the same sessions and seed")
     parser.add_argument("--pass-at", type=int, help="teacher-forced pass@1 vs pass@K headroom instead")
     parser.add_argument("--json", type=Path, help="write the metrics here")
     parser.add_argument("--plot", type=Path, help="write a PNG of success vs turn here")
@@ -203,21 +206,28 @@ def main(argv: list[str] | None = None) -> dict:
         result = run_benchmark(editor, sessions, **options)
         result["lora"] = args.lora
         print(title + "\n" + markdown_table(result))
-    if args.against and not args.pass_at:
-        del editor   # one set of weights in memory at a time (real backends are 12–20B parameters)
-        other = get_editor(args.editor, lora=None if args.against == "base" else args.against, path=args.editor_path)
-        reference = run_benchmark(other, sessions, **options)
-        reference["lora"] = None if args.against == "base" else args.against
+    if args.against and args.against_result:
+        parser.error("give --against or --against-result, not both")
+    if (args.against or args.against_result) and not args.pass_at:
+        if args.against:
+            del editor   # one set of weights in memory at a time (real backends are 12–20B parameters)
+            other = get_editor(args.editor, lora=None if args.against == "base" else args.against,
+                               path=args.editor_path)
+            reference = run_benchmark(other, sessions, **options)
+            reference["lora"] = None if args.against == "base" else args.against
+        else:
+            reference = json.loads(args.against_result.read_text())
+        name = args.against or str(args.against_result)
         result = {**result, "against": reference, "paired": paired(result, reference)}
-        print(f"\nagainst {args.against}:\n\n{markdown_table(reference)}\n\nΔ = this − {args.against} "
+        print(f"\nagainst {name}:\n\n{markdown_table(reference)}\n\nΔ = this − {name} "
               f"(± paired s.e.):\n\n{paired_table(result['paired'])}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
     if args.plot and not args.pass_at:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot([result, result["against"]] if args.against else [result], args.plot,
-             labels=[args.lora or args.editor, args.against] if args.against else None)
+        plot([result, result["against"]] if "against" in result else [result], args.plot,
+             labels=[args.lora or args.editor_path or args.editor, name] if "against" in result else None)
     return result
 
 

@@ -1,39 +1,65 @@
-"""A local OpenAI-compatible chat-completions server for tests (stdlib ``http.server`` in a thread).
+"""A local OpenAI-compatible chat-completions server for tests and benchmarks (stdlib ``http.server``
+in a thread), able to misbehave as a hostile or broken server would.
 
 ``ChatServer(respond)`` serves ``respond(route, body, headers) -> reply`` on 127.0.0.1, where a reply is
-a dict (200 JSON), ``(status, dict)``, raw ``bytes`` (200, unparsed), :data:`DROP` (close the
-connection without answering) or ``("sleep", seconds, reply)``. ``TinyVLMResponder`` answers with a
-real transformers Qwen-VL (the tiny random-weight ones of ``tests/tiny_qwen_vl.py``): it decodes the
-data-URL images, applies the chat template (``continue_final_message`` as vLLM does), generates and
-returns ``logprobs`` / ``top_logprobs`` from the raw logits, refusing more than ``max_logprobs``
-alternatives as vLLM's ``--max-logprobs`` does.
+a dict (200 JSON), ``(status, dict)``, raw ``bytes`` (200, unparsed), a :class:`Reply` (any status,
+headers and body, streamed), :data:`DROP` (close the connection without answering) or
+``("sleep", seconds, reply)``. Hostile replies: :func:`redirect`, :func:`trickle`, :func:`endless`,
+:func:`flood`, :func:`retry_later`. ``TinyVLMResponder`` answers with a real transformers Qwen-VL (the
+tiny random-weight ones of ``tests/tiny_qwen_vl.py``): it decodes the data-URL images, applies the chat
+template (``continue_final_message`` as vLLM does), generates and returns ``logprobs`` /
+``top_logprobs`` from the raw logits, refusing more than ``max_logprobs`` alternatives as vLLM's
+``--max-logprobs`` does.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import threading
 import time
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Iterable
 
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 DROP = object()
 
 
+@dataclass
+class Reply:
+    """A reply written as told: ``status``, extra ``headers``, then ``body`` — bytes, or byte chunks (an
+    iterable, possibly endless) each written after ``pause`` seconds. Content-Length is ``length``, else
+    the size of a bytes body; without one the body ends when the server closes the connection."""
+
+    status: int = 200
+    body: bytes | Iterable[bytes] = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    pause: float = 0.0
+    length: int | None = None
+
+
 class ChatServer:
     """Serves ``respond`` until :meth:`close`; ``url`` is the ``…/v1`` base; ``requests`` logs
-    ``(route, body, headers)`` of every request received."""
+    ``(route, body, headers)`` of every request received, ``bytes_received`` counts every byte read
+    from clients (request lines, headers and bodies)."""
 
     def __init__(self, respond):
-        self.respond, self.requests, self._lock = respond, [], threading.Lock()
+        self.respond, self.requests, self.bytes_received, self._lock = respond, [], 0, threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                self.rfile = _CountingReader(self.rfile, server)
 
             def log_message(self, *args):
                 pass
@@ -55,16 +81,26 @@ class ChatServer:
                 if reply is DROP:
                     self.close_connection = True
                     return
-                status, payload = reply if isinstance(reply, tuple) else (200, reply)
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
-                    pass
+                    self._write(as_reply(reply))
+                except ConnectionError:  # the client gave up (deadline, size cap)
+                    self.close_connection = True
+
+            def _write(self, reply: Reply):
+                length = len(reply.body) if reply.length is None and isinstance(reply.body, bytes) else reply.length
+                self.send_response(reply.status)
+                self.send_header("Content-Type", "application/json")
+                for key, value in reply.headers.items():
+                    self.send_header(key, value)
+                if length is None:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(length))
+                self.end_headers()
+                for chunk in [reply.body] if isinstance(reply.body, bytes) else reply.body:
+                    time.sleep(reply.pause)
+                    self.wfile.write(chunk)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads, self.httpd.block_on_close = True, False
@@ -86,6 +122,78 @@ class ChatServer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _CountingReader:
+    """A request stream that adds what is read from it to ``server.bytes_received``."""
+
+    def __init__(self, stream, server: ChatServer):
+        self.stream, self.server = stream, server
+
+    def _counted(self, data: bytes) -> bytes:
+        with self.server._lock:
+            self.server.bytes_received += len(data)
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        return self._counted(self.stream.read(size))
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._counted(self.stream.readline(size))
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def as_reply(reply) -> Reply:
+    """The :class:`Reply` of a dict, ``(status, dict)`` or ``bytes`` reply."""
+    if isinstance(reply, Reply):
+        return reply
+    status, payload = reply if isinstance(reply, tuple) else (200, reply)
+    return Reply(status, payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+
+
+def redirect(url: str, status: int = 302) -> Reply:
+    """A redirect to ``url``."""
+    return Reply(status, headers={"Location": url})
+
+
+def trickle(reply, pause: float) -> Reply:
+    """``reply`` with its body sent one byte every ``pause`` seconds (Content-Length announced)."""
+    whole = as_reply(reply)
+    return Reply(whole.status, [whole.body[k:k + 1] for k in range(len(whole.body))], whole.headers, pause,
+                 len(whole.body))
+
+
+def endless(pause: float, chunk: bytes = b" " * 64) -> Reply:
+    """A 200 reply whose body (JSON whitespace, no length) never ends: ``chunk`` every ``pause`` seconds."""
+    return Reply(body=itertools.repeat(chunk), pause=pause)
+
+
+def flood(size: int, *, declared: bool = True, piece: int = 1 << 16) -> Reply:
+    """A valid direct-mode reply ("7" at p = 1) padded with logprob entries to about ``size`` bytes,
+    streamed ``piece`` bytes at a time (never held whole); ``declared``: announce its length, else the
+    body ends when the connection closes."""
+    head, tail = json.dumps(completion([text_choice("7", logprobs=[])])).split('"content": []')
+    head, tail = (head + '"content": [').encode(), (']' + tail).encode()
+    entry = json.dumps({"token": "7", "logprob": 0.0, "top_logprobs": [{"token": "7", "logprob": 0.0}]}).encode()
+    count = max(1, (size - len(head) - len(tail)) // (len(entry) + 1))
+    per_piece = max(1, piece // (len(entry) + 1))
+
+    def pieces():
+        yield head
+        for start in range(0, count, per_piece):
+            k = min(per_piece, count - start)
+            yield b",".join([entry] * k) + (b"," if start + k < count else b"")
+        yield tail
+
+    length = len(head) + len(tail) + count * (len(entry) + 1) - 1
+    return Reply(body=pieces(), length=length if declared else None)
+
+
+def retry_later(retry_after: str, status: int = 429) -> Reply:
+    """A rate-limit answer with the header ``Retry-After: retry_after``."""
+    return Reply(status, json.dumps(error(status, "rate limited")[1]).encode(), {"Retry-After": retry_after})
 
 
 def decode_data_url(url: str) -> Image.Image:
@@ -151,8 +259,9 @@ class TinyVLMResponder:
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
         return self.processor(text=[text], images=images or None, return_tensors="pt")
 
-    @torch.no_grad()
     def generate(self, body: dict) -> list[dict]:
+        import torch  # only the tiny-VLM answers need it
+
         inputs = self.prompt(body)
         tokenizer, n = self.processor.tokenizer, body.get("n", 1)
         sampled = body.get("temperature", 1.0) > 0

@@ -106,3 +106,29 @@ def test_arena_and_labeling_in_a_real_browser(tmp_path):
     assert len(frame) == 6
     for name in ("arena.png", "label.png", "leaderboard.png"):
         assert (shots / name).stat().st_size > 10_000
+
+
+def test_half_a_character_typed_in_the_browser_leaves_the_page_working(tmp_path):
+    """A lone UTF-16 surrogate (half an emoji) in the instruction box: the edit is refused
+    with a message, the page stays in step with the server and the next edit goes through."""
+    config = testing.app_config(tmp_path / "data")
+    engine = testing.make_engine(OracleEditor(), IdentityEditor())
+    with testing.running_app(config, engine=engine) as (url, demo, ctx):
+        with testing.browser_page() as page:
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            page.locator("#arena-example input").click()
+            page.get_by_role("option", name="Example 1").click()
+            testing.wait_text(page, "#arena-status", "New session on example")
+            page.evaluate("""() => {
+                const box = document.querySelector('#arena-instruction textarea');
+                box.value = 'make it red \\uD83D';
+                box.dispatchEvent(new Event('input', {bubbles: true}));
+            }""")
+            page.locator("#arena-edit").click()
+            testing.wait_text(page, "#arena-status", "half of a character", timeout=30_000)
+            assert "turn 0" in page.locator("#arena-status").inner_text()
+            page.locator("#arena-instruction textarea").fill("change the background to black")
+            page.locator("#arena-edit").click()
+            testing.wait_text(page, "#arena-status", "Turn 1 done", timeout=30_000)
+            assert "turn 1" in page.locator("#arena-status").inner_text()

@@ -152,7 +152,7 @@ def test_bad_instructions_and_a_failing_backend_keep_the_session(app):
         out = c.predict(text, 1, 10, api_name="/edit")
         assert fragment in status(out) and out[TURN] == 1, status(out)
     out = c.predict("explode the red circle", 1, 10, api_name="/edit")
-    assert "did not go through" in status(out) and "exploded" in status(out)
+    assert "did not go through" in status(out) and "exploded" not in status(out)  # still blind
     assert out[TURN] == 1
     for seed, steps in [(-1, 10), (0, 0), (0, 1000)]:  # the components refuse these
         with pytest.raises(Exception, match="(less|greater) than"):

@@ -68,6 +68,32 @@ def test_defaults_flags_and_environment(monkeypatch, tmp_path):
         config_from_args(["--port", "70000"])
 
 
+@pytest.mark.parametrize("where", ["MTEDITLAB_DATA", "Space with storage", "Space without",
+                                   "neither"])
+def test_the_app_and_the_labeling_cli_use_one_data_directory(where, tmp_path, monkeypatch,
+                                                             capsys):
+    from labeling import cli, connection
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("MTEDITLAB_DATA", "SPACE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    storage = tmp_path / "persistent"                      # stands for a Space's /data
+    monkeypatch.setattr(connection, "SPACE_STORAGE", storage, raising=False)
+    if where != "Space without":
+        storage.mkdir()
+    if where.startswith("Space"):
+        monkeypatch.setenv("SPACE_ID", "someone/arena")
+    if where == "MTEDITLAB_DATA":
+        monkeypatch.setenv("SPACE_ID", "someone/arena")    # the variable wins on a Space too
+        monkeypatch.setenv("MTEDITLAB_DATA", str(tmp_path / "env"))
+    expected = {"MTEDITLAB_DATA": tmp_path / "env", "Space with storage": storage / "mteditlab",
+                "Space without": Path("data"), "neither": Path("data")}[where]
+    assert config_from_args([]).resolved_data_dir() == expected
+    assert cli.main(["init"]) == 0
+    assert (tmp_path / expected / "labels.duckdb").is_file()
+    assert len(list(tmp_path.rglob("labels.duckdb"))) == 1
+
+
 def test_credentials(tmp_path):
     digest = hashlib.sha256(b"s3cret").hexdigest()
     creds = Credentials.parse(f"alice:pw1, bob:sha256:{digest}\n# comment\ncarol:a:b", "x")

@@ -214,27 +214,6 @@ def test_only_the_admin_sees_the_database_path(app):
     assert path in c.predict("root", "secret", api_name="/admin_sign_in")[0]
 
 
-def test_lone_surrogates_are_cleaned_like_control_characters(app):
-    from ui.arena_state import clean_instruction
-
-    assert clean_instruction("change the\ud800 background\udfff to\x07 black") == \
-        "change the background to black"
-    with pytest.raises(ValueError, match="empty"):
-        clean_instruction("\ud800\udbff")
-    # a browser's JSON can carry a lone surrogate (JSON.stringify escapes it); httpx cannot
-    # send one, so the arena operation is called on the running app's own context
-    from ui.arena import Arena
-    from ui.arena_state import ArenaState
-
-    url, ctx = app
-    arena, state = Arena(ctx), ArenaState()
-    arena.start_example(state, 2)
-    assert "Turn 1 done" in arena.edit(state, "change the background to black\ud800", 0, 10)
-    assert "Vote stored" in arena.vote(state, "tie", 1, "overall", ctx.voter("surrogate"))
-    stored = ctx.store.query("SELECT instruction FROM turns")["instruction"]
-    assert "change the background to black" in set(stored)
-
-
 def test_the_leaderboard_sets_provisional_models_apart(tmp_path):
     """Two votes for a new model list it apart, unranked; a 25-0 record is flagged open."""
     from tests.test_labeling_store import tiny

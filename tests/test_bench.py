@@ -21,3 +21,17 @@ def test_oracle_succeeds_at_every_turn_and_writes_json_and_plot(tmp_path):
 def test_identity_never_follows_an_instruction():
     result = main(["--editor", "identity", "--sessions", "12", "--turns", "3"])
     assert all(row["if"] == 0.0 and row["cc"] == 1.0 and row["overall"] == 0.0 for row in result["per_turn"])
+
+
+def test_a_saved_result_is_paired_without_running_it_again(tmp_path):
+    saved = tmp_path / "identity.json"
+    main(["--editor", "identity", "--sessions", "10", "--turns", "2", "--json", str(saved)])
+    result = main(["--editor", "oracle", "--sessions", "10", "--turns", "2", "--against-result", str(saved)])
+    assert result["against"]["editor"] == "identity"
+    assert [row["delta_success"] for row in result["paired"]] == [1.0, 1.0]   # oracle passes, identity never
+    try:
+        main(["--editor", "oracle", "--sessions", "10", "--turns", "3", "--against-result", str(saved)])
+    except ValueError as error:
+        assert "same split, sessions, turns and seed" in str(error)
+    else:
+        raise AssertionError("a result over other turns was paired")

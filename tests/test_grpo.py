@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mteditlab.editors.mini import MiniEditor
 from mteditlab.flow import gaussian_log_prob, sde_step, sde_step_stats
 from mteditlab.world import generate_session, render
-from training.credit import aggregate_turns, compute_advantages
+from training.credit import TURN_AGGREGATIONS, aggregate_turns, compute_advantages
 from mteditlab.rewards import get_reward
 from mteditlab.rewards.verifier import world_meta
 from training.algorithms import GRPO, NFT, encode_subset
@@ -147,6 +148,11 @@ def test_reward_hacking_alarm_fires_when_the_proxy_rises_and_the_gold_falls():
     assert hacking_alarm(history(0.0, -0.005), 20, ["judge"]) is False       # gold falls alone: no proxy to blame
     assert hacking_alarm(history(0.005, -0.005)[:10], 20, ["judge"]) is False  # window not full yet
     assert hacking_alarm(history(0.005, -0.005), 20, []) is False            # verifier-only training
+    gappy = history(0.005, -0.005)
+    gappy[3]["reward/judge"] = gappy[7]["gold_success"] = float("nan")     # every reward failed there
+    del gappy[12]["reward/judge"]
+    assert hacking_alarm(gappy, 20, ["judge"]) is True                      # those rows are skipped
+    assert hacking_alarm([{"reward/judge": float("nan"), "gold_success": 0.5}] * 20, 20, ["judge"]) is False
 
 
 def test_turn_aggregations():
@@ -175,15 +181,48 @@ def test_broadcast_filter_fusion_and_skipped_groups():
     a_reward, _ = compute_advantages({"v": r, "q": q}, {"v": 1.0, "q": 1.0}, fusion="reward", trajectory_filter=False)
     a_adv, _ = compute_advantages({"v": r, "q": q}, {"v": 1.0, "q": 1.0}, fusion="advantage", trajectory_filter=False)
     assert not np.allclose(a_reward, a_adv)
-    # a group with no spread is skipped; a failed reward gives zero advantage on that turn
+    # a group with no spread is skipped
     flat, stats = compute_advantages({"v": np.ones((1, 4, 3))}, {"v": 1.0})
     assert np.all(flat == 0) and stats["skipped_groups"] == 1.0
-    nan_r = r.copy()
-    nan_r[0, 0, 1] = np.nan
-    with_nan, stats = compute_advantages({"v": nan_r}, {"v": 1.0}, trajectory_filter=False)
-    assert with_nan[0, 0, 1] == 0 and stats["reward_failures"] == 1
     clipped, _ = compute_advantages({"v": np.array([[[1.0]] + [[0.0]] * 99])}, {"v": 1.0}, clip_max=5.0)
     assert clipped.max() == 5.0
+
+
+@pytest.mark.parametrize("how", TURN_AGGREGATIONS)
+def test_a_failed_reward_is_left_out_of_its_group(how):
+    # the judge failed on rollout 2's turn 2; the turns it did score are equal: nothing separates the two
+    adv, stats = compute_advantages({"v": np.array([[[0.5, 0.5], [0.5, np.nan]]])}, {"v": 1.0}, turn_aggregation=how)
+    assert np.all(adv == 0) and stats["reward_failures"] == 1
+
+    # rollout 3 is unscored: advantage 0, and its siblings get the advantages of the group without it
+    r = np.array([[[0.9, 0.7], [0.2, 0.4], [0.1, np.nan]]])
+    def credit(rewards, **kw):
+        return compute_advantages(rewards, {"v": 1.0}, turn_aggregation=how, trajectory_filter=False, **kw)[0]
+    adv = credit({"v": r})
+    assert np.all(adv[0, 2] == 0) and np.all(adv[0, :2] != 0)
+    np.testing.assert_allclose(adv[:, :2], credit({"v": r[:, :2]}))
+    # per turn, only the unscored turn is left out of its turn's group
+    per_turn, whole = credit({"v": r}, broadcast=False), credit({"v": np.nan_to_num(r, nan=0.3)}, broadcast=False)
+    np.testing.assert_allclose(per_turn[..., 0], whole[..., 0])
+    assert per_turn[0, 2, 1] == 0
+    np.testing.assert_allclose(per_turn[:, :2, 1], credit({"v": r[:, :2]}, broadcast=False)[..., 1])
+
+
+def test_a_failed_reward_is_left_out_at_its_fusion_level():
+    v = np.array([[[1.0, 1.0], [0.0, 0.0], [1.0, np.nan]]])           # failed on rollout 3's turn 2
+    q = np.array([[[0.2, 0.2], [0.6, 0.6], [0.9, 0.9]]])
+    w = {"v": 1.0, "q": 0.5}
+    def credit(rewards, weights, fusion):
+        return compute_advantages(rewards, weights, fusion=fusion, trajectory_filter=False)[0]
+    # reward fusion: rollout 3 has no fused reward, so no advantage; the others' as without it
+    by_reward = credit({"v": v, "q": q}, w, "reward")
+    assert np.all(by_reward[0, 2] == 0)
+    np.testing.assert_allclose(by_reward[:, :2], credit({"v": v[:, :2], "q": q[:, :2]}, w, "reward"))
+    # advantage fusion: rollout 3 misses v's advantage only; q's still counts
+    only_v, only_q = credit({"v": v}, {"v": 1.0}, "advantage"), credit({"q": q}, {"q": 1.0}, "advantage")
+    np.testing.assert_allclose(credit({"v": v, "q": q}, w, "advantage"), only_v + 0.5 * only_q)
+    assert np.all(only_v[0, 2] == 0) and np.all(only_q[0, 2] > 0)
+    np.testing.assert_allclose(only_v[:, :2], credit({"v": v[:, :2]}, {"v": 1.0}, "advantage"))
 
 
 def test_flags_use_the_literature_names():
@@ -192,8 +231,12 @@ def test_flags_use_the_literature_names():
                       "--reward", "verifier=0.7,judge=0.3", "--algo", "nft"])
     assert (cfg.num_generations, cfg.beta, cfg.clip_range, cfg.broadcast, cfg.trajectory_filter) == (4, 0.02, 1e-4, False, False)
     assert cfg.reward_weights == {"verifier": 0.7, "judge": 0.3} and cfg.algo == "nft"
+    cfg = parse_args(["--lora", "--reward-failure-warn", "0.25", "--max-reward-failures", "0"])
+    assert (cfg.reward_failure_warn, cfg.max_reward_failures) == (0.25, 0)
     with pytest.raises(SystemExit):
         parse_args([])
+    with pytest.raises(ValueError, match="reward-failure-warn"):
+        parse_args(["--lora", "--reward-failure-warn", "1.5"])
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +250,12 @@ def _train_cmd(out, checkpoint, iterations, extra=()):
             "--iterations", str(iterations), *TINY, *extra]
 
 
+def _metric_lines(out):
+    return [l for l in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+
+
 def _metrics(out):
-    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    return [json.loads(l) for l in _metric_lines(out)]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -226,15 +273,21 @@ def test_resume_after_sigkill_continues_and_matches_an_uninterrupted_run(tmp_pat
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(_metrics(killed))
-    assert done < 4
+    saved_at = torch.load(killed / "checkpoint" / "state.pt", weights_only=False)["iteration"]
+    before = _metric_lines(killed)[:saved_at]
+    assert 1 <= saved_at < 4
     subprocess.run(_train_cmd(killed, checkpoint, 4), cwd=ROOT, env=ENV, check=True, capture_output=True)
     rows, reference = _metrics(killed), _metrics(straight)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    # the checkpointed iterations were not run again: their rows, wall-clock timings included, are the killed run's
+    assert _metric_lines(killed)[:saved_at] == before
     assert any(r["loss"] != 0 for r in reference)  # real updates happened
     for a, b in zip(rows, reference):
         assert a["gold_success"] == b["gold_success"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)
-    assert (killed / "adapter" / "pytorch_lora_weights.safetensors").exists()
+    # it went on from the checkpoint's adapter and optimizer moments: it ends where the uninterrupted run ends
+    resumed, whole = (load_file(out / "adapter" / "pytorch_lora_weights.safetensors") for out in (killed, straight))
+    assert resumed.keys() == whole.keys() and all(torch.allclose(resumed[k], whole[k], atol=1e-6) for k in whole)
+    assert any(v.abs().sum() > 0 for k, v in whole.items() if "lora_B" in k)   # trained, not the zero init
     assert (killed / "curves.png").exists()
 
 

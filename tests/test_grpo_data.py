@@ -189,7 +189,8 @@ def test_failed_judgments_are_counted_and_the_run_goes_on(tmp_path, kontext_dir,
                           "--iterations", "1", "--out", str(out)]))
     row = rows_of(out)[0]
     assert row["failures/qwen-vl"] > 0 and row["endpoint/qwen-vl/failed_requests"] > 0
-    assert row["reward_failures"] == row["failures/qwen-vl"]   # NaN reward: advantage 0 on that turn, counted
+    assert row["reward_failures"] == row["failures/qwen-vl"]   # NaN rewards: left out of their groups, counted
+    assert 0 < row["reward_failed_frac"] < 1 and row["reward_failing"] == (row["reward_failed_frac"] > 0.5)
     assert row["hacking_reference"] is None and not row["reward_hacking"]   # no gold, no held-out term
     assert math.isfinite(row["reward/qwen-vl"]) and (tmp_path / "run" / "adapter").is_dir()
 

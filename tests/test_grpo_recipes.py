@@ -18,6 +18,7 @@ from mteditlab.rewards.base import EditSample, RewardModel, RewardOutput
 from mteditlab.rewards.features import image_features, parse_cached
 from mteditlab.rewards.verifier import world_meta
 from mteditlab.world import generate_session, render, sessions
+from tests.chat_server import ChatServer, error
 from training.algorithms import ALGORITHMS, gold_examples, rft_examples
 from training.grpo import GRPOConfig, train
 from training.sampling import WorldSessions, sample_turns
@@ -45,6 +46,23 @@ def test_nft_trains_each_sample_at_the_requested_number_of_timesteps(tmp_path):
 def test_eval_every_zero_never_evaluates(tmp_path):
     train(GRPOConfig(algo="nft", iterations=1, out=str(tmp_path), **{**TINY, "eval_every": 0}))
     assert len(_rows(tmp_path)) == 1 and _rows(tmp_path, "eval") == []
+
+
+def test_a_run_whose_judge_is_down_warns_then_stops(tmp_path, capsys):
+    out = tmp_path / "run"
+    with ChatServer(lambda route, body, headers: error(500, "engine down")) as server:
+        cfg = dict(algo="nft", reward_weights={"qwen-vl": 1.0}, reward_paths={"qwen-vl": f"{server.url}?model=m&retries=0"},
+                   max_reward_failures=2, out=str(out), **TINY)
+        with pytest.raises(RuntimeError, match="judge endpoint") as stopped:
+            train(GRPOConfig(iterations=5, **cfg))
+        rows = _rows(out)
+        assert [r["iteration"] for r in rows] == [1, 2]
+        assert all(r["reward_failed_frac"] == 1.0 and r["reward_failing"] is True for r in rows)
+        assert "qwen-vl" in str(stopped.value) and server.url in str(stopped.value)
+        assert "warning: 100% of the rewards failed at iteration 2" in capsys.readouterr().out
+        with pytest.raises(RuntimeError, match="judge endpoint"):   # still down on resume: the streak goes on
+            train(GRPOConfig(iterations=5, **cfg))
+        assert [r["iteration"] for r in _rows(out)] == [1, 2, 3]
 
 
 def test_old_policy_decay_schedules():

@@ -132,3 +132,47 @@ def test_the_parser_with_its_extensions_does_not_load_torch():
                            "print(sorted({'torch', 'diffusers'} & set(sys.modules)))"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+READ_COMMANDS = (["stats"], ["leaderboard"], ["agreement"], ["export", "--format", "parquet"])
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def test_a_corrupt_database_is_one_line_on_stderr_not_a_traceback(tmp_path, capsys):
+    db = tmp_path / "labels.duckdb"
+    db.write_bytes(bytes(range(256)) * 64)
+    done = subprocess.run([sys.executable, "-m", "labeling", "--db", str(db), "stats"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and done.stdout == ""
+    line = one_error_line(done.stderr)
+    assert str(db) in line and "not a readable label database" in line
+    for command in READ_COMMANDS:
+        code, _, err = run(capsys, "--db", db, *command)
+        assert code != 0 and "not a readable label database" in one_error_line(err), command
+
+
+def test_read_commands_never_create_a_missing_database(tmp_path, capsys):
+    db = tmp_path / "nowhere" / "labels.duckdb"
+    done = subprocess.run([sys.executable, "-m", "labeling", "--db", str(db), "stats"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and done.stdout == ""
+    assert f"--db {db} init" in one_error_line(done.stderr)
+    for command in READ_COMMANDS:
+        code, out, err = run(capsys, "--db", db, *command)
+        assert code != 0 and out == "", command
+        assert f"no label database at {db}" in one_error_line(err), command
+    assert not db.parent.exists()
+
+
+@pytest.mark.parametrize("turn", ["abc", "-1", "1.5"])
+def test_turn_is_checked_by_the_parser(db, capsys, turn):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["--db", str(db), "leaderboard", "--turn", turn])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --turn: expected a turn index (0, 1, …) or 'overall', got {turn!r}" in err

@@ -156,6 +156,35 @@ def test_app_restart_keeps_arena_votes_and_labels(tmp_path):
         ctx.close()
 
 
+def test_voters_restored_under_their_session_hash_get_keyed_ids(tmp_path):
+    """A snapshot from before keyed voter ids: the restored voters are renamed (their votes
+    follow) and the next push carries the keyed ids only."""
+    from ui.context import AppContext
+    from ui.testing import app_config, make_engine
+    from mteditlab.editors.reference import IdentityEditor, OracleEditor
+
+    remote, raw = tmp_path / "remote", "arena:anon-some-session-hash"
+    store, comparisons = _labelled_store(tmp_path / "old" / "labels.duckdb")
+    with store:
+        store.add_annotator(raw)
+        store.record_judgment(comparisons[0], raw, None, "overall", "A", "A", blind=False)
+        SnapshotSync(store, FolderTarget(remote), every_min=60).start().stop()
+    config = app_config(tmp_path / "new", hub_dataset=f"file:{remote}", hub_every=60.0)
+    ctx = AppContext.create(config, engine=make_engine(OracleEditor(), IdentityEditor()))
+    try:
+        assert ctx.snapshots.restored["judgments"] > 1
+        keyed = ctx.voter("some-session-hash")
+        names = set(ctx.store.table("annotators")["name"])
+        assert keyed in names and not {raw, "arena:anon-1"} & names
+        frame = ctx.store.judgments_frame(include_simulated=True)
+        assert list(frame.loc[frame["annotator"] == keyed, "comparison_id"]) == [comparisons[0]]
+    finally:
+        ctx.close()                                       # the final push
+    pushed = pq.read_table(remote / "snapshot" / "tables" / "annotators.parquet")
+    assert keyed in pushed["name"].to_pylist()
+    assert not [n for n in pushed["name"].to_pylist() if n in (raw, "arena:anon-1")]
+
+
 def test_target_specs():
     assert isinstance(target_from_spec("file:/tmp/x"), FolderTarget)
     assert target_from_spec("file:///tmp/x").root == Path("/tmp/x")

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from labeling.cli import describe_selection, main
-from labeling.errors import (DuplicateJudgmentError, ReadOnlyStoreError, SchemaVersionError,
-                             StoreError, StoreLockedError)
+from labeling.errors import (AssignmentError, DuplicateJudgmentError, ReadOnlyStoreError,
+                             SchemaVersionError, StoreError, StoreLockedError)
 from labeling.queue import AssignmentPolicy
 from labeling.schema import MIGRATIONS, SCHEMA_VERSION
 from labeling.selection import LabelSelection
@@ -408,3 +408,55 @@ def test_voter_exclusions_are_recorded_and_reversible(populated):
     assert store.excluded_voters() == {"spammer"}
     with pytest.raises(KeyError):
         store.set_voter_excluded("nobody", True, admin="root")
+
+
+def _assigned(tmp_path, annotators=("ann",)):
+    """A store of two 2-turn labeling items (no gold) and the annotators, each holding one."""
+    store, comparisons, _ = build_store(tmp_path / "labels.duckdb", n_sources=2,
+                                        policy=AssignmentPolicy(gold_rate=0.0))
+    for name in annotators:
+        store.add_annotator(name)
+    return store, comparisons, [store.next_assignment(name) for name in annotators]
+
+
+def test_a_submission_is_stored_all_or_nothing(tmp_path):
+    store, _, (job,) = _assigned(tmp_path)
+    with store:
+        broken = [(0, "overall", "A", 10.0), (1, "overall", "B", 10.0), (5, "overall", "tie", 10.0)]
+        with pytest.raises(ValueError, match="turn 5 out of range"):
+            store.record_submission("ann", job.comparison_id, job.left, broken, blind=True)
+        assert store.table("judgments").empty
+        assert store.next_assignment("ann") == job                   # still the open item
+        fixed = [(0, "overall", "B", 10.0), (1, "overall", "tie", 12.0),
+                 (None, "overall", "B", 15.0)]
+        ids = store.record_submission("ann", job.comparison_id, job.left, fixed, blind=True)
+        stored = store.judgments_frame()
+        assert list(stored["judgment_id"]) == ids and list(stored["choice"]) == ["B", "tie", "B"]
+        assert stored["blind"].all() and (stored["comparison_id"] == job.comparison_id).all()
+
+
+def test_a_submission_is_refused_unless_it_is_the_annotators_open_assignment(tmp_path):
+    store, comparisons, (job, other) = _assigned(tmp_path, ("ann", "bob"))
+    votes = [(0, "overall", "A", 1.0), (1, "overall", "A", 1.0), (None, "overall", "A", 1.0)]
+    with store:
+        never = next(c for c in comparisons if c != job.comparison_id)
+        with pytest.raises(AssignmentError,
+                           match=f"comparison {never} is not open to 'ann': never assigned"):
+            store.record_submission("ann", never, "A", votes, blind=True)
+        store.record_submission("ann", job.comparison_id, job.left, votes, blind=True)
+        with pytest.raises(AssignmentError, match="already judged"):
+            store.record_submission("ann", job.comparison_id, job.left, votes, blind=True)
+        store.release_assignment("bob", other.comparison_id)
+        with pytest.raises(AssignmentError, match="given back"):
+            store.record_submission("bob", other.comparison_id, other.left, votes, blind=True)
+        assert len(store.table("judgments")) == 3
+
+
+def test_reasons_with_lone_surrogates_are_stored_with_replacement_characters(tmp_path):
+    store, _, (job,) = _assigned(tmp_path)
+    with store:
+        store.release_assignment("ann", job.comparison_id, flag="broken\ud800  image\n\udfff")
+        store.set_voter_excluded("ann", True, admin="root", reason="spam \udc80bot")
+        assert list(store.skips()["reason"]) == ["broken\ufffd image \ufffd"]
+        assert list(store.exclusion_log()["reason"]) == ["spam \ufffdbot"]
+        assert store.excluded_voters() == {"ann"}

@@ -1,11 +1,14 @@
 """The served judge (``qwen-vl`` behind an OpenAI-compatible endpoint) and pairwise win rates, against
 real HTTP servers on 127.0.0.1: a tiny random-weight Qwen-VL answering with real logprobs, scripted
-judges, and servers that time out, fail, return garbage or drop the connection."""
+judges, and servers that time out, fail, return garbage, drop the connection, redirect, trickle, flood,
+rate-limit or send invalid logprobs."""
 
 from __future__ import annotations
 
+import email.utils
 import math
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -13,11 +16,12 @@ from PIL import Image
 
 from mteditlab.rewards import get_reward
 from mteditlab.rewards.base import EditSample
-from mteditlab.rewards.endpoint import JUDGE_URL_ENV, EndpointJudge, score_position, served_judge
+from mteditlab.rewards.endpoint import (JUDGE_URL_ENV, EndpointJudge, retry_after_seconds, score_position,
+                                       served_judge)
 from mteditlab.rewards.pairwise import PairwiseJudge, group_indices, win_rates
 from mteditlab.rewards.qwen_vl import QwenVLJudge
-from tests.chat_server import (DROP, ChatServer, TinyVLMResponder, completion, decode_data_url, error,
-                               text_choice)
+from tests.chat_server import (DROP, ChatServer, TinyVLMResponder, completion, decode_data_url, endless, error,
+                               flood, redirect, retry_later, text_choice, trickle)
 from tests.tiny_qwen_vl import build_model, build_processor, build_tokenizer, judge_samples
 
 FAST = dict(timeout=0.3, retries=2, backoff=0.01, model="tiny")
@@ -257,3 +261,111 @@ def test_without_prefill_the_score_is_the_first_single_digit_token():
     tokens = [{"token": "Score"}, {"token": ":"}, {"token": " 12"}, {"token": " 7"}, {"token": "."}]
     assert score_position(tokens, prefill=False) == {"token": " 7"}
     assert score_position(tokens, prefill=True) == {"token": "Score"}
+
+
+# ---- hostile servers ------------------------------------------------------------------------------
+def seven(probs: dict[str, float] | None = None) -> dict:
+    """A direct-mode reply: "7" at p = 1 unless ``probs`` says otherwise."""
+    return completion([text_choice("7", logprobs=digit_logprobs(probs or {"7": 1.0}))])
+
+
+@pytest.mark.parametrize("status, route", [(301, "models"), (302, "chat/completions")])
+def test_a_redirect_is_a_failure_and_nothing_reaches_the_other_host(monkeypatch, status, route):
+    monkeypatch.setenv("MTEDITLAB_JUDGE_API_KEY", "secret-token")
+    listing = {"object": "list", "data": [{"id": "tiny"}]}
+    with ChatServer(lambda r, *a: listing if r == "models" else seven({"9": 1.0})) as elsewhere:
+        target = f"{elsewhere.url}/{route}"
+        with ChatServer(lambda r, *a: redirect(target, status) if r == route else listing if r == "models"
+                        else seven()) as server:
+            out = EndpointJudge(server.url, sub_scores=("if",), **{**FAST, "model": None}).score([sample("x")])
+    assert elsewhere.requests == [] and elsewhere.bytes_received == 0
+    assert np.isnan(out.overall[0]) and out.failures == [f"if: HTTP {status} redirect to {target} (not followed)"]
+    assert out.details["endpoint"]["retries"] == 0
+
+
+@pytest.mark.parametrize("hostile", [lambda: trickle(seven(), 0.02), lambda: endless(0.05)], ids=["trickle", "endless"])
+def test_a_request_ends_at_its_deadline_however_slowly_the_reply_comes(hostile):
+    with ChatServer(lambda *a: hostile()) as server:
+        judge = EndpointJudge(server.url, sub_scores=("if",), **{**FAST, "timeout": 1.0, "retries": 0})
+        start = time.monotonic()
+        out = judge.score([sample("x")])
+        elapsed = time.monotonic() - start
+    assert out.failures == ["if: timed out after 1 s"] and 1.0 <= elapsed < 1.5
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "until-close"])
+def test_a_reply_over_the_size_cap_is_a_failure_and_read_no_further(declared):
+    with ChatServer(lambda *a: flood(4_000_000, declared=declared)) as server:
+        judge = served_judge(f"{server.url}?max_body=1000000&model=tiny&retries=2&sub_scores=if")
+        tracemalloc.start()
+        out = judge.score([sample("x")])
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert out.failures == ["if: reply body over the 1000000-byte cap (max_body)"]
+    assert out.details["endpoint"]["retries"] == 0  # the same reply again would be as large
+    assert peak < 2_500_000
+
+
+def test_retry_after_is_honoured_within_the_timeout():
+    asked = []
+
+    def respond(route, body, headers):
+        asked.append(time.monotonic())
+        return retry_later("1") if asked[-1] - asked[0] < 1 else seven()
+
+    with ChatServer(respond) as server:  # backoff alone would give up after 0.05 + 0.1 + 0.2 s
+        judge = EndpointJudge(server.url, sub_scores=("if",), **{**FAST, "timeout": 2.0, "retries": 3, "backoff": 0.05})
+        start = time.monotonic()
+        out = judge.score([sample("x")])
+        elapsed = time.monotonic() - start
+    assert out.failures == [None] and out.overall[0] == pytest.approx(7 / 9)
+    assert len(asked) == 2 and 1.0 <= elapsed < 1.5
+    with ChatServer(lambda *a: retry_later("60")) as server:
+        start = time.monotonic()
+        out = EndpointJudge(server.url, sub_scores=("if",), **{**FAST, "timeout": 1.0}).score([sample("x")])
+        assert len(server.chats()) == 1 and time.monotonic() - start < 0.5
+    assert out.failures == ["if: HTTP 429: rate limited (asked to retry after 60 s, beyond the 1 s timeout)"]
+    assert retry_after_seconds(email.utils.formatdate(time.time() + 30, usegmt=True)) == pytest.approx(30, abs=1.5)
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert [retry_after_seconds(v) for v in (None, "", "soon", "-1", "nan", "inf")] == [None] * 6
+
+
+def test_a_failed_model_listing_fails_the_other_chats_at_once():
+    with ChatServer(lambda route, *a: error(503, "loading") if route == "models" else seven()) as server:
+        judge = EndpointJudge(server.url, sub_scores=("if",), timeout=1.0, retries=2, backoff=0.05, concurrency=4)
+        out = judge.score([sample(str(k)) for k in range(4)])
+        again = judge.score([sample("x")])
+        routes = [route for route, _, _ in server.requests]
+    assert routes == ["models"] * 3  # one listing and its 2 retries for all 5 chats
+    assert out.failures == ["if: HTTP 503: loading (after 3 attempts)"] * 4 and again.failures == out.failures[:1]
+
+
+SEVEN = {"token": "7", "logprob": math.log(0.905)}
+
+
+@pytest.mark.parametrize("other", [
+    {"token": "²", "logprob": math.log(0.05)}, {"token": "９", "logprob": math.log(0.05)},
+    {"token": 9, "logprob": math.log(0.05)}, {"token": "9", "logprob": True}, {"token": "9", "logprob": 0.5},
+    {"token": "9", "logprob": "-0.1"}, {"token": "9", "logprob": math.nan}, "9"],
+    ids=["superscript", "fullwidth", "int-token", "bool", "positive", "string", "nan", "not-an-object"])
+def test_only_ascii_digits_with_real_logprobs_count(other):
+    reply = completion([text_choice("7", logprobs=[{**SEVEN, "top_logprobs": [SEVEN, other]}])])
+    with ChatServer(lambda *a: reply) as server:
+        out = EndpointJudge(server.url, sub_scores=("if",), **FAST).score([sample("x")])
+    assert out.failures == [None] and out.overall[0] == pytest.approx(7 / 9)
+    assert out.details["score_mass"]["if"][0] == pytest.approx(0.905)
+
+
+def test_a_vote_that_is_not_text_is_one_failed_vote():
+    parts = {"index": 1, "message": {"role": "assistant", "content": [{"type": "text", "text": "Score: 9"}]}}
+    replies = {"if": [text_choice("Score: 7", 0), parts, "Score: 3", text_choice("Score: 5", 3)],
+               "cc": [parts, parts, parts, parts]}
+
+    def respond(route, body, headers):
+        return completion(replies["if" if "INSTRUCTION FOLLOWING" in json_text(body) else "cc"])
+
+    with ChatServer(respond) as server:
+        out = EndpointJudge(server.url, mode="thinking", votes=4, sub_scores=("if", "cc"), **FAST).score(
+            [sample("x")])
+    assert out.scores["if"][0] == pytest.approx(6 / 9) and out.details["failed_votes"]["if"].tolist() == [2]
+    assert out.failures == ["cc: all 4 votes failed: reply is a JSON list, not text ×4"]

@@ -103,4 +103,4 @@ def test_same_seed_same_judgments(tmp_path):
             frame = store.judgments_frame(include_simulated=True)
             runs.append(sorted(zip(frame.comparison_id, frame.annotator, frame.turn.fillna(-1), frame.choice,
                                    frame.left)))
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1] and len(runs[0]) == 3 * 3 * (2 + 1)   # written: overlap 3 × (2 turns + overall)

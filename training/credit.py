@@ -14,6 +14,15 @@ failed); the result is ``[S, G, T]`` advantages applied to every denoising step 
 4. **Trajectory filtering** (Edit-R2): turns after the first turn whose IF failed get advantage 0;
    groups whose fused reward has (almost) no spread are skipped (advantage 0).
 Advantages are finally clamped to ±``clip_max``.
+
+**Failed rewards** (NaN) are missing, never 0. A score with a failed turn in it is missing (NaN
+goes through the turn aggregation and the weighted sum), and norm() leaves missing scores out of the
+group: they enter neither mean_G nor std_G and are normalised to 0. So whatever lacks a score at the
+level that is normalised is dropped from its group: with ``reward`` fusion the trajectory (per turn:
+the rollout's turn) gets advantage 0; with ``advantage`` fusion it loses that reward's term only.
+The rule is the same for every turn aggregation (scoring only the turns that were judged would
+favour the failed ones under min, product and last). The variance filter reads the scored fused
+rewards: a group with fewer than two has no spread and is skipped.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ EPS = 1e-4
 
 
 def aggregate_turns(r: np.ndarray, how: str, gamma: float = 0.8) -> np.ndarray:
-    """Aggregate the last axis (turns) of ``r`` into one score per trajectory."""
+    """Aggregate the last axis (turns) of ``r`` into one score per trajectory (NaN if a turn is NaN)."""
     if how == "mean":
         return r.mean(-1)
     if how == "min":
@@ -39,17 +48,29 @@ def aggregate_turns(r: np.ndarray, how: str, gamma: float = 0.8) -> np.ndarray:
         weights = gamma ** np.arange(r.shape[-1])
         return (r * weights).sum(-1) / weights.sum()
     if how == "success_rate":
-        return (r >= 0.5).mean(-1)
+        return np.where(np.isnan(r), np.nan, r >= 0.5).mean(-1)
     raise ValueError(f"unknown turn aggregation {how!r}; choose one of {TURN_AGGREGATIONS}")
 
 
+def group_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std over the rollout axis (axis 1) of the scored (non-NaN) entries; 0 for a group
+    with none (kept dims)."""
+    scored = ~np.isnan(x)
+    n = np.maximum(scored.sum(1, keepdims=True), 1)
+    mean = np.where(scored, x, 0.0).sum(1, keepdims=True) / n
+    std = np.sqrt(np.where(scored, (x - mean) ** 2, 0.0).sum(1, keepdims=True) / n)
+    return mean, std
+
+
 def group_normalize(x: np.ndarray) -> np.ndarray:
-    """(x − group mean) / (group std + 1e-4) over the rollout axis (axis 1)."""
-    return (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + EPS)
+    """(x − group mean) / (group std + 1e-4) over the rollout axis, on scored entries; 0 where x is NaN."""
+    mean, std = group_stats(x)
+    return np.where(np.isnan(x), 0.0, (x - mean) / (std + EPS))
 
 
 def _fuse(scores: dict[str, np.ndarray], weights: dict[str, float], fusion: str) -> tuple[np.ndarray, np.ndarray]:
-    """Fused advantage and fused raw reward (for the variance filter), from per-reward ``[S, G, ...]`` scores."""
+    """Fused advantage and fused raw reward (for the variance filter; NaN where a reward is missing),
+    from per-reward ``[S, G, ...]`` scores."""
     raw = sum(weights[m] * scores[m] for m in weights)
     if fusion == "reward":
         return group_normalize(raw), raw
@@ -62,25 +83,27 @@ def compute_advantages(rewards: dict[str, np.ndarray], weights: dict[str, float]
                        fusion: str = "advantage", broadcast: bool = True, trajectory_filter: bool = True,
                        if_passed: np.ndarray | None = None, clip_max: float = 5.0, gamma: float = 0.8,
                        min_group_std: float = 1e-6) -> tuple[np.ndarray, dict]:
-    """Advantages ``[S, G, T]`` and statistics. Failed rewards (NaN) count as 0 for the aggregate and
-    the failed rollout turn gets advantage 0. ``if_passed`` (``[S, G, T]`` bool) drives the filter."""
-    failed = np.zeros(next(iter(rewards.values())).shape, dtype=bool)
-    for r in rewards.values():
-        failed |= np.isnan(r)
-    clean = {m: np.nan_to_num(rewards[m], nan=0.0) for m in weights}
-    S, G, T = failed.shape
+    """Advantages ``[S, G, T]`` and statistics; failed rewards (NaN) are left out of their groups
+    (see the module docstring). ``if_passed`` (``[S, G, T]`` bool) drives the trajectory filter."""
+    failed = missing(rewards)
+    T = failed.shape[-1]
     if broadcast:
-        adv, raw = _fuse({m: aggregate_turns(r, turn_aggregation, gamma) for m, r in clean.items()}, weights, fusion)
-        skip = raw.std(1) < min_group_std                     # [S]
+        adv, raw = _fuse({m: aggregate_turns(rewards[m], turn_aggregation, gamma) for m in weights}, weights, fusion)
+        skip = group_stats(raw)[1][:, 0] < min_group_std      # [S]
         adv = np.where(skip[:, None], 0.0, adv)[..., None].repeat(T, axis=-1)
     else:
-        adv, raw = _fuse(clean, weights, fusion)              # per turn: [S, G, T]
-        skip = raw.std(1) < min_group_std                     # [S, T]
+        adv, raw = _fuse(rewards, weights, fusion)               # per turn: [S, G, T]
+        skip = group_stats(raw)[1][:, 0] < min_group_std      # [S, T]
         adv = np.where(skip[:, None, :], 0.0, adv)
     if trajectory_filter and if_passed is not None:
         failed_before = np.cumsum(~if_passed, axis=-1) - (~if_passed)  # IF failures strictly before turn k
         adv = np.where(failed_before > 0, 0.0, adv)
-    adv = np.where(failed, 0.0, np.clip(adv, -clip_max, clip_max))
+    adv = np.clip(adv, -clip_max, clip_max)
     stats = {"skipped_groups": float(skip.mean()), "zero_advantage": float((adv == 0).mean()),
              "reward_failures": int(failed.sum())}
     return adv, stats
+
+
+def missing(rewards: dict[str, np.ndarray]) -> np.ndarray:
+    """``[S, G, T]`` bool: some reward failed (NaN) on the rollout's turn."""
+    return np.logical_or.reduce([np.isnan(r) for r in rewards.values()])

@@ -40,11 +40,13 @@ One iteration, top to bottom:
    flow-matching loss ‖v_θ(x_t) − (ε − x0)‖², and its Polyak average is exported. SFT (the control):
    the same loss and buffer filled with the world's gold pairs (teacher-forced), no rollouts.
 5. **Operations** (``training.operations``, ``training.distributed``). JSONL metrics, plots, evaluation
-   on ``val``, atomic checkpoints, exact resume. The real backends (``kontext``, ``qwen-edit``: their
-   class is ``distributed``) go through ``accelerator.prepare`` (DDP, FSDP or DeepSpeed
-   as ``accelerate launch`` configures; gradients accumulated over a minibatch's loss terms by
-   ``accelerator.accumulate``), with ``--gradient-checkpointing`` and ``--mixed-precision``; the mini
-   editor keeps its hand-averaged gradients.
+   on ``val``, atomic checkpoints, exact resume; a warning (``reward_failing``) when more than
+   ``--reward-failure-warn`` of an iteration's rewards failed, a stop after ``--max-reward-failures``
+   such iterations in a row. The real backends (``kontext``, ``qwen-edit``: their class is
+   ``distributed``) go through ``accelerator.prepare`` (DDP, FSDP or DeepSpeed as ``accelerate launch``
+   configures; gradients accumulated over a minibatch's loss terms by ``accelerator.accumulate``), with
+   ``--gradient-checkpointing`` and ``--mixed-precision``; the mini editor keeps its hand-averaged
+   gradients.
 """
 
 from __future__ import annotations
@@ -131,6 +133,8 @@ class GRPOConfig:
     save_every: int = 10
     hacking_window: int = 20
     hacking_reference: str = ""           # TERM held out of --reward the monitor compares against (default: the world's gold)
+    reward_failure_warn: float = 0.5      # warn when more than this fraction of an iteration's rewards failed (NaN)
+    max_reward_failures: int = 3          # stop after this many such iterations in a row (0: never)
     gradient_checkpointing: bool = False  # real backends: recompute activations in the backward pass
     mixed_precision: str | None = None    # no | bf16 | fp16 for the real backends (default: accelerate's config)
     seed: int = 0
@@ -158,6 +162,8 @@ class GRPOConfig:
             raise ValueError("bad --turn-aggregation, --fusion or --intent")
         if not 1 <= self.sde_window <= self.steps - 1:
             raise ValueError("--sde-window must be in [1, steps − 1] (the σ = 1 step is always an ODE step)")
+        if not 0 <= self.reward_failure_warn <= 1 or self.max_reward_failures < 0:
+            raise ValueError("--reward-failure-warn must be in [0, 1] and --max-reward-failures >= 0")
         if self.hacking_reference in self.reward_weights:
             raise ValueError(f"--hacking-reference {self.hacking_reference} is trained (in --reward): it must be held out")
         if self.sessions_from:
@@ -249,11 +255,16 @@ def train(cfg: GRPOConfig) -> Path:
         if algo.samples:
             row["filter_source"] = rewards.filter_source if cfg.trajectory_filter else None
             row["hacking_reference"] = rewards.reference
+            row["reward_failing"] = row["reward_failed_frac"] > cfg.reward_failure_warn
         history.append(row)
         row["reward_hacking"] = algo.samples and hacking_alarm(history, cfg.hacking_window, rewards.proxies, rewards.reference)
         if row["reward_hacking"] and rank == 0:
             tqdm.write(f"warning: reward hacking suspected at iteration {iteration + 1}: proxy reward rising "
                        f"while {rewards.reference} falls over the last {cfg.hacking_window} iterations")
+        failing = next((n for n, h in enumerate(reversed(history)) if not h.get("reward_failing")), len(history))
+        if failing and rank == 0:
+            tqdm.write(f"warning: {row['reward_failed_frac']:.0%} of the rewards failed at iteration {iteration + 1} "
+                       f"({failing} iteration(s) in a row over --reward-failure-warn {cfg.reward_failure_warn:g})")
         bar.set_postfix(gold=f"{row.get('gold_success', float('nan')):.3f}", loss=f"{row.get('loss', 0):.3g}")
         out_of_time = bool(cfg.max_minutes) and minutes >= cfg.max_minutes
         last = iteration + 1 == cfg.iterations or out_of_time
@@ -272,6 +283,13 @@ def train(cfg: GRPOConfig) -> Path:
             save_state(out, editor, updater.optimizer, iteration + 1, cfg, algo.buffer, write=rank == 0,
                        with_optimizer=not updater.sharded)
         accelerator.wait_for_everyone()
+        if cfg.max_reward_failures and failing >= cfg.max_reward_failures:
+            judges = ", ".join(f"{n} at {cfg.reward_paths[n]}" if n in cfg.reward_paths else n for n in rewards.models)
+            raise RuntimeError(
+                f"stopping: more than {cfg.reward_failure_warn:.0%} of the rewards failed in each of the last {failing} "
+                f"iterations (--max-reward-failures {cfg.max_reward_failures}). Check that the judge endpoint is up "
+                f"and answering ({judges}) and read its logs; the failures/NAME and endpoint/NAME/... columns of "
+                f"{metrics_path} count the failed items and requests. Rerunning resumes from the last checkpoint.")
         if out_of_time:
             tqdm.write(f"stopping after {minutes:.1f} training minutes (--max-minutes {cfg.max_minutes:g})")
             break
@@ -298,6 +316,10 @@ def parse_args(argv: list[str] | None = None) -> GRPOConfig:
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (the only mode)")
     flags = {"reward_weights": "--reward"}
     metavars = {"reward_weights": "TERM=WEIGHT,...", "reward_paths": "NAME=DIR,...", "op_weights": "OP=WEIGHT,..."}
+    helps = {"reward_failure_warn": "warn (reward_failing in the metrics) when more than this fraction of an "
+                                    "iteration's rewards failed (default: %(default)s)",
+             "max_reward_failures": "stop with an error after this many such iterations in a row, e.g. when the "
+                                    "judge endpoint is down (0: never; default: %(default)s)"}
     for f in fields(GRPOConfig):
         if f.name == "broadcast":
             continue
@@ -309,7 +331,7 @@ def parse_args(argv: list[str] | None = None) -> GRPOConfig:
                                 default=f.default_factory(), metavar=metavars[f.name])
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default)
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=helps.get(f.name))
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--broadcast", dest="broadcast", action="store_true", default=True,
                        help="one trajectory advantage on every turn and step (default)")

@@ -9,7 +9,7 @@ instruction as phrased. Resumable: rerun the same command and it continues from 
 
 Continue a released checkpoint to convergence (weights and EMA start from ``--init-from``, the learning
 rate warms up again and decays on a cosine to ``--min-lr``; every ``--eval-every`` steps the EMA is
-scored on ``val`` sessions, 3 turns on its own outputs, into ``eval.jsonl``):
+scored on ``val`` sessions, ``--eval-turns`` turns on its own outputs, into ``eval.jsonl``):
 
     python -m training.pretrain --init-from checkpoints/mini/base --steps 4000 --schedule cosine \
         --eval-every 500 --work runs/pretrain-continue --out checkpoints/mini/base
@@ -33,11 +33,12 @@ from mteditlab.editors.mini import MiniEditor, images_to_tensor
 from mteditlab.world import generate_session, render, sessions
 
 
-def build_pool(num_sessions: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str | None]]]:
-    """Every turn of the first ``num_sessions`` train sessions: (before, after, (intent, phrasing))."""
+def build_pool(num_sessions: int, resolution: int, turns: int = 5
+               ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str | None]]]:
+    """Every turn of the first ``num_sessions`` ``turns``-turn train sessions: (before, after, (intent, phrasing))."""
     before, after, texts = [], [], []
     for index in tqdm(range(num_sessions), desc="building data", leave=False):
-        for turn in generate_session("train", index).turns:
+        for turn in generate_session("train", index, turns).turns:
             before.append(render(turn.before, resolution))
             after.append(render(turn.after, resolution))
             texts.append((turn.intent, None if turn.referential else turn.instruction))
@@ -106,8 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-from", type=Path, help="start model and EMA from this checkpoint directory")
     parser.add_argument("--eval-every", type=int, default=0, help="score the EMA on val every N steps (0 = never)")
     parser.add_argument("--eval-sessions", type=int, default=300)
+    parser.add_argument("--eval-turns", type=int, default=3, help="turns per val session in the evaluation")
     parser.add_argument("--ema", type=float, default=0.999)
-    parser.add_argument("--sessions", type=int, default=4000, help="train sessions in the data pool (5 turns each)")
+    parser.add_argument("--sessions", type=int, default=4000, help="train sessions in the data pool")
+    parser.add_argument("--session-turns", type=int, default=5, help="turns per train session in the data pool")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=250)
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             if json.loads(line)["step"] <= start]
     eval_path.write_text("".join(line + "\n" for line in kept))
 
-    before, after, texts = build_pool(args.sessions, args.resolution)
+    before, after, texts = build_pool(args.sessions, args.resolution, args.session_turns)
     started = time.time()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain")
     for step in bar:
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             log.write(json.dumps({"step": step + 1, "loss": loss.item(), "lr": lr,
                                   "seconds": time.time() - started}) + "\n")
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            scores = evaluate(editor, ema, args.eval_sessions)
+            scores = evaluate(editor, ema, args.eval_sessions, args.eval_turns)
             ema.save_pretrained(args.work / "snapshots" / f"step-{step + 1}")
             with eval_path.open("a") as log:
                 log.write(json.dumps({"step": step + 1, "seconds": time.time() - started, **scores}) + "\n")

@@ -18,6 +18,7 @@ import numpy as np
 
 from mteditlab.rewards import RewardModel, get_reward
 from mteditlab.rewards.base import EditSample
+from training.credit import missing
 from training.sampling import TurnSamples
 
 GOLD = "gold_success"   # the metrics column of the gold reward's success
@@ -90,8 +91,10 @@ class RewardTerms:
 
     def metrics(self, scores: Scores, trajectory_filter: bool) -> dict[str, float]:
         """The batch's metrics: ``reward/TERM``, ``reference/TERM``, ``sub/NAME/SUB``, the gold's success
-        (per turn, and of whole rollouts) and whether the trajectory filter applied."""
+        (per turn, and of whole rollouts), whether the trajectory filter applied and
+        ``reward_failed_frac``, the fraction of rollout turns a trained term failed on."""
         return {**{f"reward/{n}": float(np.nanmean(r)) for n, r in scores.trained.items()},
+                "reward_failed_frac": float(missing(scores.trained).mean()),
                 **{f"reference/{n}": float(np.nanmean(r)) for n, r in scores.held_out.items()},
                 **{f"sub/{k}": v for k, v in scores.sub_means.items()},
                 **({GOLD: float(scores.gold.mean()), "gold_overall_last": float(scores.gold.all(-1).mean())}
@@ -193,13 +196,14 @@ def turn_passed(rewards: dict[str, np.ndarray], weights: dict[str, float], thres
 def hacking_alarm(history: list[dict], window: int, proxy_names: list[str], reference: str | None = GOLD) -> bool:
     """True when, over the last ``window`` iterations, a proxy reward rose while the reference (the
     gold, or a held-out reward's metrics column) fell (least-squares slopes of opposite sign, each
-    moving by more than 0.02 across the window); never without a reference."""
+    moving by more than 0.02 across the window); never without a reference. Each column's slope is
+    fit to the rows that have it (rows where its rewards all failed, NaN, are skipped)."""
     if len(history) < window or not proxy_names or reference is None:
         return False
     recent = history[-window:]
-    xs = np.arange(window)
 
     def trend(key):
-        return np.polyfit(xs, [h[key] for h in recent], 1)[0] * window
+        points = [(i, h[key]) for i, h in enumerate(recent) if np.isfinite(h.get(key, np.nan))]
+        return np.polyfit(*zip(*points), 1)[0] * window if len(points) >= 2 else np.nan
 
     return bool(trend(reference) < -0.02 and any(trend(f"reward/{n}") > 0.02 for n in proxy_names))

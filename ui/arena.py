@@ -8,8 +8,16 @@ Anonymity (as in FastChat's arena)
     In an anonymous session the sides are shuffled and the model names stay hidden through
     every turn and vote, until the person ends the session (:meth:`Arena.end_session`), which
     reveals them and closes the session: later edits and votes are refused until a new session
-    (or a reset) starts.  So every vote of an anonymous session is blind; a session started
-    with anonymity off shows the names from the start and its votes are stored ``blind=False``.
+    (or a reset) starts.  A session started with anonymity off shows the names from the start
+    and its votes are stored ``blind=False``.  While the names are hidden nothing on screen ties
+    a side to a model: a failing editor is not named either.
+
+Replays
+    Each session starts with a new random default seed.  A person who saw a session's names
+    knows its sides' answers: a later turn that repeats one of those turns (the same inputs,
+    instruction and seed, or the same pair of outputs) gives the sides away, so from that turn
+    on the session's votes are stored ``blind=False``.  "This person" is the browser session:
+    the arena voter (see :func:`ui.arena_ui.voter_name`).
 
 Votes and the server-side re-check
     A vote names the turn it is for (the turn shown on screen).  It is accepted only if that is
@@ -41,7 +49,7 @@ from PIL import Image
 from mteditlab.intent import turn_seed
 
 from .arena_state import (CRITERIA, MAX_SEED, MAX_TURNS, ArenaError, ArenaState, TurnRecord,
-                          clean_instruction, whole_number)
+                          check_instruction, whole_number)
 from .engine import progress_fraction, run_pair
 from .images import ImageInputError, load_upload, prepare_source
 from .screen import PICKS, choice_from_screen
@@ -91,16 +99,22 @@ class Arena:
         prepared = prepare_source(image, self.engine.size)
         sha = self.bank.put(prepared)
         scene = read_world_scene(prepared) if self.engine.world else None
-        self._finish_branch(state)
-        state.arena_id = uuid.uuid4().hex
-        state.branch = 0
+        self._new_session(state, anonymous)
         state.source, state.source_label, state.scene = sha, label, scene
         state.suggestions = list(suggestions)
+
+    def _new_session(self, state: ArenaState, anonymous: bool) -> None:
+        """End the current session (its unvoted turns stored; its turns known to this person
+        if they saw the names) and start an empty one: new id, sides shuffled, new seed."""
+        self._finish_branch(state)
+        if state.source is not None and state.names_visible():
+            state.known |= state.prints
+        state.arena_id, state.branch = uuid.uuid4().hex, 0
+        state.turns, state.saved_prefix, state.votes = [], 0, 0
         state.left = self.rng.choice("AB") if anonymous else "A"
         state.anonymous, state.revealed = bool(anonymous), False
-        state.turns = []
-        state.saved_prefix = 0
-        state.votes = 0
+        state.seed = self.rng.randrange(MAX_SEED + 1)
+        state.prints, state.recognised = set(), False
 
     def start_random(self, state: ArenaState) -> str:
         image, suggestions, label = random_test_scene(self.rng)
@@ -149,16 +163,17 @@ class Arena:
         return " · ".join(parts)
 
     def edit(self, state: ArenaState, instruction, seed, steps, progress=None) -> str:
-        """One turn on both sides.  ``progress(fraction, text)``, when given, is called as the
-        editors take their denoising steps (see :func:`~ui.engine.run_pair`)."""
+        """One turn on both sides (``seed`` None or empty: the session's default seed).
+        ``progress(fraction, text)``, when given, is called as the editors take their
+        denoising steps (see :func:`~ui.engine.run_pair`)."""
         if state.source is None:
             raise ArenaError("Start a session first: a random scene, an example or an upload.")
         self._require_open(state)
-        text = clean_instruction(instruction)
+        text = check_instruction(instruction)
         if state.n >= MAX_TURNS:
             raise ArenaError(f"This session has {MAX_TURNS} turns, the most one session keeps; "
                              "fork from an earlier turn or reset.")
-        seed = whole_number(seed, "Seed", 0, MAX_SEED)
+        seed = state.seed if seed in (None, "") else whole_number(seed, "Seed", 0, MAX_SEED)
         steps = whole_number(steps, "Steps", 1, 100) if steps not in (None, "") else None
         k = state.n
         step = resolve_turn(text, state.scene, [t.step for t in state.turns])
@@ -169,16 +184,20 @@ class Arena:
             def report(done):
                 progress(progress_fraction(done), self.progress_text(state, done))
         timings = self.ctx.timings
+        seed_k = turn_seed(seed, 0, k)
         with timings.timed("edit: both sides (run_pair)"):
-            results = run_pair(self.engine, inputs, text, intent, turn_seed(seed, 0, k), steps,
-                               progress=report)
+            results = run_pair(self.engine, inputs, text, intent, seed_k, steps, progress=report)
         failed = {side: err for side, (_, _, err) in results.items() if err}
         if failed:
-            parts = [f"{self._label(state, side)} failed ({err})" for side, err in failed.items()]
-            raise ArenaError("The edit did not go through: " + "; ".join(parts) + ". The session "
-                             "is unchanged: try again, or another instruction.")
+            raise ArenaError(f"The edit did not go through: {self._failure(state, failed)}. The "
+                             "session is unchanged: try again, or another instruction.")
         with timings.timed("edit: PNG-encode outputs into the bank"):
             outputs = {side: self.bank.put(results[side][0]) for side in "AB"}
+        prints = {("edit", state.latest_of("A"), state.latest_of("B"), text, seed_k)}
+        if outputs["A"] != outputs["B"]:   # equal outputs tell the sides apart by nothing
+            prints.add(("outputs", outputs["A"], outputs["B"]))
+        state.recognised = state.recognised or bool(prints & state.known)
+        state.prints |= prints
         verdict_start = time.perf_counter()
         verdicts = {}
         for side in "AB":
@@ -213,7 +232,7 @@ class Arena:
         if record.vote is not None:
             raise ArenaError(f"Turn {turn} already has a vote; one vote per turn.")
         choice = choice_from_screen(pick, state.left)
-        blind = state.anonymous
+        blind = state.blind()
         latency_ms = max(0.0, (time.time() - record.shown_at) * 1000.0)
         with self.ctx.timings.timed("vote: store images, sessions, judgment"):
             comparison = self._store_sessions(state, turn, {"blind": blind})
@@ -232,6 +251,10 @@ class Arena:
         message = f"Vote stored for turn {turn}: {text} ({criterion})."
         if blind:
             message += " Keep editing, or end the session to see which model was which."
+        elif state.anonymous:
+            message += (" It counts as not blind: this session repeats an edit whose models you "
+                        "have seen named. Start a new session, or edit differently, to vote "
+                        "blind again.")
         return message
 
     def end_session(self, state: ArenaState) -> str:
@@ -317,27 +340,27 @@ class Arena:
             pass
 
     def reset(self, state: ArenaState) -> str:
-        anonymous = state.anonymous_next
         if state.source is None:
             raise ArenaError("Nothing to reset: start a session first.")
-        self._finish_branch(state)
-        source, label, scene, suggestions = (state.source, state.source_label, state.scene,
-                                             state.suggestions)
-        state.arena_id, state.branch = uuid.uuid4().hex, 0
-        state.source, state.source_label, state.scene, state.suggestions = (source, label, scene,
-                                                                            suggestions)
-        state.turns, state.saved_prefix, state.votes = [], 0, 0
-        state.left = self.rng.choice("AB") if anonymous else "A"
-        state.anonymous, state.revealed = bool(anonymous), False
-        return "Reset: a new session on the same source (sides shuffled again)."
+        self._new_session(state, state.anonymous_next)
+        return "Reset: a new session on the same source (sides shuffled again, a new seed)."
 
     # ----------------------------------------------------------------------------- display
     def _model(self, state: ArenaState, screen: str) -> str:
         return self.engine.sides[state.side_on(screen)].model
 
-    def _label(self, state: ArenaState, side: str) -> str:
-        screen = "Model A" if state.left == side else "Model B"
-        return f"{screen} ({self.engine.sides[side].model})" if state.names_visible() else screen
+    def _failure(self, state: ArenaState, failed: dict[str, str]) -> str:
+        """What failed, for the person: with the names shown, each failing side's screen name,
+        model and error; while they are hidden, neither which side nor the error (which may
+        name a side or a model).  The errors always go to the log."""
+        for side, err in failed.items():
+            log.warning("arena %s: the editor of side %s failed: %s", state.arena_id, side, err)
+        if state.names_visible():
+            return "; ".join(f"{'Model A' if state.left == side else 'Model B'} "
+                             f"({self.engine.sides[side].model}) failed ({err})"
+                             for side, err in failed.items())
+        return (("both editors" if len(failed) == 2 else "an editor") + " failed (which one "
+                "stays hidden until you end the session; the server log has the details)")
 
     def title(self, state: ArenaState, screen: str) -> str:
         name = "Model A" if screen == "left" else "Model B"

@@ -10,7 +10,7 @@ State
 from __future__ import annotations
 
 import dataclasses
-import re
+import unicodedata
 
 from .worldview import IntentStep
 
@@ -18,7 +18,11 @@ CRITERIA = ("overall", "instruction", "consistency", "quality")
 MAX_INSTRUCTION_CHARS = 500
 MAX_TURNS = 20
 MAX_SEED = 2**31 - 1
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")  # and lone surrogates
+# Unicode categories that show nothing on their own: controls, format characters (zero-width
+# spaces, joiners, soft hyphens), surrogates, private use, unassigned, separators (spaces),
+# combining marks; and the letters and symbols drawn as blank space
+_UNSEEN = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp", "Mn", "Me"))
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 
 class ArenaError(ValueError):
@@ -61,6 +65,11 @@ class ArenaState:
     show_verdict: bool = False     # show the verifier's verdicts (world sources only)
     anonymous_next: bool = True    # anonymity of the next session started
     arena_key: int | None = None   # which Arena (process-wide registry) owns this state
+    # blindness: a new random default seed per session, and what gives a turn's sides away
+    seed: int = 0                  # the session's default seed (edits that give none use it)
+    prints: set = dataclasses.field(default_factory=set)  # this session's turns (all branches)
+    known: set = dataclasses.field(default_factory=set)   # turns this person saw with names
+    recognised: bool = False       # a turn of this session repeats one in ``known``
 
     @property
     def n(self) -> int:
@@ -79,21 +88,38 @@ class ArenaState:
     def names_visible(self) -> bool:
         return not self.anonymous or self.revealed
 
+    def blind(self) -> bool:
+        """Whether a vote now is blind: the names are hidden and no turn of this session
+        repeats one this person has seen with the names shown."""
+        return self.anonymous and not self.recognised
+
     def can_vote(self) -> bool:
         return bool(self.turns) and self.turns[-1].vote is None and not self.revealed
 
 
-def clean_instruction(text) -> str:
-    """The instruction as editors and the store get it: control characters and lone
-    surrogates (not encodable text) become spaces, whitespace runs one space; length checked."""
+def check_instruction(text) -> str:
+    """``text`` unchanged when it can be an instruction, else an :class:`ArenaError` saying what
+    to change.  Kept exactly as typed (line breaks, tabs, repeated spaces): what the editors
+    get, what the store keeps and what the screen shows.  Refused: more than
+    :data:`MAX_INSTRUCTION_CHARS` characters, half of a character (a lone UTF-16 surrogate,
+    which cannot be encoded), control characters other than tab and line breaks, and text with
+    no visible character (spaces, zero-width and other invisible characters only)."""
     if not isinstance(text, str):
         raise ArenaError("Type an instruction first.")
-    text = " ".join(_CONTROL.sub(" ", text).split())
-    if not text:
-        raise ArenaError("Type an instruction first (it is empty).")
     if len(text) > MAX_INSTRUCTION_CHARS:
         raise ArenaError(f"That instruction has {len(text):,} characters; the limit is "
                          f"{MAX_INSTRUCTION_CHARS}. Say it in fewer words.")
+    if any("\ud800" <= ch <= "\udfff" for ch in text):
+        raise ArenaError("That instruction contains half of a character (part of an emoji or "
+                         "symbol got cut off): delete it and type that character again.")
+    control = next((ch for ch in text if unicodedata.category(ch) == "Cc"
+                    and ch not in "\t\n\r"), None)
+    if control is not None:
+        raise ArenaError(f"That instruction contains a control character (U+{ord(control):04X}): "
+                         "remove it and try again.")
+    if all(ch in _BLANK or unicodedata.category(ch) in _UNSEEN for ch in text):
+        raise ArenaError("That instruction is empty: it has no visible characters. Type the "
+                         "edit you want.")
     return text
 
 

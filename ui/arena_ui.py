@@ -5,7 +5,8 @@ the screen always shows exactly what the server holds.  Public API endpoints (fo
 ``gradio_client``; the state stays on the server, keyed by the client's session):
 
 * ``/start_random()``, ``/start_example(example)``, ``/start_upload(file)``
-* ``/edit(instruction, seed, steps)``
+* ``/edit(instruction, seed, steps)`` (``seed`` None: the session's default seed, a new random
+  one for each session, answered by the calls that start a session)
 * ``/vote_left|/vote_right|/vote_tie|/vote_both_bad(turn, criterion)``
 * ``/undo()``, ``/fork(turn)``, ``/reset()``, ``/end_session()`` (reveals the names)
 * ``/settings(use_intent, show_verdict, anonymous)``
@@ -109,7 +110,8 @@ def build_arena_tab(ctx, arena: Arena) -> None:
         with gr.Row():
             seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED,
                              label="Seed (same for both sides; turn k uses a seed derived "
-                             "from it)", elem_id="arena-seed")
+                             "from it; a new random one for each session)",
+                             elem_id="arena-seed")
             steps = gr.Slider(1, 50, value=default_steps, step=1, label="Sampling steps",
                               elem_id="arena-steps")
         with gr.Row():
@@ -124,32 +126,35 @@ def build_arena_tab(ctx, arena: Arena) -> None:
 
     outputs = [state, source, columns["left"][0], columns["right"][0], columns["left"][1],
                columns["right"][1], columns["left"][2], columns["right"][2], status, turn_no,
-               votable, fork_no, suggestions, accepted, history]
+               votable, fork_no, suggestions, accepted, seed, history]
 
-    def render(st: ArenaState, done: str = "", choices: bool = False) -> list:
+    def render(st: ArenaState, done: bool = False, new_session: bool = False) -> list:
         """All outputs from the state.  Pictures are always plain values (display file paths):
         any ``gr.update(...)``, even an empty one, makes gradio rebuild that component and its
         API schema on the server's event loop (a gallery's costs milliseconds), which under load
         was most of the event loop's time.  So the vote buttons get no update either: the answer
         says whether the latest turn takes a vote (``votable``) and the browser enables them
-        (:data:`VOTE_BUTTONS_JS`).  ``done`` is the instruction an edit just carried out: the
-        browser empties the instruction box if it still holds that text, so what the person
-        typed meanwhile stays (:data:`CLEAR_DONE_JS`).  ``choices`` re-sends the suggestions
-        list (only a new source changes it)."""
+        (:data:`VOTE_BUTTONS_JS`).  ``done``: an edit just went through, and the answer
+        carries its instruction as the state holds it (checked text, never what the request
+        sent): the browser empties the instruction box if it still holds that text, so what
+        the person typed meanwhile stays (:data:`CLEAR_DONE_JS`).  ``new_session`` re-sends the
+        suggestions list and the session's default seed (only a new session changes them)."""
         src = ctx.display.path(st.source) if st.source else None
         cur_l, cur_r = arena.current(st, "left"), arena.current(st, "right")
         strip_l, strip_r = arena.strip(st, "left"), arena.strip(st, "right")
-        if choices:
+        if new_session:
             suggestion_box = gr.update(choices=list(dict.fromkeys(st.suggestions)), value=None)
+            seed_box = st.seed
         else:
-            suggestion_box = None
+            suggestion_box, seed_box = None, gr.skip()
         return [st, src, arena.title(st, "left"), arena.title(st, "right"),
                 cur_l, cur_r, strip_l, strip_r, arena.status(st), st.n, st.can_vote(),
                 gr.update(value=max(0, st.n - 1), maximum=max(0, st.n)),
-                suggestion_box, done, arena.history(st)]
+                suggestion_box, st.turns[-1].instruction if done else "", seed_box,
+                arena.history(st)]
 
-    def run(op, st: ArenaState, request: gr.Request | None, *args, done: str = "",
-            choices=False):
+    def run(op, st: ArenaState, request: gr.Request | None, *args, done: bool = False,
+            new_session: bool = False):
         key = getattr(request, "session_hash", None) or st.arena_id or "anon"
         name = getattr(op, "__name__", "op")
         waited = time.perf_counter()
@@ -171,26 +176,25 @@ def build_arena_tab(ctx, arena: Arena) -> None:
                 ok = False
             ctx.timings.add(f"{name}: handler", time.perf_counter() - start)
             with ctx.timings.timed(f"{name}: render answer (display files)"):
-                return render(st, done=done if ok else "", choices=choices and ok)
+                return render(st, done=done and ok, new_session=new_session and ok)
 
     def on_random(st, request: gr.Request):
-        return run(arena.start_random, st, request, choices=True)
+        return run(arena.start_random, st, request, new_session=True)
 
     def on_example(st, choice, request: gr.Request):
         if not choice:
             return render(st)
         number = str(choice).replace("Example", "").strip()
-        return run(arena.start_example, st, request, number, choices=True)
+        return run(arena.start_example, st, request, number, new_session=True)
 
     def on_upload(st, file, request: gr.Request):
-        return run(arena.start_upload, st, request, file, choices=True)
+        return run(arena.start_upload, st, request, file, new_session=True)
 
     def on_edit(st, text, seed_value, steps_value, request: gr.Request,
                 progress=gr.Progress()):
         def report(fraction, desc):
             progress(fraction, desc=desc)
-        return run(arena.edit, st, request, text, seed_value, steps_value, report,
-                   done=text if isinstance(text, str) else "")
+        return run(arena.edit, st, request, text, seed_value, steps_value, report, done=True)
 
     def make_vote(pick):
         def on_vote(st, turn, crit, request: gr.Request):
@@ -207,7 +211,7 @@ def build_arena_tab(ctx, arena: Arena) -> None:
         return run(arena.fork, st, request, turn)
 
     def on_reset(st, request: gr.Request):
-        return run(arena.reset, st, request, choices=True)
+        return run(arena.reset, st, request, new_session=True)
 
     def on_end(st, request: gr.Request):
         return run(arena.end_session, st, request)

@@ -19,7 +19,7 @@ import gradio as gr  # noqa: E402
 
 from .arena import Arena
 from .arena_ui import build_arena_tab
-from .config import AppConfig, ConfigError, config_from_args
+from .config import SIGN_IN_CLIENT, AppConfig, ConfigError, Credentials, config_from_args
 from .context import AppContext
 from .engine import editors_in_own_processes
 from .label import Labeling, seed_queue_in_background
@@ -95,6 +95,39 @@ def _patient_url_ok(url: str, budget_s: float = 90.0) -> bool:
     return False
 
 
+class _ClientAddress:
+    """ASGI middleware: each HTTP request's client address in :data:`ui.config.SIGN_IN_CLIENT`
+    while it is served, for the sign-in guard (gradio's sign-in route hands the credentials
+    check only the name and the password)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        token = SIGN_IN_CLIENT.set((scope.get("client") or (None,))[0])
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            SIGN_IN_CLIENT.reset(token)
+
+
+def _sign_in_page(credentials: Credentials):
+    """gradio's ``auth`` callable: a wrong password answers 400; a locked name or address
+    answers 429 with the guard's message saying when to try again."""
+    from fastapi import HTTPException
+
+    def check(name: str, password: str) -> bool:
+        if credentials.check(name, password):
+            return True
+        refusal = credentials.lockout(name)
+        if refusal:
+            raise HTTPException(status_code=429, detail=refusal)
+        return False
+    return check
+
+
 def launch(demo: gr.Blocks, config: AppConfig, **overrides):
     from gradio import networking
 
@@ -107,8 +140,11 @@ def launch(demo: gr.Blocks, config: AppConfig, **overrides):
                   max_file_size="20mb", show_error=True,
                   allowed_paths=[str(demo.mteditlab_ctx.display_dir)])
     if config.auth:
-        kwargs["auth"] = config.auth.check
+        from starlette.middleware import Middleware
+
+        kwargs["auth"] = _sign_in_page(config.auth)
         kwargs["auth_message"] = "MT-EditLab: sign in"
+        kwargs["app_kwargs"] = {"middleware": [Middleware(_ClientAddress)]}
     kwargs.update(overrides)
     return demo.launch(**kwargs)
 

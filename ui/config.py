@@ -33,18 +33,27 @@ flag                        environment variable             default
 ==========================  ===============================  ===================================
 
 Credentials are ``name:password`` pairs separated by commas or newlines, or ``@FILE`` naming a
-file with one pair per line; a password may be given as ``sha256:<hex digest>``.
+file with one pair per line; a password may be given as ``sha256:<hex digest>``.  Failed
+sign-ins lock the name, and the client address, for a while (:class:`SignInGuard`); behind a
+reverse proxy, list it in ``FORWARDED_ALLOW_IPS`` so that clients' own addresses are seen.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextvars
 import dataclasses
 import hashlib
 import hmac
+import math
 import os
 import re
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 from mteditlab.registry import registered_names
 
@@ -72,11 +81,97 @@ class SideSpec:
         return text + (f" + LoRA {self.lora}" if self.lora else "")
 
 
+# the client address of the HTTP request being served, where the web server's own routes call
+# the credentials check (set by ui.build); gradio event handlers have gradio's request instead
+SIGN_IN_CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "mteditlab_sign_in_client", default=None)
+
+
+def current_client() -> str | None:
+    """The client address of the request being served: that of the gradio event being run
+    (read without importing gradio), else :data:`SIGN_IN_CLIENT`, else None."""
+    context = sys.modules.get("gradio.context")
+    request = context.LocalContext.request.get(None) if context is not None else None
+    client = getattr(getattr(request, "client", None), "host", None)
+    return client or SIGN_IN_CLIENT.get()
+
+
+@dataclasses.dataclass
+class SignInGuard:
+    """Failed sign-ins counted per name and per client address.  ``name_limit`` failures of a
+    name (known or not), or ``client_limit`` failures from an address, within ``window_s``
+    seconds lock it for ``lock_s`` seconds: every sign-in with that name or from that address
+    is refused meanwhile, the right password too, and the attempts are not counted.  A success
+    clears its name's failures (not its address's).  ``clock``: wall-clock seconds since the
+    epoch (tests inject one).  Thread-safe: parallel attempts get no more tries."""
+
+    name_limit: int = 5
+    client_limit: int = 20
+    window_s: float = 600.0
+    lock_s: float = 900.0
+    clock: Callable[[], float] = time.time
+    _failures: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    _locked: dict = dataclasses.field(default_factory=dict)   # key -> locked until
+    _mutex: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def settle(self, name: str, client: str | None, matched: bool) -> bool:
+        """Whether a sign-in whose password ``matched`` is accepted; counts it when refused."""
+        keys = self._keys(name, client)
+        with self._mutex:
+            now = self.clock()
+            if self._refusal(keys, now) is not None:
+                return False
+            if matched:
+                self._failures.pop(keys[0][0], None)
+                return True
+            for key, limit, _ in keys:
+                recent = [t for t in self._failures[key] if t > now - self.window_s] + [now]
+                self._failures[key] = recent
+                if len(recent) >= limit:
+                    self._locked[key] = now + self.lock_s
+                    del self._failures[key]
+            if len(self._failures) + len(self._locked) > 4096:
+                self._forget(now)
+            return False
+
+    def refusal(self, name: str, client: str | None) -> str | None:
+        """Why a sign-in with ``name`` from ``client`` is refused now and when to try again,
+        or None when it is not locked."""
+        with self._mutex:
+            return self._refusal(self._keys(name, client), self.clock())
+
+    def _keys(self, name: str, client: str | None) -> list[tuple]:
+        """(key, failures that lock it, whom a refusal names) for a sign-in."""
+        keys = [(("name", name.strip()), self.name_limit, "for this name")]
+        if client:
+            keys.append((("client", client), self.client_limit, "from your address"))
+        return keys
+
+    def _refusal(self, keys: list[tuple], now: float) -> str | None:
+        for key, _, whom in keys:
+            until = self._locked.get(key, 0.0)
+            if until > now:
+                minutes = math.ceil((until - now) / 60)
+                return (f"Too many failed sign-ins {whom}: try again in {minutes} minute"
+                        f"{'s' if minutes != 1 else ''} (after "
+                        f"{time.strftime('%H:%M', time.gmtime(until))} UTC).")
+        return None
+
+    def _forget(self, now: float) -> None:
+        """Drop expired locks and failures outside the window (keeps memory bounded)."""
+        self._locked = {k: t for k, t in self._locked.items() if t > now}
+        for key in [k for k, times in self._failures.items() if times[-1] <= now - self.window_s]:
+            del self._failures[key]
+
+
 @dataclasses.dataclass(frozen=True)
 class Credentials:
-    """name -> password (plain, or ``sha256:<hex>``); checked in constant time."""
+    """name -> password (plain, or ``sha256:<hex>``); checked in constant time, with failed
+    sign-ins locking names and client addresses for a while (``guard``)."""
 
     entries: tuple[tuple[str, str], ...] = ()
+    guard: SignInGuard = dataclasses.field(default_factory=SignInGuard, compare=False,
+                                           repr=False)
 
     @classmethod
     def parse(cls, text: str | None, what: str) -> "Credentials":
@@ -107,25 +202,39 @@ class Credentials:
     def names(self) -> list[str]:
         return [name for name, _ in self.entries]
 
-    def check(self, name: str, password: str) -> bool:
-        """True when ``name`` exists and ``password`` matches (constant-time compare)."""
+    def check(self, name: str, password: str, client: str | None = None) -> bool:
+        """True when ``name`` exists, ``password`` matches (constant-time compare) and neither
+        the name nor the client address is locked (:class:`SignInGuard`).  ``client``: the
+        address signing in, by default that of the request being served
+        (:func:`current_client`).  :meth:`lockout` says why a refused sign-in was refused."""
         if not isinstance(name, str) or not isinstance(password, str):
             return False
-        stored = dict(self.entries).get(name.strip())
+        return self.guard.settle(name, client or current_client(),
+                                 self._matches(name.strip(), password))
+
+    def lockout(self, name: str, client: str | None = None) -> str | None:
+        """Why sign-ins with ``name`` from ``client`` (default as in :meth:`check`) are refused
+        now and when to try again, or None when they are not locked."""
+        return self.guard.refusal(name if isinstance(name, str) else "",
+                                  client or current_client())
+
+    def _matches(self, name: str, password: str) -> bool:
+        typed = password.encode("utf-8", "surrogatepass")   # any str, half characters too
+        stored = dict(self.entries).get(name)
         if stored is None:
-            hmac.compare_digest(password.encode(), b"x" * 16)  # same work for unknown names
+            hmac.compare_digest(typed, b"x" * 16)  # same work for unknown names
             return False
         if stored.startswith("sha256:"):
-            digest = hashlib.sha256(password.encode()).hexdigest()
+            digest = hashlib.sha256(typed).hexdigest()
             return hmac.compare_digest(digest, stored[len("sha256:"):].lower())
-        return hmac.compare_digest(password.encode(), stored.encode())
+        return hmac.compare_digest(typed, stored.encode())
 
 
 @dataclasses.dataclass(frozen=True)
 class AppConfig:
     side_a: SideSpec = SideSpec("mini", None)
     side_b: SideSpec = SideSpec("mini", DEFAULT_ADAPTER)
-    data_dir: Path | None = None          # None: labeling's default ($MTEDITLAB_DATA or ./data)
+    data_dir: Path | None = None          # None: labeling's default (see resolved_data_dir)
     host: str | None = None
     port: int | None = None
     share: bool = False
@@ -151,13 +260,10 @@ class AppConfig:
     title: str = "MT-EditLab"
 
     def resolved_data_dir(self) -> Path:
-        if self.data_dir is not None:
-            return Path(self.data_dir)
-        if os.environ.get("MTEDITLAB_DATA"):
-            return Path(os.environ["MTEDITLAB_DATA"])
-        if os.environ.get("SPACE_ID") and os.access("/data", os.W_OK):
-            return Path("/data/mteditlab")  # Spaces persistent storage
-        return Path("data")
+        """``data_dir``, else labeling's default (:func:`labeling.connection.data_dir`)."""
+        from labeling.connection import data_dir   # imports duckdb: not at --help time
+
+        return data_dir(self.data_dir)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -213,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "[MTEDITLAB_ANONYMOUS=0]")
 
     g = parser.add_argument_group("data and server")
-    g.add_argument("--data-dir", default=_env("MTEDITLAB_DATA"),
+    g.add_argument("--data-dir",
                    help="data directory holding labels.duckdb and images/ [MTEDITLAB_DATA] "
                    "(default ./data; /data/mteditlab on a Space with persistent storage)")
     g.add_argument("--host", default=None,

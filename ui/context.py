@@ -34,6 +34,10 @@ log = logging.getLogger("mteditlab.ui")
 SECRET_FILENAME = "voter_secret.key"
 ANON_PREFIX = "arena:anon-"
 KEYED_ID = re.compile(r"[0-9a-f]{24}")
+NOT_BACKED_UP = ("**Labels are not being backed up**: the last snapshot of the labels could not "
+                 "be read when the app started, so none is pushed (it would replace the saved "
+                 "ones). Labels given now may be lost at the next restart; the server log says "
+                 "why.")
 
 
 def server_secret(data_dir: Path) -> bytes:
@@ -83,9 +87,7 @@ class AppContext:
         self.owns_store = owns_store
         self.data_dir = Path(store.path).parent
         self.secret = server_secret(self.data_dir)
-        renamed = rename_raw_voter_ids(store, self.secret)
-        if renamed:
-            log.info("renamed %d arena voters stored under their session hash to keyed ids", renamed)
+        self._rename_raw_voters()
         self.bank = ImageBank(fallback=store.image_bytes)
         self.display_dir = Path(tempfile.mkdtemp(prefix="mteditlab-display-"))
         self.display = DisplayFiles(self.bank, self.display_dir)
@@ -121,23 +123,33 @@ class AppContext:
             ctx.start_snapshots()
         return ctx
 
-    def start_snapshots(self) -> None:
+    def _rename_raw_voters(self) -> None:
+        renamed = rename_raw_voter_ids(self.store, self.secret)
+        if renamed:
+            log.info("renamed %d arena voters stored under their session hash to keyed ids",
+                     renamed)
+
+    def start_snapshots(self, target=None, **sync_options) -> None:
         """Labels that survive a restart (see :mod:`labeling.snapshots`): resume an empty
-        store from the target's last snapshot, then push snapshots every ``hub_every``
-        minutes and once more when the app closes."""
+        store from the last snapshot in ``target`` (default: the configured ``hub_dataset``),
+        give restored voters keyed ids, then push snapshots every ``hub_every`` minutes and
+        once more when the app closes.  When the last snapshot cannot be read, nothing is
+        pushed and the page header says that labels are not being backed up.
+        ``sync_options``: more :class:`~labeling.snapshots.SnapshotSync` arguments."""
         from labeling.snapshots import SnapshotSync, target_from_spec
 
-        sync = SnapshotSync(self.store, target_from_spec(self.config.hub_dataset),
-                            self.config.hub_every)
-        try:
-            sync.resume()
-        except Exception:  # noqa: BLE001 - serve anyway; the log says why nothing was loaded
-            log.exception("could not resume the labels from %s", sync.target.description)
+        sync = SnapshotSync(self.store, target or target_from_spec(self.config.hub_dataset),
+                            self.config.hub_every, **sync_options)
+        if sync.resume() is not None:
+            self._rename_raw_voters()
         sync.start()
         self.snapshots = sync
         self.closers.append(sync.stop)
-        log.info("label snapshots go to %s every %g min", sync.target.description,
-                 self.config.hub_every)
+        if sync.problem:
+            self.engine.notices.append(NOT_BACKED_UP)
+        else:
+            log.info("label snapshots go to %s every %g min", sync.target.description,
+                     self.config.hub_every)
 
     def voter(self, session_hash: str | None) -> str:
         """Anonymous arena voter id of a browser session (see the module docstring)."""

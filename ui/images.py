@@ -14,7 +14,8 @@
 ``prepare_source`` then centre-crops to a square and resizes to the editors' working size.
 
 The :class:`ImageBank` keeps every image of the live sessions as PNG bytes keyed by sha256, so
-the per-user ``gr.State`` holds only hashes (small, deep-copyable).
+the per-user ``gr.State`` holds only hashes (small, deep-copyable); images that leave its memory
+and are not in the label store yet wait on disk, so none a live session refers to is lost.
 """
 
 from __future__ import annotations
@@ -162,11 +163,15 @@ def for_display(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
 
 
 class ImageBank:
-    """Thread-safe content-addressed PNG cache (sha256 of the canonical PNG -> bytes), LRU-bounded.
+    """Thread-safe content-addressed PNG cache (sha256 of the canonical PNG -> bytes), its memory
+    LRU-bounded by ``max_bytes``.
 
     A 32×32 world image is ~0.3–1 kB, so the default 512 MB bound is never reached by the mini
-    editor; with megapixel backends the oldest images of abandoned sessions go first.
-    ``fallback`` (e.g. the label store's ``image_bytes``) is asked for a hash the bank lost.
+    editor; with megapixel backends the oldest images leave memory first.  ``fallback`` (the
+    label store's ``image_bytes``) is where an image that left memory is read again.  An image
+    it cannot return yet (an arena turn is stored only when someone votes in its session) is
+    written to the bank's spill directory on disk before it leaves memory, and read from there:
+    with a fallback the bank loses nothing.  Without one it is a plain LRU cache.
     """
 
     def __init__(self, max_bytes: int = 512 * 2**20, fallback=None):
@@ -175,6 +180,8 @@ class ImageBank:
         self._data: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._spill: tempfile.TemporaryDirectory | None = None   # made on the first spill
+        self._spilled: set[str] = set()
 
     def put(self, image: Image.Image) -> str:
         data = png_bytes(image)
@@ -186,9 +193,28 @@ class ImageBank:
             self._data[sha] = data
             self._bytes += len(data)
             while self._bytes > self.max_bytes and len(self._data) > 1:
-                _, old = self._data.popitem(last=False)
+                old_sha, old = self._data.popitem(last=False)
                 self._bytes -= len(old)
+                self._keep(old_sha, old)
         return sha
+
+    def _keep(self, sha: str, data: bytes) -> None:
+        """Write an image leaving memory to the spill directory unless the fallback returns it
+        (or there is none).  Runs under the lock, so no reader finds it in neither place."""
+        if self.fallback is None or sha in self._spilled or self._fallback_has(sha):
+            return
+        if self._spill is None:
+            self._spill = tempfile.TemporaryDirectory(prefix="mteditlab-bank-")
+        with open(os.path.join(self._spill.name, sha), "wb") as fh:
+            fh.write(data)
+        self._spilled.add(sha)
+
+    def _fallback_has(self, sha: str) -> bool:
+        try:
+            self.fallback(sha)
+        except Exception:  # noqa: BLE001 - whatever the reason, it cannot return the image
+            return False
+        return True
 
     def get_bytes(self, sha: str) -> bytes:
         with self._lock:
@@ -196,6 +222,9 @@ class ImageBank:
             if data is not None:
                 self._data.move_to_end(sha)
                 return data
+            if sha in self._spilled:
+                with open(os.path.join(self._spill.name, sha), "rb") as fh:
+                    return fh.read()
         if self.fallback is not None:
             return self.fallback(sha)
         raise KeyError(f"image {sha[:12]} is no longer in memory")
@@ -206,8 +235,9 @@ class ImageBank:
             return image.convert("RGB")
 
     def __contains__(self, sha: str) -> bool:
+        """Whether the bank returns ``sha`` without asking the fallback."""
         with self._lock:
-            return sha in self._data
+            return sha in self._data or sha in self._spilled
 
 
 

@@ -7,9 +7,12 @@
   no repeats, randomised left side, resume).  It serves labeling items only: arena battles
   (comparisons of kind ``'arena'``) are never selected.
 * **Judgments**: one per turn and one for the whole session (turn ``None``), criterion
-  ``overall``, all required, recorded together; each carries the milliseconds from the item
-  appearing to that choice being made.  Gold items look like any other and are scored silently
-  (admin view).
+  ``overall``, all required, recorded together in one transaction
+  (:meth:`labeling.store.LabelStore.record_submission`); each carries the milliseconds from the
+  item appearing to that choice being made.  A submission names the item it judges (the id
+  every label response carries); one for any item but the one on the annotator's screen, or
+  for an item already judged or given back (another tab), is refused and stores nothing.  Gold
+  items look like any other and are scored silently (admin view).
 * **Skip / flag**: :meth:`labeling.store.LabelStore.release_assignment` gives the assignment
   back (never served to this annotator again; its overlap slot goes back to the others) and
   records the skip, or the flag with the annotator's reason, in the store.
@@ -22,7 +25,9 @@ import logging
 import threading
 import time
 
+from labeling.errors import AssignmentError
 from labeling.schema import CHOICES
+from labeling.store import clean_reason
 
 from .screen import PICKS, choice_from_screen
 
@@ -145,11 +150,17 @@ class Labeling:
             state.choice_times[key] = time.time()
 
     # ---------------------------------------------------------------------------- judgments
-    def submit(self, state: LabelState, turn_choices: list, overall) -> str:
+    def submit(self, state: LabelState, item_id, turn_choices: list, overall) -> str:
+        """Store the judgments of the item on screen, ``item_id`` (see the module docstring),
+        and load the next item."""
         annotator = self._require(state)
         item = state.item
         if item is None or item.get("done"):
             raise LabelError("No item to submit: load the next one.")
+        shown_id = item["comparison_id"]
+        if _whole(item_id) != shown_id:
+            raise LabelError(f"Not saved: this submission is for item {item_id}, which is not the "
+                             f"item on your screen (item {shown_id}); judge the item shown.")
         shown = item["shown"]
         turn_choices = list(turn_choices or [])[:shown]
         missing = [k + 1 for k in range(shown) if k >= len(turn_choices) or turn_choices[k] not in PICKS]
@@ -166,9 +177,13 @@ class Labeling:
         votes = [(k, choice_from_screen(turn_choices[k], left), latency(f"t{k}")) for k in range(shown)]
         votes.append((None, choice_from_screen(overall, left), latency("overall")))
         assert all(choice in CHOICES for _, choice, _ in votes)
-        for turn, choice, ms in votes:
-            self.store.record_judgment(item["comparison_id"], annotator, turn, LABEL_CRITERION,
-                                       choice, left, latency_ms=ms, simulated=False, blind=True)
+        try:
+            self.store.record_submission(
+                annotator, shown_id, left,
+                [(turn, LABEL_CRITERION, choice, ms) for turn, choice, ms in votes], blind=True)
+        except AssignmentError as exc:
+            return (f"⚠️ Not saved: item {shown_id} was {exc.reason} (in another tab?), so it "
+                    "takes no judgments; here is your next item. " + self.next_item(state))
         item["done"] = True
         state.submitted += 1
         return f"Saved {len(votes)} judgments. " + self.next_item(state)
@@ -186,9 +201,18 @@ class Labeling:
         item = state.item
         if item is None or item.get("done"):
             raise LabelError("No item to flag.")
-        reason = " ".join(str(reason or "").split())[:500] or "(no reason given)"
-        self.store.release_assignment(annotator, item["comparison_id"], flag=reason)
+        self.store.release_assignment(annotator, item["comparison_id"],
+                                      flag=clean_reason(reason) or "(no reason given)")
         return "Flagged for review and skipped. " + self.next_item(state)
+
+
+def _whole(value) -> int | None:
+    """``value`` as an int when it is a whole number (an id as a client sends it), else None."""
+    try:
+        number = int(value)
+        return number if number == float(value) else None
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 # ------------------------------------------------------------------------- seeding the queue

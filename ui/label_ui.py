@@ -1,8 +1,11 @@
 """The Label tab: sign-in, the item with its rubric, per-turn and overall judgments, keys.
 
 Public API endpoints: ``/label_sign_in(name, password)``, ``/label_next()``,
-``/label_submit(turn_1 … turn_8, overall)``, ``/label_skip()``, ``/label_flag(reason)``,
+``/label_submit(item, turn_1 … turn_8, overall)``, ``/label_skip()``, ``/label_flag(reason)``,
 ``/label_sign_out()``.  Choices are screen sides: ``left``, ``right``, ``tie``, ``both_bad``.
+Every endpoint returns, right after the header, the id of the item now on screen (None when
+there is none); ``/label_submit`` sends it back as ``item``, and a submission for any other
+item is refused (see :mod:`ui.label`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def build_label_tab(ctx, labeling: Labeling, demo: gr.Blocks) -> None:
         gr.Markdown("*Hugging Face sign-in is configured but unavailable here: it needs a Space "
                     "with `hf_oauth: true` and `gradio[oauth]` installed.*")
     header = gr.Markdown("Sign in to start labeling.", elem_id="label-header")
+    item_id = gr.Number(None, precision=0, visible=False, elem_id="label-item-id")
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=240):
             gr.Markdown(RUBRIC, elem_id="label-rubric")
@@ -95,7 +99,7 @@ def build_label_tab(ctx, labeling: Labeling, demo: gr.Blocks) -> None:
                 flag = gr.Button("🚩 Flag", elem_id="label-flag")
     status = gr.Markdown(elem_id="label-status")
 
-    outputs = [state, header, item_col, source, history, *rows, *texts, *lefts, *rights,
+    outputs = [state, header, item_id, item_col, source, history, *rows, *texts, *lefts, *rights,
                *radios, overall, status]
 
     def render(st: LabelState) -> list:
@@ -108,7 +112,8 @@ def build_label_tab(ctx, labeling: Labeling, demo: gr.Blocks) -> None:
         else:
             head = "Sign in to start labeling."
         n = item["shown"] if item else 0
-        updates = [st, head, gr.update(visible=item is not None)]
+        updates = [st, head, item["comparison_id"] if item else None,
+                   gr.update(visible=item is not None)]
         if item:
             left = item["left"]
             right = "B" if left == "A" else "A"
@@ -166,9 +171,10 @@ def build_label_tab(ctx, labeling: Labeling, demo: gr.Blocks) -> None:
 
     assert MAX_LABEL_TURNS == 8, "on_submit spells out one parameter per turn row"
 
-    def on_submit(st, t1, t2, t3, t4, t5, t6, t7, t8, overall_value, request: gr.Request):
+    def on_submit(st, item, t1, t2, t3, t4, t5, t6, t7, t8, overall_value,
+                  request: gr.Request):
         turns = [t1, t2, t3, t4, t5, t6, t7, t8]
-        return run(labeling.submit, st, request, turns, overall_value)
+        return run(labeling.submit, st, request, item, turns, overall_value)
 
     def on_skip(st, request: gr.Request):
         return run(labeling.skip, st, request)
@@ -180,7 +186,8 @@ def build_label_tab(ctx, labeling: Labeling, demo: gr.Blocks) -> None:
     password.submit(on_sign_in, [state, name, password], outputs, api_visibility="private")
     sign_out.click(on_sign_out, [state], outputs, api_name="label_sign_out")
     gr.Button("Next item", visible=False).click(on_next, [state], outputs, api_name="label_next")
-    submit.click(on_submit, [state, *radios, overall], outputs, api_name="label_submit")
+    submit.click(on_submit, [state, item_id, *radios, overall], outputs,
+                 api_name="label_submit")
     skip.click(on_skip, [state], outputs, api_name="label_skip")
     flag.click(on_flag, [state, reason], outputs, api_name="label_flag")
     for key, radio in [(f"t{k}", r) for k, r in enumerate(radios)] + [("overall", overall)]:

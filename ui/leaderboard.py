@@ -24,6 +24,7 @@ import logging
 import shutil
 import tempfile
 import time
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -36,6 +37,17 @@ log = logging.getLogger("mteditlab.ui")
 SOURCES = ("all human votes", "arena votes", "label judgments")
 CRITERIA_ALL = "all criteria"
 N_BOOT = 500
+
+
+def server_error(what: str) -> str:
+    """For an ``except`` block: log the exception (traceback included) under a fresh reference
+    and return the message visitors see: that ``what`` failed, the reference and the time —
+    never the error's own text, which may name files or data."""
+    reference = uuid.uuid4().hex[:8]
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    log.exception("%s failed (reference %s)", what, reference)
+    return (f"⚠️ {what} failed on the server (reference `{reference}`, {when}). Try again; if "
+            "it keeps failing, give the server's operator that reference.")
 
 
 def _machine(names: pd.Series) -> pd.Series:
@@ -301,7 +313,6 @@ def set_excluded(store, voter: str, excluded: bool, admin: str, reason: str = ""
     voter = (voter or "").strip() if isinstance(voter, str) else ""
     if voter not in set(store.table("annotators")["name"]):
         return f"⚠️ No voter named `{voter}`."
-    reason = " ".join(str(reason or "").split())[:500] or None
     store.set_voter_excluded(voter, excluded, admin=admin, reason=reason)
     return (f"`{voter}` is excluded from the ratings." if excluded else
             f"`{voter}` counts in the ratings again.")

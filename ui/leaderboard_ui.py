@@ -114,17 +114,14 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
             agree = lb.agreement(frame)
             machine = lb.machine_agreement(ctx.store)
             report = lb.reward_model_report(ctx.config.reward_model)
-        except Exception as exc:  # noqa: BLE001
-            log.exception("leaderboard failed")
-            return [f"⚠️ The leaderboard could not be computed ({type(exc).__name__}: {exc})",
-                    None, None, None, None, None, "", gr.update(visible=False), None, "",
-                    "", gr.update(visible=False)]
+        except Exception:  # noqa: BLE001
+            return [lb.server_error("The leaderboard"), None, None, None, None, None, "",
+                    gr.update(visible=False), None, "", "", gr.update(visible=False)]
         try:
             style, style_text = lb.style_control(ctx.store, frame, table,
                                                  world=ctx.engine.world)
-        except Exception as exc:  # noqa: BLE001 - the plain board still shows
-            log.exception("style control failed")
-            style, style_text = None, f"⚠️ Style control failed ({type(exc).__name__})."
+        except Exception:  # noqa: BLE001 - the plain board still shows
+            style, style_text = None, lb.server_error("Style control")
         for old in plot_dir.glob("*.png"):  # keep the plot directory small
             if time.time() - old.stat().st_mtime > 600:
                 old.unlink(missing_ok=True)
