@@ -35,13 +35,13 @@ class DuplicateJudgmentError(StoreError):
 
 
 class AssignmentError(StoreError):
-    """Judgments submitted for a comparison that is not the annotator's open assignment;
+    """Judgments, a skip or a flag for a comparison that is not the annotator's open assignment;
     ``reason``: 'never assigned', 'already judged' or 'given back' (see :mod:`labeling.queue`)."""
 
     def __init__(self, annotator: str, comparison_id: int, reason: str):
         self.annotator, self.comparison_id, self.reason = annotator, comparison_id, reason
         super().__init__(f"comparison {comparison_id} is not open to {annotator!r}: {reason}; "
-                         "judgments are taken only for the annotator's open assignment, once "
+                         "judgments, skips and flags are taken only for the annotator's open assignment, once "
                          "(ask for the next assignment)")
 
 

@@ -351,11 +351,16 @@ class LabelStore(StoreReads):
         """Give an assignment back: skip it, or flag it for review (``flag``: the annotator's
         reason).  It no longer counts against the overlap and is never served to this
         annotator again; the skip (or flag) is recorded as a ``skips`` row, whose id this
-        returns.  ``flag`` is stored as :func:`clean_reason` makes it."""
+        returns.  ``flag`` is stored as :func:`clean_reason` makes it.  Unless ``comparison_id``
+        is the annotator's open assignment it is refused with :class:`AssignmentError`, as
+        :meth:`record_submission` refuses it: a stale or repeated skip records nothing."""
         flag = None if flag is None else clean_reason(flag)
 
         def body(tx: Tx) -> int:
             aid = self._ledger.annotator_id(annotator)
+            reason = closed_because(tx.cur, aid, int(comparison_id))
+            if reason is not None:
+                raise AssignmentError(annotator, int(comparison_id), reason)
             now = _now()
             release(tx.cur, aid, int(comparison_id),
                     now - dt.timedelta(seconds=self.policy.ttl_s + 1))

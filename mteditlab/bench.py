@@ -19,12 +19,30 @@ error s.e.(Δ) = std(d_i) / √n over the per-session differences d_i; ``--again
 with a result saved earlier by ``--json`` (same split, sessions and seed) instead of running it again. ``--pass-at K`` samples every turn
 K times from the true previous scene (teacher-forced, seeds ``seed..seed+K−1``) and reports pass@1 (mean
 success) and pass@K (any success) per turn and per operation. ``--start N`` takes sessions N, N+1, ...
+
+On data (``--sessions-from``: what the trainer reads, e.g. MagicBrush's one row per turn) a reward
+named as in training judges every turn instead of the verifier:
+
+    python -m mteditlab.bench --editor kontext --lora DIR --sessions-from DATA --split dev \
+        --reward qwen-vl --reward-paths qwen-vl=http://HOST:PORT/v1 --against base [--teacher-forced]
+
+Each editor edits its own previous output until the session's last turn. Per turn: the reward's
+sub-scores (``if``, ``cc``, ``ga``, ``quality``: those it judges) and its overall ``score``;
+``success`` = score ≥ ``--pass-threshold``; ``overall`` and ``marginal`` as on the world; with
+references ``l1`` = mean |output − reference| and ``psnr`` = 10·log10(1 / MSE) in [0, 1] RGB pixels;
+with ``--teacher-forced`` the success fed the data's own input of each turn and the exposure gap.
+Every mean is over the sessions that have a value: a judgment that failed is no score (listed in
+``failures`` with its session and turn, counted per turn), and a session's ``overall`` is left out
+from its first failed turn on. ``sessions`` counts the sessions evaluated, ``skipped`` lists the
+records that do not form one, with the reason. ``--label-store DB`` puts the paired sessions into
+the label database as labeling items the annotators' queue serves.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -33,10 +51,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from mteditlab.editors import EDITORS, Editor, get_editor
-from mteditlab.intent import INTENT_MODES
+from mteditlab.intent import INTENT_MODES, turn_text
+from mteditlab.rewards import RewardModel, get_reward
+from mteditlab.rewards.base import SUB_SCORES, EditSample
 from mteditlab.rewards.features import TINT_SCALE, image_features, parse_cached
 from mteditlab.rollout import Step, edit_step, rollout
+from mteditlab.sessions_data import (DataSession, add_column_arguments, columns_from, data_resolution,
+                                     describe_skipped)
 from mteditlab.world import Session, render, score_turn, sessions as make_sessions
+
+WORLD_SPLITS = ("train", "val", "test")
 
 
 def run_benchmark(editor: Editor, sessions: Sequence[Session], *, seed: int = 0, steps: int | None = None,
@@ -59,22 +83,131 @@ def run_benchmark(editor: Editor, sessions: Sequence[Session], *, seed: int = 0,
 
     rollout(sessions, step, turns=turns, sources=[render(s.source) for s in sessions], on_turn=score,
             progress=progress, desc=f"bench {editor.name}")
-    all_ok = np.cumprod(own[:, :, 3], axis=1)
     per_session = {"if": own[:, :, 0], "cc": own[:, :, 1], "ga": own[:, :, 2], "success": own[:, :, 3],
-                   "overall": all_ok, "teacher_forced_success": forced, "exposure_gap": forced - own[:, :, 3],
-                   "quality": looks[:, :, 0], "tint_255": looks[:, :, 1]}
-    per_turn = []
-    for k in range(turns):
-        prior = all_ok[:, k - 1].sum() if k else len(sessions)
-        row = {"turn": k + 1}
-        for key, values in per_session.items():
-            row[key], row[f"{key}_se"] = float(values[:, k].mean()), standard_error(values[:, k])
-        row["marginal"] = float(all_ok[:, k].sum() / prior) if prior else 0.0
-        row["marginal_se"] = float(np.sqrt(row["marginal"] * (1 - row["marginal"]) / prior)) if prior else 0.0
-        per_turn.append(row)
+                   "overall": np.cumprod(own[:, :, 3], axis=1), "teacher_forced_success": forced,
+                   "exposure_gap": forced - own[:, :, 3], "quality": looks[:, :, 0], "tint_255": looks[:, :, 1]}
     return {"editor": editor.name, "split": sessions[0].split, "start": sessions[0].index, "sessions": len(sessions),
             "turns": turns, "seed": seed, "steps": steps or editor.default_steps, "intent": intent,
-            "per_turn": per_turn, "per_session": {k: v.tolist() for k, v in per_session.items()}}
+            "per_turn": summarize(per_session), "per_session": {k: to_json(v) for k, v in per_session.items()}}
+
+
+def run_data_benchmark(editor: Editor, sessions: Sequence[DataSession], reward: RewardModel, *, seed: int = 0,
+                       steps: int | None = None, intent: str = "reconstruct", batch_size: int = 64,
+                       threshold: float = 0.5, teacher_forced: bool = False, progress: bool = True,
+                       outputs: dict | None = None) -> dict:
+    """Roll ``editor`` over data ``sessions`` (own outputs, each up to its last turn), ``reward`` judging
+    every turn (seed ``seed + k`` at turn k); return the metrics dictionary (module docstring). Per
+    session and turn, NaN where there is no value: a turn the session lacks, a sub-score that does not
+    apply, a failed judgment. ``outputs``, when given, receives each session's outputs by id."""
+    turns = max(len(s.turns) for s in sessions)
+    step = by_size(edit_step(editor.edit_batch, seed=seed, steps=steps, intent=intent, batch_size=batch_size))
+    subs = [sub for sub in SUB_SCORES if sub in reward.sub_scores]
+    keys = [*subs, "score", "success", *(["teacher_forced_success"] * teacher_forced),
+            *(["l1", "psnr"] * any(t.reference is not None for s in sessions for t in s.turns))]
+    cells = {key: np.full((len(sessions), turns), np.nan) for key in keys}
+    failures: list[dict] = []
+
+    def judge(k: int, rows: list[int], inputs: list[Image.Image], edited: list[Image.Image], fed: str):
+        samples = [EditSample(before, after, sessions[i].turns[k].instruction,
+                              [t.instruction for t in sessions[i].turns[:k]], turn_text(sessions[i], k, intent)[1],
+                              {"turn": k}) for i, before, after in zip(rows, inputs, edited)]
+        out = reward.score(samples, seed=seed + k)
+        failures.extend({"session": sessions[i].id, "turn": k + 1, "fed": fed, "reason": reason}
+                        for i, reason in zip(rows, out.failures) if reason is not None)
+        return out, np.where(out.valid, out.overall >= threshold, np.nan)
+
+    def score(k: int, inputs: list[Image.Image], edited: list[Image.Image]) -> None:
+        rows = [i for i, s in enumerate(sessions) if k < len(s.turns)]
+        out, passed = judge(k, rows, [inputs[i] for i in rows], [edited[i] for i in rows], "own")
+        for sub in subs:
+            cells[sub][rows, k] = out.scores[sub]
+        cells["score"][rows, k], cells["success"][rows, k] = out.overall, passed
+        for i in rows:
+            if (reference := sessions[i].turns[k].reference) is not None:
+                cells["l1"][i, k], cells["psnr"][i, k] = pixel_distance(edited[i], reference)
+            if outputs is not None:
+                outputs.setdefault(sessions[i].id, []).append(edited[i])
+        if teacher_forced:
+            fed = [i for i in rows if sessions[i].turns[k].source is not None] if k else []
+            given = [sessions[i].turns[k].source for i in fed]
+            cells["teacher_forced_success"][rows, k] = passed if not k else np.nan
+            if fed:
+                cells["teacher_forced_success"][fed, k] = judge(k, fed, given, step(k, given, [sessions[i] for i in fed]),
+                                                                "data")[1]
+
+    rollout(sessions, step, turns=turns, sources=[s.source for s in sessions], on_turn=score, progress=progress,
+            desc=f"bench {editor.name}")
+    per_session = {**cells, "overall": np.cumprod(cells["success"], axis=1)}   # NaN from a failed turn on
+    if teacher_forced:
+        per_session["exposure_gap"] = cells["teacher_forced_success"] - cells["success"]
+    per_turn = summarize(per_session)
+    for k, row in enumerate(per_turn):
+        row["n"] = sum(k < len(s.turns) for s in sessions)
+        row["failures"] = sum(f["turn"] == k + 1 and f["fed"] == "own" for f in failures)
+        row["overall_n"] = int(np.isfinite(per_session["overall"][:, k]).sum())
+    return {"editor": editor.name, "sessions": len(sessions), "turns": turns, "seed": seed,
+            "steps": steps or editor.default_steps, "intent": intent, "reward": reward.name,
+            "pass_threshold": threshold, "teacher_forced": teacher_forced, "session_ids": [s.id for s in sessions],
+            "failures": failures, "per_turn": per_turn, "per_session": {k: to_json(v) for k, v in per_session.items()}}
+
+
+def by_size(step: Step) -> Step:
+    """``step`` on the sessions that have turn k, one input size at a time (a real backend's batch
+    shares one size); a session past its last turn keeps its image. An output depends only on its
+    session, turn and input (:func:`~mteditlab.rollout.edit_step`), so the grouping changes nothing."""
+
+    def run(k: int, inputs: list[Image.Image], sessions: Sequence[DataSession]) -> list[Image.Image]:
+        results, groups = list(inputs), {}
+        for i, session in enumerate(sessions):
+            if k < len(session.turns):
+                groups.setdefault(inputs[i].size, []).append(i)
+        for rows in groups.values():
+            for i, image in zip(rows, step(k, [inputs[i] for i in rows], [sessions[i] for i in rows])):
+                results[i] = image
+        return results
+
+    return run
+
+
+def pixel_distance(image: Image.Image, reference: Image.Image) -> tuple[float, float]:
+    """``(L1, PSNR)`` of ``image`` against ``reference`` in RGB pixels scaled to [0, 1], at the image's
+    size (the reference resized to it, Lanczos, when they differ): L1 = mean |x − y|,
+    PSNR = 10·log10(1 / max(MSE, 1e−10)) dB (100 dB for identical images)."""
+    reference = reference.convert("RGB")
+    if reference.size != image.size:
+        reference = reference.resize(image.size, Image.LANCZOS)
+    x, y = (np.asarray(im.convert("RGB"), dtype=np.float64) / 255 for im in (image, reference))
+    return float(np.abs(x - y).mean()), float(10 * np.log10(1 / max(((x - y) ** 2).mean(), 1e-10)))
+
+
+def summarize(per_session: dict[str, np.ndarray]) -> list[dict]:
+    """Per turn k: every key's mean and standard error over the sessions that have a value there (NaN:
+    none; ``None`` when no session has one), and ``marginal_k`` = #(overall_k = 1) / #(overall_{k−1} = 1)
+    among the sessions with an ``overall`` at k (P(turn k succeeds | turns 1..k−1 succeeded)) with its
+    binomial s.e. √(m(1 − m)/n)."""
+    overall = per_session["overall"]
+    rows = []
+    for k in range(overall.shape[1]):
+        counted = ~np.isnan(overall[:, k])
+        prior = overall[counted, k - 1].sum() if k else counted.sum()
+        row = {"turn": k + 1}
+        for key, values in per_session.items():
+            row[key], row[f"{key}_se"] = mean_and_error(values[:, k])
+        row["marginal"] = float(overall[counted, k].sum() / prior) if prior else 0.0
+        row["marginal_se"] = float(np.sqrt(row["marginal"] * (1 - row["marginal"]) / prior)) if prior else 0.0
+        rows.append(row)
+    return rows
+
+
+def mean_and_error(values: np.ndarray) -> tuple[float | None, float | None]:
+    """Mean and :func:`standard_error` of the values that are not NaN; ``(None, None)`` when none is."""
+    values = values[~np.isnan(values)]
+    return (float(values.mean()), standard_error(values)) if len(values) else (None, None)
+
+
+def to_json(values: np.ndarray) -> list:
+    """A per-session array as nested lists, NaN as None."""
+    return [[None if x != x else x for x in row] for row in values.tolist()]
 
 
 def teacher_forced_success(step: Step, sessions: Sequence[Session], k: int) -> list[bool]:
@@ -89,20 +222,26 @@ def standard_error(values: np.ndarray) -> float:
 
 
 PAIRED_KEYS = ("success", "overall", "teacher_forced_success", "exposure_gap")
+DATA_PAIRED_KEYS = (*SUB_SCORES, "score", *PAIRED_KEYS, "l1", "psnr")
+SAME = ("split", "start", "sessions", "turns", "seed", "sessions_from", "session_ids", "reward", "pass_threshold")
 
 
 def paired(result: dict, reference: dict) -> list[dict]:
-    """Per turn, Δ = result − reference and its paired s.e. over sessions, for ``PAIRED_KEYS``.
-    Both results must come from the same sessions and seed."""
-    same = ("split", "start", "sessions", "turns", "seed")
-    if [result.get(k) for k in same] != [reference.get(k) for k in same]:
-        raise ValueError("paired comparison needs the same split, sessions, turns and seed on both sides")
+    """Per turn, Δ = result − reference and its paired s.e. over the sessions where both sides have a
+    value, for ``PAIRED_KEYS`` (on data ``DATA_PAIRED_KEYS``, those both results hold). Both results must
+    come from the same sessions and seed (on data also the same reward and threshold)."""
+    if differ := [k for k in SAME if result.get(k) != reference.get(k)]:
+        raise ValueError("paired comparison needs the same split, sessions, turns and seed on both sides (on data "
+                         f"also the same sessions, reward and pass threshold); these differ: {', '.join(differ)}")
+    keys = [k for k in (DATA_PAIRED_KEYS if "reward" in result else PAIRED_KEYS)
+            if k in result["per_session"] and k in reference["per_session"]]
     rows = []
     for k in range(result["turns"]):
         row = {"turn": k + 1}
-        for key in PAIRED_KEYS:
-            d = np.asarray(result["per_session"][key])[:, k] - np.asarray(reference["per_session"][key])[:, k]
-            row[f"delta_{key}"], row[f"delta_{key}_se"] = float(d.mean()), standard_error(d)
+        for key in keys:
+            d = (np.asarray(result["per_session"][key], dtype=float)[:, k]
+                 - np.asarray(reference["per_session"][key], dtype=float)[:, k])
+            row[f"delta_{key}"], row[f"delta_{key}_se"] = mean_and_error(d)
         rows.append(row)
     return rows
 
@@ -128,19 +267,32 @@ def pass_at_k(editor: Editor, sessions: Sequence[Session], k: int, *, seed: int 
 
 
 def markdown_table(result: dict) -> str:
-    keys = ["if", "cc", "ga", "success", "overall", "marginal", "exposure_gap", "quality", "tint_255"]
-    lines = ["| turn | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    """Per turn, each metric as mean ± s.e. (— where no session has a value); on data also the sessions
+    with the turn (n) and the judgments that failed."""
+    if "reward" in result:
+        counts = ["n", "failures"]
+        keys = [k for k in (*SUB_SCORES, "score", "success", "overall", "marginal", "exposure_gap", "l1", "psnr")
+                if k in result["per_turn"][0]]
+    else:
+        counts, keys = [], ["if", "cc", "ga", "success", "overall", "marginal", "exposure_gap", "quality", "tint_255"]
+    lines = ["| turn | " + " | ".join(counts + keys) + " |", "|---" * (len(counts + keys) + 1) + "|"]
     for row in result["per_turn"]:
-        lines.append(f"| {row['turn']} | " + " | ".join(f"{row[k]:.3f} ± {row[k + '_se']:.3f}" for k in keys) + " |")
+        cells = [str(row[k]) for k in counts] + [_cell(row[k], row[k + "_se"], "") for k in keys]
+        lines.append(f"| {row['turn']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def paired_table(rows: list[dict]) -> str:
-    lines = ["| turn | " + " | ".join(f"Δ {k}" for k in PAIRED_KEYS) + " |", "|---" * (len(PAIRED_KEYS) + 1) + "|"]
+    keys = [k.removeprefix("delta_") for k in rows[0] if k.startswith("delta_") and not k.endswith("_se")]
+    lines = ["| turn | " + " | ".join(f"Δ {k}" for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for row in rows:
         lines.append(f"| {row['turn']} | " + " | ".join(
-            f"{row['delta_' + k]:+.3f} ± {row['delta_' + k + '_se']:.3f}" for k in PAIRED_KEYS) + " |")
+            _cell(row['delta_' + k], row['delta_' + k + '_se'], "+") for k in keys) + " |")
     return "\n".join(lines)
+
+
+def _cell(value: float | None, error: float | None, sign: str) -> str:
+    return "—" if value is None else f"{value:{sign}.3f} ± {error:.3f}"
 
 
 def pass_table(result: dict) -> str:
@@ -152,7 +304,7 @@ def pass_table(result: dict) -> str:
 
 
 def plot(results: Sequence[dict], path: str | Path, labels: Sequence[str] | None = None) -> None:
-    """Success, overall and teacher-forced success vs turn, one colour per result."""
+    """Success, overall and (when measured) teacher-forced success vs turn, one colour per result."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -161,10 +313,15 @@ def plot(results: Sequence[dict], path: str | Path, labels: Sequence[str] | None
     for i, result in enumerate(results):
         label = labels[i] if labels else result["editor"]
         t = [r["turn"] for r in result["per_turn"]]
-        line, = ax.plot(t, [r["overall"] for r in result["per_turn"]], "o-", label=f"{label}: overall")
-        ax.plot(t, [r["success"] for r in result["per_turn"]], "s--", color=line.get_color(), label=f"{label}: turn success")
-        ax.plot(t, [r["teacher_forced_success"] for r in result["per_turn"]], ":", color=line.get_color(),
-                label=f"{label}: fed the true scene")
+
+        def curve(key):   # None (no session has a value) is a gap
+            return np.array([r[key] for r in result["per_turn"]], dtype=float)
+
+        line, = ax.plot(t, curve("overall"), "o-", label=f"{label}: overall")
+        ax.plot(t, curve("success"), "s--", color=line.get_color(), label=f"{label}: turn success")
+        if "teacher_forced_success" in result["per_turn"][0]:
+            ax.plot(t, curve("teacher_forced_success"), ":", color=line.get_color(),
+                    label=f"{label}: fed the true {'input' if 'reward' in result else 'scene'}")
     ax.set(xlabel="turn", ylabel="rate", ylim=(0, 1.02), title=f"multi-turn editing ({results[0]['split']} split)")
     ax.set_xticks(t)
     ax.legend(fontsize=7)
@@ -173,15 +330,44 @@ def plot(results: Sequence[dict], path: str | Path, labels: Sequence[str] | None
     plt.close(fig)
 
 
+def to_label_store(db: str | Path, sessions: Sequence[DataSession], sides: Sequence[tuple[str, str | None, dict]], *,
+                   seed: int, meta: dict) -> int:
+    """Store each session's sides, ``(editor, adapter, outputs by session id)``, in the label database
+    ``db`` (source, instructions and outputs; ``meta`` plus the session's id) and pair them as one
+    labeling item, which the annotators' queue serves; returns the number of items."""
+    from labeling.store import LabelStore
+
+    with LabelStore.open(db) as store:
+        for session in sessions:
+            source = store.put_image(session.source)
+            ids = [store.add_session(editor, adapter, seed, source,
+                                     [{"instruction": t.instruction, "intent": t.intent, "output_sha": store.put_image(o)}
+                                      for t, o in zip(session.turns, outputs[session.id])], {**meta, "session": session.id})
+                   for editor, adapter, outputs in sides]
+            store.add_comparison(*ids)
+    return len(sessions)
+
+
+def describe_failures(failures: Sequence[dict], shown: int = 20) -> str:
+    """The failed judgments, one line each (the first ``shown``)."""
+    lines = [f"  session {f['session']}, turn {f['turn']} (fed its {'own output' if f['fed'] == 'own' else 'data input'})"
+             f": {f['reason']}" for f in failures[:shown]]
+    more = f"\n  … and {len(failures) - shown} more (the JSON's failures lists them all)" if len(failures) > shown else ""
+    return (f"{len(failures)} judgment(s) failed: no score there, and the session's overall is left out from "
+            "that turn on:\n" + "\n".join(lines) + more)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--editor", default="mini", choices=EDITORS)
     parser.add_argument("--lora", help="directory of an RL-tuned LoRA adapter")
     parser.add_argument("--editor-path", help="base weights: mini checkpoint dir, or a model id for real backends")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--sessions", type=int, default=200)
+    parser.add_argument("--split", default="test",
+                        help="the world's train, val or test; on data the dataset's split (default: %(default)s)")
+    parser.add_argument("--sessions", type=int, help="how many sessions (default: 200 on the world, all on data)")
     parser.add_argument("--start", type=int, default=0, help="first session index")
-    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--turns", type=int,
+                        help="turns per session (default: 5 on the world; on data each session's, at most this many)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="sampling steps (default: the editor's)")
     parser.add_argument("--intent", default="reconstruct", choices=INTENT_MODES)
@@ -192,28 +378,72 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pass-at", type=int, help="teacher-forced pass@1 vs pass@K headroom instead")
     parser.add_argument("--json", type=Path, help="write the metrics here")
     parser.add_argument("--plot", type=Path, help="write a PNG of success vs turn here")
+    data = parser.add_argument_group("data sessions, judged by a reward instead of the world's verifier")
+    data.add_argument("--sessions-from", metavar="DATA",
+                      help=".jsonl / .parquet / folder / hf://NAME / .duckdb label store, as the trainer reads it")
+    data.add_argument("--resolution", help="kontext | qwen-edit | N (≈ N² pixels): the data images' size "
+                                           "(default: the editor's)")
+    data.add_argument("--reward", metavar="NAME",
+                      help="the registered reward that judges every turn, named as in training (qwen-vl, judge, ...)")
+    data.add_argument("--reward-paths", default="", metavar="NAME=PATH,...",
+                      help="a reward's weights, artifact or served http(s)://HOST:PORT/v1 URL, as in training")
+    data.add_argument("--pass-threshold", type=float, default=0.5,
+                      help="a turn succeeds when the reward's overall score is at least this (default: %(default)s)")
+    data.add_argument("--teacher-forced", action="store_true",
+                      help="also feed every turn the data's own input of it and report the exposure gap")
+    data.add_argument("--label-store", type=Path, metavar="DB",
+                      help="with --against: store both sides' sessions in this label database as labeling items")
+    add_column_arguments(parser)
     args = parser.parse_args(argv)
+    if args.against and args.against_result:
+        parser.error("give --against or --against-result, not both")
+
+    options = dict(seed=args.seed, steps=args.steps, intent=args.intent, batch_size=args.batch_size)
+    if args.sessions_from:
+        sessions, skipped, reward = load_data(args, parser)
+        title = (f"\n{args.editor}{' + ' + args.lora if args.lora else ''} on {args.sessions_from} ({args.split}): "
+                 f"{len(sessions)} sessions × up to {max(len(s.turns) for s in sessions)} turns, judged by "
+                 f"{args.reward} (success: score ≥ {args.pass_threshold:g}), intent={args.intent}\n")
+
+        def bench(editor: Editor, outputs: dict | None = None) -> dict:
+            result = run_data_benchmark(editor, sessions, reward, threshold=args.pass_threshold,
+                                        teacher_forced=args.teacher_forced, outputs=outputs, **options)
+            return {**result, "split": args.split, "start": args.start, "sessions_from": args.sessions_from,
+                    "skipped": skipped}
+    else:
+        data_only = [f"--{flag.replace('_', '-')}" for flag in ("reward", "teacher_forced", "label_store", "resolution")
+                     if getattr(args, flag)] + ["the column flags"] * (columns_from(args) is not None)
+        if data_only:
+            parser.error(f"{', '.join(data_only)}: for data sessions (--sessions-from); the world is judged by its "
+                         "verifier")
+        if args.split not in WORLD_SPLITS:
+            parser.error(f"the world's splits are {', '.join(WORLD_SPLITS)}")
+        count, turns = 200 if args.sessions is None else args.sessions, 5 if args.turns is None else args.turns
+        sessions = make_sessions(args.split, count, turns, start=args.start)
+        title = (f"\n{args.editor}{' + ' + args.lora if args.lora else ''} on {args.split}: {count} sessions "
+                 f"from {args.start} × {turns} turns, intent={args.intent}\n")
+
+        def bench(editor: Editor, outputs: dict | None = None) -> dict:
+            return run_benchmark(editor, sessions, **options)
 
     editor = get_editor(args.editor, lora=args.lora, path=args.editor_path)
-    sessions = make_sessions(args.split, args.sessions, args.turns, start=args.start)
-    options = dict(seed=args.seed, steps=args.steps, intent=args.intent, batch_size=args.batch_size)
-    title = (f"\n{args.editor}{' + ' + args.lora if args.lora else ''} on {args.split}: {args.sessions} sessions "
-             f"from {args.start} × {args.turns} turns, intent={args.intent}\n")
+    outputs = {"this": {}, "other": {}} if args.label_store else {}
     if args.pass_at:
         result = pass_at_k(editor, sessions, args.pass_at, **options)
         print(title + "\n" + pass_table(result))
     else:
-        result = run_benchmark(editor, sessions, **options)
+        result = bench(editor, outputs.get("this"))
         result["lora"] = args.lora
         print(title + "\n" + markdown_table(result))
-    if args.against and args.against_result:
-        parser.error("give --against or --against-result, not both")
+        if result.get("skipped"):
+            print("\n" + describe_skipped(args.sessions_from, result["skipped"]))
+        report(result)
     if (args.against or args.against_result) and not args.pass_at:
         if args.against:
             del editor   # one set of weights in memory at a time (real backends are 12–20B parameters)
             other = get_editor(args.editor, lora=None if args.against == "base" else args.against,
                                path=args.editor_path)
-            reference = run_benchmark(other, sessions, **options)
+            reference = bench(other, outputs.get("other"))
             reference["lora"] = None if args.against == "base" else args.against
         else:
             reference = json.loads(args.against_result.read_text())
@@ -221,6 +451,13 @@ def main(argv: list[str] | None = None) -> dict:
         result = {**result, "against": reference, "paired": paired(result, reference)}
         print(f"\nagainst {name}:\n\n{markdown_table(reference)}\n\nΔ = this − {name} "
               f"(± paired s.e.):\n\n{paired_table(result['paired'])}")
+        report(reference)
+    if args.label_store:
+        items = to_label_store(args.label_store, sessions, [(args.editor, args.lora, outputs["this"]),
+                                                            (args.editor, reference["lora"], outputs["other"])],
+                               seed=args.seed, meta={"origin": "bench", "sessions_from": args.sessions_from,
+                                                     "split": args.split})
+        print(f"\n{args.label_store}: {items} labeling items (this vs {name}), served by the annotators' queue")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
@@ -229,6 +466,45 @@ def main(argv: list[str] | None = None) -> dict:
         plot([result, result["against"]] if "against" in result else [result], args.plot,
              labels=[args.lora or args.editor_path or args.editor, name] if "against" in result else None)
     return result
+
+
+def report(result: dict) -> None:
+    """The judgments of a data run that failed (nothing on the world)."""
+    if result.get("failures"):
+        print(f"\n{result['editor']}{' + ' + result['lora'] if result.get('lora') else ''}: "
+              + describe_failures(result["failures"]))
+
+
+def load_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[DataSession], list[dict], RewardModel]:
+    """``--sessions-from``'s sessions (from ``--start``, at most ``--sessions`` of them, each cut to at
+    most ``--turns`` turns), the records skipped, and the ``--reward`` that judges them."""
+    from training.grpo import mapping   # the trainer's NAME=VALUE,... parser: rewards are named as in training
+    from training.session_sources import sessions_from
+
+    if not args.reward:
+        parser.error("data sessions have no verifier: name the reward that judges each turn, e.g. --reward qwen-vl "
+                     "--reward-paths qwen-vl=http://HOST:PORT/v1 (a served judge) or --reward judge (offline)")
+    if args.pass_at:
+        parser.error("--pass-at samples from the world's true scenes; on data, --teacher-forced feeds the data's inputs")
+    if args.label_store and not args.against:
+        parser.error("--label-store stores a paired run: give --against base (with --lora) or another adapter")
+    if args.label_store and (args.against == "base" and not args.lora or args.against == args.lora):
+        parser.error("--label-store pairs two different models: give --lora DIR with --against base, or two adapters")
+    skipped: list[dict] = []
+    try:
+        sessions = sessions_from(args.sessions_from, resolution=data_resolution(args.editor, args.resolution),
+                                 split=args.split, columns=columns_from(args), skipped=skipped,
+                                 limit=None if args.sessions is None else args.start + args.sessions)[args.start:]
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    if args.turns:
+        sessions = [replace(s, turns=s.turns[:args.turns]) for s in sessions]
+    if not sessions:
+        parser.error(f"{args.sessions_from} ({args.split}): no session to evaluate"
+                     + ("\n" + describe_skipped(args.sessions_from, skipped) if skipped else ""))
+    paths = mapping(str)(args.reward_paths)
+    reward = get_reward(args.reward, **({"path": paths[args.reward]} if args.reward in paths else {}))
+    return sessions, skipped, reward
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ in a thread), able to misbehave as a hostile or broken server would.
 a dict (200 JSON), ``(status, dict)``, raw ``bytes`` (200, unparsed), a :class:`Reply` (any status,
 headers and body, streamed), :data:`DROP` (close the connection without answering) or
 ``("sleep", seconds, reply)``. Hostile replies: :func:`redirect`, :func:`trickle`, :func:`endless`,
-:func:`flood`, :func:`retry_later`. ``TinyVLMResponder`` answers with a real transformers Qwen-VL (the
-tiny random-weight ones of ``tests/tiny_qwen_vl.py``): it decodes the data-URL images, applies the chat
-template (``continue_final_message`` as vLLM does), generates and returns ``logprobs`` /
-``top_logprobs`` from the raw logits, refusing more than ``max_logprobs`` alternatives as vLLM's
-``--max-logprobs`` does.
+:func:`flood`, :func:`retry_later`; hostile responders: :func:`rate_limited`, :func:`failing_every`.
+
+``TinyVLMResponder`` answers with a real transformers Qwen-VL (the tiny random-weight ones of
+``tests/tiny_qwen_vl.py``): it decodes the data-URL images, applies the chat template
+(``continue_final_message`` as vLLM does), generates and returns ``logprobs`` / ``top_logprobs`` from
+the raw logits, refusing more than ``max_logprobs`` alternatives as vLLM's ``--max-logprobs`` does.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import base64
 import io
 import itertools
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -105,7 +107,8 @@ class ChatServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads, self.httpd.block_on_close = True, False
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
         self._thread.start()
 
     def chats(self) -> list[dict]:
@@ -196,6 +199,25 @@ def retry_later(retry_after: str, status: int = 429) -> Reply:
     return Reply(status, json.dumps(error(status, "rate limited")[1]).encode(), {"Retry-After": retry_after})
 
 
+def rate_limited(seconds: float, reply):
+    """A responder answering :func:`retry_later` (``Retry-After: seconds``) until ``seconds`` after its
+    first request, then ``reply``; ``asked`` lists the times of the requests."""
+    asked = []
+
+    def respond(route, body, headers):
+        asked.append(time.monotonic())
+        return retry_later(f"{seconds:g}") if asked[-1] - asked[0] < seconds else reply
+
+    respond.asked = asked
+    return respond
+
+
+def failing_every(k: int, reply):
+    """A responder answering HTTP 500 to every ``k``-th request, ``reply`` to the others."""
+    count = itertools.count(1)
+    return lambda *request: error(500, "engine hiccup") if next(count) % k == 0 else reply
+
+
 def decode_data_url(url: str) -> Image.Image:
     header, _, data = url.partition(",")
     assert header == "data:image/png;base64", header
@@ -218,6 +240,17 @@ def split_images(messages: list[dict]) -> tuple[list[dict], list[Image.Image]]:
             content = parts
         out.append({**message, "content": content})
     return out, images
+
+
+def digit_logprobs(probs: dict[str, float]) -> list[dict]:
+    """A ``logprobs.content`` list of one position whose alternatives are ``probs`` (token: p)."""
+    top = [{"token": t, "logprob": math.log(p)} for t, p in probs.items()]
+    return [{**top[0], "top_logprobs": top}]
+
+
+def digit_reply(probs: dict[str, float]) -> dict:
+    """A direct-mode reply whose score position has the alternatives ``probs``."""
+    return completion([text_choice(next(iter(probs)), logprobs=digit_logprobs(probs))])
 
 
 def completion(choices: list[dict], model: str = "tiny") -> dict:

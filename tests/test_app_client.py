@@ -244,28 +244,31 @@ def test_labeling_an_item_stores_exactly_its_judgments(app):
     c = client(url)
     out = c.predict("alice", "not-the-password", api_name="/label_sign_in")
     assert "wrong password" in out[-1]
-    out = c.predict(*(["left"] * 8), "left", api_name="/label_submit")
+    out = c.predict(None, *(["left"] * 8), "left", api_name="/label_submit")
     assert "Sign in first" in out[-1]
     out = c.predict("alice", "wonderland", api_name="/label_sign_in")
     assert "Signed in as **alice**" in out[0] and "item **1 of 3**" in out[0], out[0]
     assert "Item loaded: 2 turns" in out[-1]
-    out = c.predict("right", None, *([None] * 6), "left", api_name="/label_submit")
+    item = out[1]                                  # the id of the item on screen
+    out = c.predict(item, "right", None, *([None] * 6), "left", api_name="/label_submit")
     assert "missing: turn 2" in out[-1]
     assert judgments(ctx, "alice").empty
-    out = c.predict("right", "tie", *([None] * 6), "left", api_name="/label_submit")
+    out = c.predict(item, "right", "tie", *([None] * 6), "left", api_name="/label_submit")
     assert "Saved 3 judgments" in out[-1] and "item **2 of 3**" in out[0], out
+    second = out[1]                                # the next item
     frame = judgments(ctx, "alice")
     assert len(frame) == 3 and list(frame["turn"].astype("Float64").fillna(-1)) == [0, 1, -1]
     left = frame["left"].iloc[0]
     right = "B" if left == "A" else "A"
     assert list(frame["choice"]) == [right, "tie", left]
     assert set(frame["criterion"]) == {"overall"} and (frame["latency_ms"] > 0).all()
-    assert frame["comparison_id"].nunique() == 1
+    assert set(frame["comparison_id"]) == {item}
     # the arena battles are not labeling items; the skip / flag path frees the item
-    out = c.predict("image looks broken", api_name="/label_flag")
+    out = c.predict(second, "image looks broken", api_name="/label_flag")
     assert "Flagged" in out[-1]
     skips = ctx.store.skips()
     assert list(skips["flagged"]) == [True] and list(skips["reason"]) == ["image looks broken"]
+    assert list(skips["comparison_id"]) == [second]
     assert len(judgments(ctx, "alice")) == 3
     # another annotator skips: the skipped item is released and never comes back to them
     b = client(url)
@@ -273,7 +276,8 @@ def test_labeling_an_item_stores_exactly_its_judgments(app):
     assert "item **1 of 3**" in out[0], out[0]
     first = ctx.store.query("SELECT comparison_id FROM assignments a JOIN annotators n "
                             "USING (annotator_id) WHERE n.name = 'bob'")["comparison_id"].tolist()
-    out = b.predict(api_name="/label_skip")
+    assert first == [out[1]]
+    out = b.predict(out[1], api_name="/label_skip")
     assert "Skipped" in out[-1] and "Item loaded" in out[-1] and "item **1 of 2**" in out[0]
     shown = ctx.store.query("SELECT comparison_id, assigned_at FROM assignments a JOIN annotators n "
                             "USING (annotator_id) WHERE n.name = 'bob' ORDER BY assignment_id")

@@ -101,20 +101,44 @@ def test_the_label_tab_locks_names_and_addresses(tmp_path):
     engine = make_engine(OracleEditor(), IdentityEditor())
     with running_app(config, engine=engine) as (url, _, ctx):
         def sign_in(c, name, password):
-            return c.predict(name, password, api_name="/label_sign_in")[0]
+            out = c.predict(name, password, api_name="/label_sign_in")
+            return out[0], out[-1]                                  # header, status
 
         first, second = (Client(url, verbose=False, download_files=False) for _ in range(2))
-        for _ in range(3):
-            assert "Signed in" not in sign_in(first, "alice", "guess")
-        assert "Signed in" not in sign_in(first, "alice", "wonderland")   # locked
+        for _ in range(2):
+            assert "wrong password" in sign_in(first, "alice", "guess")[1]
+        assert "try again in 2 minutes" in sign_in(first, "alice", "guess")[1]   # now locked
+        header, status = sign_in(first, "alice", "wonderland")
+        assert "Signed in" not in header and "Too many failed sign-ins for this name" in status
+        assert "wrong password" not in status
         clock.now += 121
-        assert "Signed in as **alice**" in sign_in(first, "alice", "wonderland")
+        assert "Signed in as **alice**" in sign_in(first, "alice", "wonderland")[0]
         for k in range(5):                                  # many names from one address
-            assert "Signed in" not in sign_in(second, f"user{k}", "guess")
+            assert "Signed in" not in sign_in(second, f"user{k}", "guess")[0]
         assert annotators.lockout("alice", client="127.0.0.1")
-        assert "Signed in" not in sign_in(second, "alice", "wonderland")
+        header, status = sign_in(second, "alice", "wonderland")
+        assert "Signed in" not in header and "from your address: try again" in status, status
         clock.now += 121
-        assert "Signed in as **alice**" in sign_in(second, "alice", "wonderland")
+        assert "Signed in as **alice**" in sign_in(second, "alice", "wonderland")[0]
+
+
+def test_the_admin_sign_in_says_when_a_locked_name_may_try_again(tmp_path):
+    clock = Clock()
+    admins = guarded("root:secret", clock, name_limit=2, lock_s=300)
+    config = app_config(tmp_path / "data", admins=admins)
+    engine = make_engine(OracleEditor(), IdentityEditor())
+    with running_app(config, engine=engine) as (url, _, ctx):
+        c = Client(url, verbose=False, download_files=False)
+
+        def sign_in(password):
+            return c.predict("root", password, api_name="/admin_sign_in")[0]
+
+        assert "wrong password" in sign_in("guess")
+        assert "try again in 5 minutes" in sign_in("guess")          # the second failure locks
+        locked = sign_in("secret")
+        assert "Signed in" not in locked and "Too many failed sign-ins" in locked, locked
+        clock.now += 301
+        assert "Signed in as admin **root**" in sign_in("secret")
 
 
 def test_the_sign_in_page_locks_names_and_addresses(tmp_path):

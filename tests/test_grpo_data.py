@@ -7,6 +7,7 @@ areas (its pipelines' ~1 MP defaults would take tens of seconds per call on a CP
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -165,16 +166,19 @@ def test_qwen_image_edit_trains_on_data_sessions_with_the_served_judge_and_resum
     assert torch.equal(loaded[name], saved[key]) and saved[key].abs().sum() > 0
 
 
-def scripted_judge(route, body, headers):
-    """A served judge: the digit probabilities depend on the request; every third chat fails (HTTP 500)."""
-    if route == "models":
-        return {"object": "list", "data": [{"id": "scripted", "object": "model"}]}
-    scripted_judge.calls = getattr(scripted_judge, "calls", 0) + 1
-    if scripted_judge.calls % 3 == 0:
-        return error(500, "engine overloaded")
-    p = 0.2 + 0.6 * (len(json.dumps(body)) % 7) / 6
-    top = [{"token": "9", "logprob": math.log(p)}, {"token": "0", "logprob": math.log(1 - p)}]
-    return completion([text_choice("9", logprobs=[{**top[0], "top_logprobs": top}])], "scripted")
+def scripted_judge(fail_every: int = 3):
+    """A served judge: the digit probabilities depend on the request; every ``fail_every``-th chat fails (HTTP 500)."""
+    calls = itertools.count(1)
+
+    def respond(route, body, headers):
+        if route == "models":
+            return {"object": "list", "data": [{"id": "scripted", "object": "model"}]}
+        if next(calls) % fail_every == 0:
+            return error(500, "engine overloaded")
+        p = 0.2 + 0.6 * (len(json.dumps(body)) % 7) / 6
+        top = [{"token": "9", "logprob": math.log(p)}, {"token": "0", "logprob": math.log(1 - p)}]
+        return completion([text_choice("9", logprobs=[{**top[0], "top_logprobs": top}])], "scripted")
+    return respond
 
 
 def scripted_url(server: ChatServer) -> str:
@@ -183,7 +187,7 @@ def scripted_url(server: ChatServer) -> str:
 
 def test_failed_judgments_are_counted_and_the_run_goes_on(tmp_path, kontext_dir, dataset):
     out = tmp_path / "run"
-    with ChatServer(scripted_judge) as server:
+    with ChatServer(scripted_judge()) as server:
         train(parse_args(["--lora", *TINY, "--editor-path", str(kontext_dir), "--sessions-from", str(dataset),
                           "--reward", "qwen-vl=1.0", "--reward-paths", f"qwen-vl={scripted_url(server)}",
                           "--iterations", "1", "--out", str(out)]))
@@ -215,7 +219,7 @@ def test_arena_sessions_from_the_app_store_train_one_iteration(tmp_path, kontext
     finally:
         ctx.close()
     out = tmp_path / "run"
-    with ChatServer(scripted_judge) as server:
+    with ChatServer(scripted_judge()) as server:
         train(parse_args(["--lora", *TINY, "--turns", "1", "--editor-path", str(kontext_dir), "--sessions-from", str(db),
                           "--reward", "qwen-vl=1.0", "--reward-paths", f"qwen-vl={scripted_url(server)}",
                           "--iterations", "1", "--out", str(out)]))
@@ -227,7 +231,8 @@ def test_arena_sessions_from_the_app_store_train_one_iteration(tmp_path, kontext
 def test_two_processes_prepare_the_real_backend_and_keep_the_adapter_in_sync(tmp_path, kontext_dir, dataset):
     out = {n: tmp_path / f"p{n}" for n in (1, 2)}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    with ChatServer(scripted_judge) as server:
+    # exactly one chat in 16 fails: every iteration keeps fully scored groups to learn from
+    with ChatServer(scripted_judge(fail_every=16)) as server:
         common = ["--lora", *TINY, "--editor-path", str(kontext_dir), "--sessions-from", str(dataset),
                   "--reward", "qwen-vl=1.0", "--reward-paths", f"qwen-vl={scripted_url(server)}", "--iterations", "2",
                   "--gradient-checkpointing"]

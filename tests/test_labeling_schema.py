@@ -83,7 +83,8 @@ def test_the_old_skip_and_flag_log_is_imported_once(tmp_path):
         store.add_annotator("bob")
         store.add_session("mini", None, 0, store.put_image(tiny(1)),
                           [{"instruction": "x", "output_sha": store.put_image(tiny(2))}])
-        store.release_assignment("bob", 1)            # new ids continue after the imported
+        job = store.next_assignment("bob")
+        store.release_assignment("bob", job.comparison_id)   # new ids continue after the imported
     with LabelStore.open(path) as store:              # reopened: not imported again
         assert list(store.skips()["skip_id"]) == [1, 2, 3]
     assert (tmp_path / EVENTS_FILENAME).exists()       # left as it was

@@ -460,3 +460,19 @@ def test_reasons_with_lone_surrogates_are_stored_with_replacement_characters(tmp
         assert list(store.skips()["reason"]) == ["broken\ufffd image \ufffd"]
         assert list(store.exclusion_log()["reason"]) == ["spam \ufffdbot"]
         assert store.excluded_voters() == {"ann"}
+
+
+def test_a_skip_or_flag_is_refused_unless_it_is_the_annotators_open_assignment(tmp_path):
+    store, comparisons, (job, other) = _assigned(tmp_path, ("ann", "bob"))
+    with store:
+        store.release_assignment("ann", job.comparison_id)
+        with pytest.raises(AssignmentError, match="given back"):          # a second tab's skip
+            store.release_assignment("ann", job.comparison_id, flag="again")
+        store.record_submission("bob", other.comparison_id, other.left,
+                                [(0, "overall", "A", 1.0), (None, "overall", "A", 1.0)], blind=True)
+        with pytest.raises(AssignmentError, match="already judged"):
+            store.release_assignment("bob", other.comparison_id)
+        never = next(c for c in comparisons if c not in (job.comparison_id, other.comparison_id))
+        with pytest.raises(AssignmentError, match="never assigned"):
+            store.release_assignment("ann", never)
+        assert len(store.skips()) == 1

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.faults import JUDGE_FAULTS, Settings, judge_fault_rows
 from mteditlab.rewards import get_reward
 from mteditlab.rewards.base import EditSample
 from mteditlab.rewards.endpoint import (JUDGE_URL_ENV, EndpointJudge, retry_after_seconds, score_position,
                                        served_judge)
 from mteditlab.rewards.pairwise import PairwiseJudge, group_indices, win_rates
 from mteditlab.rewards.qwen_vl import QwenVLJudge
-from tests.chat_server import (DROP, ChatServer, TinyVLMResponder, completion, decode_data_url, endless, error,
-                               flood, redirect, retry_later, text_choice, trickle)
+from tests.chat_server import (DROP, ChatServer, TinyVLMResponder, completion, decode_data_url, digit_reply, endless,
+                               error, flood, rate_limited, redirect, retry_later, text_choice, trickle)
 from tests.tiny_qwen_vl import build_model, build_processor, build_tokenizer, judge_samples
 
 FAST = dict(timeout=0.3, retries=2, backoff=0.01, model="tiny")
@@ -41,12 +42,6 @@ def samples():
 def sample(instruction: str, colour=(90, 90, 90), **meta) -> EditSample:
     return EditSample(Image.new("RGB", (16, 16), (255, 255, 255)), Image.new("RGB", (16, 16), colour),
                       instruction, meta=meta)
-
-
-def digit_logprobs(probs: dict[str, float]) -> list[dict]:
-    """A ``logprobs.content`` list of one position whose alternatives are ``probs``."""
-    top = [{"token": t, "logprob": math.log(p)} for t, p in probs.items()]
-    return [{**top[0], "top_logprobs": top}]
 
 
 # ---- the served tiny Qwen-VL ---------------------------------------------------------------------
@@ -138,7 +133,7 @@ def test_thinking_votes_average_valid_replies():
 def chaos(route, body, headers):
     """Behaviour chosen by the instruction: each failure mode, a flaky server, a good answer."""
     text = json_text(body)
-    good = completion([text_choice("7", logprobs=digit_logprobs({"7": 0.5, "9": 0.25, "x": 0.25}))])
+    good = digit_reply({"7": 0.5, "9": 0.25, "x": 0.25})
     if "timeout" in text:
         return ("sleep", 1.0, good)
     if "error500" in text:
@@ -195,7 +190,7 @@ def preferring_red(route, body, headers):
               if p["type"] == "image_url"]
     first, second = (np.asarray(images[k])[..., 0].mean() for k in (1, 3))
     digit = "2" if preferring_red.biased or first > second else "0" if first < second else "1"
-    return completion([text_choice(digit, logprobs=digit_logprobs({digit: 1.0}))])
+    return digit_reply({digit: 1.0})
 
 
 @pytest.mark.parametrize("biased, expected", [(False, [1.0, 0.25, 0.25, 0.5, 0.5]), (True, [0.5] * 5)])
@@ -240,7 +235,7 @@ def test_get_reward_selects_the_endpoint_by_url_or_environment(monkeypatch):
 
     def respond(route, body, headers):
         seen.append(headers.get("Authorization"))
-        return completion([text_choice("9", logprobs=digit_logprobs({"9": 1.0}))])
+        return digit_reply({"9": 1.0})
 
     monkeypatch.setenv("MTEDITLAB_JUDGE_API_KEY", "secret-token")
     with ChatServer(respond) as server:
@@ -264,26 +259,24 @@ def test_without_prefill_the_score_is_the_first_single_digit_token():
 
 
 # ---- hostile servers ------------------------------------------------------------------------------
-def seven(probs: dict[str, float] | None = None) -> dict:
-    """A direct-mode reply: "7" at p = 1 unless ``probs`` says otherwise."""
-    return completion([text_choice("7", logprobs=digit_logprobs(probs or {"7": 1.0}))])
+SEVEN = digit_reply({"7": 1.0})
 
 
 @pytest.mark.parametrize("status, route", [(301, "models"), (302, "chat/completions")])
 def test_a_redirect_is_a_failure_and_nothing_reaches_the_other_host(monkeypatch, status, route):
     monkeypatch.setenv("MTEDITLAB_JUDGE_API_KEY", "secret-token")
     listing = {"object": "list", "data": [{"id": "tiny"}]}
-    with ChatServer(lambda r, *a: listing if r == "models" else seven({"9": 1.0})) as elsewhere:
+    with ChatServer(lambda r, *a: listing if r == "models" else digit_reply({"9": 1.0})) as elsewhere:
         target = f"{elsewhere.url}/{route}"
         with ChatServer(lambda r, *a: redirect(target, status) if r == route else listing if r == "models"
-                        else seven()) as server:
+                        else SEVEN) as server:
             out = EndpointJudge(server.url, sub_scores=("if",), **{**FAST, "model": None}).score([sample("x")])
     assert elsewhere.requests == [] and elsewhere.bytes_received == 0
     assert np.isnan(out.overall[0]) and out.failures == [f"if: HTTP {status} redirect to {target} (not followed)"]
     assert out.details["endpoint"]["retries"] == 0
 
 
-@pytest.mark.parametrize("hostile", [lambda: trickle(seven(), 0.02), lambda: endless(0.05)], ids=["trickle", "endless"])
+@pytest.mark.parametrize("hostile", [lambda: trickle(SEVEN, 0.02), lambda: endless(0.05)], ids=["trickle", "endless"])
 def test_a_request_ends_at_its_deadline_however_slowly_the_reply_comes(hostile):
     with ChatServer(lambda *a: hostile()) as server:
         judge = EndpointJudge(server.url, sub_scores=("if",), **{**FAST, "timeout": 1.0, "retries": 0})
@@ -307,19 +300,15 @@ def test_a_reply_over_the_size_cap_is_a_failure_and_read_no_further(declared):
 
 
 def test_retry_after_is_honoured_within_the_timeout():
-    asked = []
-
-    def respond(route, body, headers):
-        asked.append(time.monotonic())
-        return retry_later("1") if asked[-1] - asked[0] < 1 else seven()
-
+    respond = rate_limited(1.0, SEVEN)
     with ChatServer(respond) as server:  # backoff alone would give up after 0.05 + 0.1 + 0.2 s
-        judge = EndpointJudge(server.url, sub_scores=("if",), **{**FAST, "timeout": 2.0, "retries": 3, "backoff": 0.05})
+        judge = EndpointJudge(server.url, sub_scores=("if",), **{**FAST, "timeout": 2.0, "retries": 3,
+                                                                 "backoff": 0.05})
         start = time.monotonic()
         out = judge.score([sample("x")])
         elapsed = time.monotonic() - start
     assert out.failures == [None] and out.overall[0] == pytest.approx(7 / 9)
-    assert len(asked) == 2 and 1.0 <= elapsed < 1.5
+    assert len(respond.asked) == 2 and 1.0 <= elapsed < 1.5
     with ChatServer(lambda *a: retry_later("60")) as server:
         start = time.monotonic()
         out = EndpointJudge(server.url, sub_scores=("if",), **{**FAST, "timeout": 1.0}).score([sample("x")])
@@ -331,7 +320,7 @@ def test_retry_after_is_honoured_within_the_timeout():
 
 
 def test_a_failed_model_listing_fails_the_other_chats_at_once():
-    with ChatServer(lambda route, *a: error(503, "loading") if route == "models" else seven()) as server:
+    with ChatServer(lambda route, *a: error(503, "loading") if route == "models" else SEVEN) as server:
         judge = EndpointJudge(server.url, sub_scores=("if",), timeout=1.0, retries=2, backoff=0.05, concurrency=4)
         out = judge.score([sample(str(k)) for k in range(4)])
         again = judge.score([sample("x")])
@@ -340,16 +329,14 @@ def test_a_failed_model_listing_fails_the_other_chats_at_once():
     assert out.failures == ["if: HTTP 503: loading (after 3 attempts)"] * 4 and again.failures == out.failures[:1]
 
 
-SEVEN = {"token": "7", "logprob": math.log(0.905)}
-
-
 @pytest.mark.parametrize("other", [
     {"token": "²", "logprob": math.log(0.05)}, {"token": "９", "logprob": math.log(0.05)},
     {"token": 9, "logprob": math.log(0.05)}, {"token": "9", "logprob": True}, {"token": "9", "logprob": 0.5},
     {"token": "9", "logprob": "-0.1"}, {"token": "9", "logprob": math.nan}, "9"],
     ids=["superscript", "fullwidth", "int-token", "bool", "positive", "string", "nan", "not-an-object"])
 def test_only_ascii_digits_with_real_logprobs_count(other):
-    reply = completion([text_choice("7", logprobs=[{**SEVEN, "top_logprobs": [SEVEN, other]}])])
+    seven = {"token": "7", "logprob": math.log(0.905)}
+    reply = completion([text_choice("7", logprobs=[{**seven, "top_logprobs": [seven, other]}])])
     with ChatServer(lambda *a: reply) as server:
         out = EndpointJudge(server.url, sub_scores=("if",), **FAST).score([sample("x")])
     assert out.failures == [None] and out.overall[0] == pytest.approx(7 / 9)
@@ -369,3 +356,16 @@ def test_a_vote_that_is_not_text_is_one_failed_vote():
             [sample("x")])
     assert out.scores["if"][0] == pytest.approx(6 / 9) and out.details["failed_votes"]["if"].tolist() == [2]
     assert out.failures == ["cc: all 4 votes failed: reply is a JSON list, not text ×4"]
+
+
+def test_the_fault_bench_leaks_nothing_and_fails_where_it_must():
+    rows = judge_fault_rows(Settings(timeout=0.5, body_bytes=2_000_000, max_body=256_000, retry_after=0.3))
+    assert [row["fault"] for row in rows] == [fault.name for fault in JUDGE_FAULTS]
+    for row, fault in zip(rows, JUDGE_FAULTS):
+        assert row["bytes_elsewhere"] == 0 and row["outcome"].startswith(fault.expect), row
+        assert row["judgments_before"] is row["judgments_after"] is None
+    by_fault = {row["fault"]: row for row in rows}
+    assert by_fault["huge body, no length"]["peak_mb"] < 1.0  # read no further than the cap
+    for slow in ("trickle (a byte every timeout/20)", "endless body"):  # 3 deadlines and 2 backoffs
+        assert by_fault[slow]["seconds"] < 3 * 0.5 + 0.1 + 0.2 + 0.5
+    assert by_fault["invalid logprobs"]["outcome"] == "scored 0.778"

@@ -53,8 +53,8 @@ def aggregate_turns(r: np.ndarray, how: str, gamma: float = 0.8) -> np.ndarray:
 
 
 def group_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std over the rollout axis (axis 1) of the scored (non-NaN) entries; 0 for a group
-    with none (kept dims)."""
+    """Mean and std (keepdims) over the rollout axis (axis 1) of the scored (non-NaN) entries; 0 for
+    a group with none."""
     scored = ~np.isnan(x)
     n = np.maximum(scored.sum(1, keepdims=True), 1)
     mean = np.where(scored, x, 0.0).sum(1, keepdims=True) / n
@@ -92,7 +92,7 @@ def compute_advantages(rewards: dict[str, np.ndarray], weights: dict[str, float]
         skip = group_stats(raw)[1][:, 0] < min_group_std      # [S]
         adv = np.where(skip[:, None], 0.0, adv)[..., None].repeat(T, axis=-1)
     else:
-        adv, raw = _fuse(rewards, weights, fusion)               # per turn: [S, G, T]
+        adv, raw = _fuse(rewards, weights, fusion)            # per turn: [S, G, T]
         skip = group_stats(raw)[1][:, 0] < min_group_std      # [S, T]
         adv = np.where(skip[:, None, :], 0.0, adv)
     if trajectory_filter and if_passed is not None:

@@ -261,6 +261,7 @@ def train(cfg: GRPOConfig) -> Path:
         if row["reward_hacking"] and rank == 0:
             tqdm.write(f"warning: reward hacking suspected at iteration {iteration + 1}: proxy reward rising "
                        f"while {rewards.reference} falls over the last {cfg.hacking_window} iterations")
+        # iterations in a row, this one included, over the failure threshold (from the metrics, so resumes count)
         failing = next((n for n, h in enumerate(reversed(history)) if not h.get("reward_failing")), len(history))
         if failing and rank == 0:
             tqdm.write(f"warning: {row['reward_failed_frac']:.0%} of the rewards failed at iteration {iteration + 1} "

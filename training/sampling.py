@@ -16,19 +16,20 @@ x' ~ N(mean_θ(x, σ), scale²) (:func:`mteditlab.flow.sde_step_stats`) whose lo
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from PIL import Image
 
-from mteditlab.editors import EDITORS
 from mteditlab.editors.flow_policy import FlowPolicy
 from mteditlab.flow import gaussian_log_prob, ode_step, sde_step_stats
 from mteditlab.intent import turn_seed, turn_text
 from mteditlab.rewards.verifier import world_meta
 from mteditlab.rollout import rollout
-from mteditlab.sessions_data import DataSession, with_turns
+from mteditlab.sessions_data import DataSession, data_resolution, describe_skipped, with_turns
+from mteditlab.sessions_data import parse_resolution  # noqa: F401  (the trainer's --resolution check reads it here)
 from mteditlab.world import Session, generate_session, render
 from mteditlab.world import sessions as make_sessions
 from training.session_sources import sessions_from
@@ -160,20 +161,15 @@ def session_source(cfg: GRPOConfig) -> WorldSessions | DataSessions:
     return DataSessions(cfg) if cfg.sessions_from else WorldSessions(cfg)
 
 
-def parse_resolution(text: str | None) -> str | int | None:
-    """``--resolution``: ``kontext`` / ``qwen-edit`` (the backends' sizes), an int n (≈ n² pixels) or None."""
-    if text is None or text in ("kontext", "qwen-edit"):
-        return text
-    if str(text).isdigit():
-        return int(text)
-    raise ValueError(f"--resolution must be kontext, qwen-edit or an integer, got {text!r}")
-
-
 def load_pool(cfg: GRPOConfig) -> list[DataSession]:
     """The data sessions training draws from: ``--sessions-from`` at ``--resolution`` (default: the
-    editor's own, e.g. Kontext's preferred sizes), those with at least ``turns`` turns cut to ``turns``."""
-    resolution = parse_resolution(cfg.resolution) or EDITORS[cfg.editor].data_resolution
-    pool = with_turns(sessions_from(cfg.sessions_from, resolution=resolution), cfg.turns)
+    editor's own, e.g. Kontext's preferred sizes), those with at least ``turns`` turns cut to ``turns``;
+    records that do not form a session are left out and listed on stderr."""
+    skipped: list[dict] = []
+    pool = with_turns(sessions_from(cfg.sessions_from, resolution=data_resolution(cfg.editor, cfg.resolution),
+                                    skipped=skipped), cfg.turns)
+    if skipped:
+        print(describe_skipped(cfg.sessions_from, skipped), file=sys.stderr)
     if not pool:
         raise ValueError(f"{cfg.sessions_from} holds no session with at least {cfg.turns} turns (--turns)")
     sizes = {s.source.size for s in pool}

@@ -1,9 +1,10 @@
 """Where training sessions come from besides the world: data files, a ``datasets`` dataset, or the
 sessions people typed in the arena (the app's DuckDB label store).
 
-``sessions_from(spec)`` is the one entry point (``--sessions-from SPEC``): a ``.duckdb`` file (or an
-open ``LabelStore``) reads the label store (:func:`read_arena_sessions`), anything else goes to
-:func:`mteditlab.sessions_data.read_sessions`.
+``sessions_from(spec)`` is the one entry point (``--sessions-from SPEC`` of the trainer and the
+benchmark): a ``.duckdb`` file (or an open ``LabelStore``) reads the label store
+(:func:`read_arena_sessions`), anything else goes to :func:`mteditlab.sessions_data.read_sessions`
+(one row per session, or per turn as MagicBrush).
 
 Arena sessions: the store keeps, per vote, both sides' sessions over the same source and
 instructions, and an arena session again each time a later turn is voted on. A training session is
@@ -19,18 +20,21 @@ from pathlib import Path
 from typing import Sequence
 
 from labeling.store import LabelStore
-from mteditlab.sessions_data import DataSession, DataTurn, fit_image, read_sessions
+from mteditlab.sessions_data import DataSession, DataTurn, TurnColumns, fit_image, read_sessions
 
 ARENA_ORIGINS = ("arena",)
 
 
 def sessions_from(spec, *, resolution=None, split: str = "train", limit: int | None = None,
-                  origins: Sequence[str] | None = ARENA_ORIGINS) -> list[DataSession]:
-    """Sessions from ``spec`` (module docstring); ``origins`` filters label-store sessions."""
+                  origins: Sequence[str] | None = ARENA_ORIGINS, columns: TurnColumns | None = None,
+                  skipped: list[dict] | None = None) -> list[DataSession]:
+    """Sessions from ``spec`` (module docstring); ``origins`` filters label-store sessions; ``columns``
+    and ``skipped`` go to :func:`~mteditlab.sessions_data.read_sessions` (per-turn layouts, records
+    that do not form a session)."""
     if isinstance(spec, LabelStore) or isinstance(spec, (str, Path)) and str(spec).endswith(".duckdb"):
         sessions = read_arena_sessions(spec, origins=origins, resolution=resolution)
         return sessions[:limit] if limit is not None else sessions
-    return read_sessions(spec, resolution=resolution, split=split, limit=limit)
+    return read_sessions(spec, resolution=resolution, split=split, limit=limit, columns=columns, skipped=skipped)
 
 
 def read_arena_sessions(db, *, origins: Sequence[str] | None = ARENA_ORIGINS,

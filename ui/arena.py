@@ -35,6 +35,12 @@ Storage (DuckDB, through :class:`labeling.store.LabelStore`)
     committed.  Ending a session with turns
     nobody voted on (reset, new source, fork or undo past them) stores the whole session as a
     comparison without judgments, so every arena session lands in the database.
+
+Images
+    A session's images (source and turns) live in the process's image bank, held by the
+    session (:meth:`ui.images.ImageBank.hold`) for as long as it refers to them: one that leaves
+    memory before it is stored waits on disk, and is deleted there once undo, fork, reset, a new
+    source or the end of the browser session let go of it (and no other session refers to it).
 """
 
 from __future__ import annotations
@@ -97,11 +103,19 @@ class Arena:
                anonymous: bool) -> None:
         """Swap in a new source (after everything that can fail has succeeded)."""
         prepared = prepare_source(image, self.engine.size)
-        sha = self.bank.put(prepared)
+        sha = self.bank.put(prepared, holder=id(state))
         scene = read_world_scene(prepared) if self.engine.world else None
         self._new_session(state, anonymous)
         state.source, state.source_label, state.scene = sha, label, scene
         state.suggestions = list(suggestions)
+        self._hold_images(state)
+
+    def _hold_images(self, state: ArenaState) -> None:
+        """Tell the bank which images ``state`` refers to now, its source and its turns' outputs
+        (see the module docstring); the holder is the state object, which gradio hands to every
+        event of its browser session."""
+        shas = {state.source} | {t.outputs[side] for t in state.turns for side in "AB"}
+        self.bank.hold(id(state), shas - {None})
 
     def _new_session(self, state: ArenaState, anonymous: bool) -> None:
         """End the current session (its unvoted turns stored; its turns known to this person
@@ -192,7 +206,7 @@ class Arena:
             raise ArenaError(f"The edit did not go through: {self._failure(state, failed)}. The "
                              "session is unchanged: try again, or another instruction.")
         with timings.timed("edit: PNG-encode outputs into the bank"):
-            outputs = {side: self.bank.put(results[side][0]) for side in "AB"}
+            outputs = {side: self.bank.put(results[side][0], holder=id(state)) for side in "AB"}
         prints = {("edit", state.latest_of("A"), state.latest_of("B"), text, seed_k)}
         if outputs["A"] != outputs["B"]:   # equal outputs tell the sides apart by nothing
             prints.add(("outputs", outputs["A"], outputs["B"]))
@@ -314,6 +328,7 @@ class Arena:
         state.turns.pop()
         state.branch += 1
         state.saved_prefix = min(state.saved_prefix, state.n)
+        self._hold_images(state)
         return f"Undid turn {state.n + 1}; both sides are back at turn {state.n}."
 
     def fork(self, state: ArenaState, turn) -> str:
@@ -327,15 +342,18 @@ class Arena:
         del state.turns[keep:]
         state.branch += 1
         state.saved_prefix = min(state.saved_prefix, keep)
+        self._hold_images(state)
         where = "the source" if keep == 0 else f"turn {keep}"
         return f"Forked from {where}: the next edit continues from there (a new branch)."
 
     def finish(self, state: ArenaState) -> None:
-        """gr.State delete callback (the browser session ended): store the unvoted tail."""
+        """gr.State delete callback (the browser session ended): store the unvoted tail and let
+        go of the session's images."""
         try:
             if isinstance(state, ArenaState):
                 with self.ctx.lock_for(state.arena_id):
                     self._finish_branch(state)
+                    self.bank.hold(id(state), ())
         except Exception:  # noqa: BLE001 - a cleanup callback must never raise
             pass
 
@@ -343,6 +361,7 @@ class Arena:
         if state.source is None:
             raise ArenaError("Nothing to reset: start a session first.")
         self._new_session(state, state.anonymous_next)
+        self._hold_images(state)
         return "Reset: a new session on the same source (sides shuffled again, a new seed)."
 
     # ----------------------------------------------------------------------------- display

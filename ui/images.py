@@ -14,8 +14,9 @@
 ``prepare_source`` then centre-crops to a square and resizes to the editors' working size.
 
 The :class:`ImageBank` keeps every image of the live sessions as PNG bytes keyed by sha256, so
-the per-user ``gr.State`` holds only hashes (small, deep-copyable); images that leave its memory
-and are not in the label store yet wait on disk, so none a live session refers to is lost.
+the per-user ``gr.State`` holds only hashes (small, deep-copyable).  An image that leaves its
+memory before the label store has it waits on disk for as long as a live session refers to it,
+and only that long: no image a live session refers to is lost, and the disk holds no others.
 """
 
 from __future__ import annotations
@@ -169,9 +170,11 @@ class ImageBank:
     A 32×32 world image is ~0.3–1 kB, so the default 512 MB bound is never reached by the mini
     editor; with megapixel backends the oldest images leave memory first.  ``fallback`` (the
     label store's ``image_bytes``) is where an image that left memory is read again.  An image
-    it cannot return yet (an arena turn is stored only when someone votes in its session) is
-    written to the bank's spill directory on disk before it leaves memory, and read from there:
-    with a fallback the bank loses nothing.  Without one it is a plain LRU cache.
+    it cannot return yet (an arena turn is stored only when someone votes in its session) that
+    a *holder* refers to (:meth:`hold`; the arena's holders are its live sessions) is written
+    to the bank's spill directory on disk before it leaves memory, and read from there, until no
+    holder refers to it: with a fallback the bank loses no image a holder refers to, and its
+    disk holds only such images.  Without a fallback it is a plain LRU cache.
     """
 
     def __init__(self, max_bytes: int = 512 * 2**20, fallback=None):
@@ -182,11 +185,22 @@ class ImageBank:
         self._lock = threading.Lock()
         self._spill: tempfile.TemporaryDirectory | None = None   # made on the first spill
         self._spilled: set[str] = set()
+        self._held: dict[object, frozenset[str]] = {}             # holder -> the shas it refers to
+        self._holders: collections.Counter[str] = collections.Counter()   # sha -> holders
 
-    def put(self, image: Image.Image) -> str:
+    @property
+    def spill_dir(self) -> str | None:
+        """The directory of the images waiting on disk (None until the first one)."""
+        return None if self._spill is None else self._spill.name
+
+    def put(self, image: Image.Image, holder=None) -> str:
+        """Add ``image``; returns its sha256.  ``holder``: one more image it refers to (see
+        :meth:`hold`), from before the image can leave memory."""
         data = png_bytes(image)
         sha = sha256(data)
         with self._lock:
+            if holder is not None:
+                self._refer(holder, self._held.get(holder, frozenset()) | {sha})
             if sha in self._data:
                 self._data.move_to_end(sha)
                 return sha
@@ -198,10 +212,32 @@ class ImageBank:
                 self._keep(old_sha, old)
         return sha
 
+    def hold(self, holder, shas) -> None:
+        """Say which images ``holder`` (any hashable) refers to now: exactly ``shas`` (none: it
+        lets go of all).  An image no holder refers to any more leaves the spill directory."""
+        with self._lock:
+            self._refer(holder, frozenset(shas))
+
+    def _refer(self, holder, shas: frozenset[str]) -> None:
+        """:meth:`hold` under the lock."""
+        before = self._held.pop(holder, frozenset())
+        if shas:
+            self._held[holder] = shas
+        self._holders.update(shas - before)
+        self._holders.subtract(before - shas)
+        for sha in before - shas:
+            if self._holders[sha] <= 0:
+                del self._holders[sha]
+                if sha in self._spilled:
+                    self._spilled.discard(sha)
+                    os.unlink(os.path.join(self._spill.name, sha))
+
     def _keep(self, sha: str, data: bytes) -> None:
-        """Write an image leaving memory to the spill directory unless the fallback returns it
-        (or there is none).  Runs under the lock, so no reader finds it in neither place."""
-        if self.fallback is None or sha in self._spilled or self._fallback_has(sha):
+        """Write an image leaving memory to the spill directory when a holder refers to it and
+        the fallback does not return it.  Runs under the lock, so no reader finds it in neither
+        place."""
+        if (self.fallback is None or sha in self._spilled or not self._holders[sha]
+                or self._fallback_has(sha)):
             return
         if self._spill is None:
             self._spill = tempfile.TemporaryDirectory(prefix="mteditlab-bank-")

@@ -2,7 +2,8 @@
 
 * **Sign-in**: ``name:password`` credentials from the configuration (checked in constant
   time), or Hugging Face OAuth on a Space (``hf:<username>``, allowed by ``--hf-annotators``).
-  The signed-in name lives in the server-side ``gr.State``: API calls cannot forge it.
+  The signed-in name lives in the server-side ``gr.State``: API calls cannot forge it.  A
+  name or address locked after failed sign-ins is told when to try again.
 * **Queue**: :meth:`labeling.store.LabelStore.next_assignment` (k-way overlap, gold mixed in,
   no repeats, randomised left side, resume).  It serves labeling items only: arena battles
   (comparisons of kind ``'arena'``) are never selected.
@@ -15,7 +16,9 @@
   items look like any other and are scored silently (admin view).
 * **Skip / flag**: :meth:`labeling.store.LabelStore.release_assignment` gives the assignment
   back (never served to this annotator again; its overlap slot goes back to the others) and
-  records the skip, or the flag with the annotator's reason, in the store.
+  records the skip, or the flag with the annotator's reason, in the store.  Like a
+  submission, a skip or flag names its item and is refused for any but the one on screen (a
+  double click never gives back the next item unseen).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ MAX_LABEL_TURNS = 8
 LABEL_CRITERION = "overall"
 RESERVED_PREFIXES = ("arena:", "judge:", "reward:", "hf:")
 SEED_ORIGIN = "world-test"  # meta origin of the sessions :func:`populate_queue` stores
+# what a refusal of each action that names its item says: (past tense, the request)
+ACTIONS = {"submit": ("saved", "submission"), "skip": ("skipped", "skip"),
+           "flag": ("flagged", "flag")}
 
 RUBRIC = """### Rubric
 Judge each **turn** (that turn's output, given everything asked so far) and then the **whole
@@ -86,7 +92,8 @@ class Labeling:
         name = (name or "").strip() if isinstance(name, str) else ""
         if not name or not self.config.annotators.check(name, password or ""):
             time.sleep(0.3)  # slow down guessing
-            raise LabelError("Unknown annotator or wrong password.")
+            raise LabelError(self.config.annotators.lockout(name)
+                             or "Unknown annotator or wrong password.")
         if name.startswith(RESERVED_PREFIXES):
             raise LabelError("That annotator name uses a reserved prefix.")
         return self._signed_in(state, name, "password")
@@ -150,18 +157,26 @@ class Labeling:
             state.choice_times[key] = time.time()
 
     # ---------------------------------------------------------------------------- judgments
-    def submit(self, state: LabelState, item_id, turn_choices: list, overall) -> str:
-        """Store the judgments of the item on screen, ``item_id`` (see the module docstring),
-        and load the next item."""
+    def _named_item(self, state: LabelState, item_id, action: str) -> tuple[str, dict]:
+        """(annotator, the item on their screen), provided the request names that item
+        (``item_id``); otherwise a :class:`LabelError` and nothing happens.  ``action``:
+        'submit', 'skip' or 'flag'."""
         annotator = self._require(state)
         item = state.item
         if item is None or item.get("done"):
-            raise LabelError("No item to submit: load the next one.")
+            raise LabelError(f"No item to {action}: load the next one.")
         shown_id = item["comparison_id"]
         if _whole(item_id) != shown_id:
-            raise LabelError(f"Not saved: this submission is for item {item_id}, which is not the "
-                             f"item on your screen (item {shown_id}); judge the item shown.")
-        shown = item["shown"]
+            done, request = ACTIONS[action]
+            raise LabelError(f"Not {done}: this {request} is for item {item_id}, which is not the "
+                             f"item on your screen (item {shown_id}); nothing was {done}.")
+        return annotator, item
+
+    def submit(self, state: LabelState, item_id, turn_choices: list, overall) -> str:
+        """Store the judgments of the item on screen, ``item_id`` (see the module docstring),
+        and load the next item."""
+        annotator, item = self._named_item(state, item_id, "submit")
+        shown_id, shown = item["comparison_id"], item["shown"]
         turn_choices = list(turn_choices or [])[:shown]
         missing = [k + 1 for k in range(shown) if k >= len(turn_choices) or turn_choices[k] not in PICKS]
         if missing:
@@ -182,28 +197,37 @@ class Labeling:
                 annotator, shown_id, left,
                 [(turn, LABEL_CRITERION, choice, ms) for turn, choice, ms in votes], blind=True)
         except AssignmentError as exc:
-            return (f"⚠️ Not saved: item {shown_id} was {exc.reason} (in another tab?), so it "
-                    "takes no judgments; here is your next item. " + self.next_item(state))
+            return self._closed(state, exc, "Not saved", "takes no judgments")
         item["done"] = True
         state.submitted += 1
         return f"Saved {len(votes)} judgments. " + self.next_item(state)
 
-    def skip(self, state: LabelState) -> str:
-        annotator = self._require(state)
-        item = state.item
-        if item is None or item.get("done"):
-            raise LabelError("No item to skip.")
-        self.store.release_assignment(annotator, item["comparison_id"])
+    def skip(self, state: LabelState, item_id) -> str:
+        """Give back the item on screen, ``item_id``, and load the next one."""
+        annotator, item = self._named_item(state, item_id, "skip")
+        try:
+            self.store.release_assignment(annotator, item["comparison_id"])
+        except AssignmentError as exc:
+            return self._closed(state, exc, "Not skipped", "cannot be skipped")
         return "Skipped. " + self.next_item(state)
 
-    def flag(self, state: LabelState, reason) -> str:
-        annotator = self._require(state)
-        item = state.item
-        if item is None or item.get("done"):
-            raise LabelError("No item to flag.")
-        self.store.release_assignment(annotator, item["comparison_id"],
-                                      flag=clean_reason(reason) or "(no reason given)")
+    def flag(self, state: LabelState, item_id, reason) -> str:
+        """Flag the item on screen, ``item_id``, for review (giving it back) and load the
+        next one."""
+        annotator, item = self._named_item(state, item_id, "flag")
+        try:
+            self.store.release_assignment(annotator, item["comparison_id"],
+                                          flag=clean_reason(reason) or "(no reason given)")
+        except AssignmentError as exc:
+            return self._closed(state, exc, "Not flagged", "cannot be flagged")
         return "Flagged for review and skipped. " + self.next_item(state)
+
+    def _closed(self, state: LabelState, exc: AssignmentError, what: str, so: str) -> str:
+        """The answer to an action on an item that is no longer the annotator's (judged or
+        given back, in another tab): nothing stored, the reason, and the next item."""
+        return (f"⚠️ {what}: item {exc.comparison_id} was {exc.reason} (in another tab?), so it "
+                f"{so}; here is your next item. " + self.next_item(state))
+
 
 
 def _whole(value) -> int | None:

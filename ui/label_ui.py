@@ -1,11 +1,11 @@
 """The Label tab: sign-in, the item with its rubric, per-turn and overall judgments, keys.
 
 Public API endpoints: ``/label_sign_in(name, password)``, ``/label_next()``,
-``/label_submit(item, turn_1 … turn_8, overall)``, ``/label_skip()``, ``/label_flag(reason)``,
-``/label_sign_out()``.  Choices are screen sides: ``left``, ``right``, ``tie``, ``both_bad``.
-Every endpoint returns, right after the header, the id of the item now on screen (None when
-there is none); ``/label_submit`` sends it back as ``item``, and a submission for any other
-item is refused (see :mod:`ui.label`).
+``/label_submit(item, turn_1 … turn_8, overall)``, ``/label_skip(item)``,
+``/label_flag(item, reason)``, ``/label_sign_out()``.  Choices are screen sides: ``left``,
+``right``, ``tie``, ``both_bad``.  Every endpoint returns, right after the header, the id of the
+item now on screen (None when there is none); submit, skip and flag send it back as ``item``,
+and one naming any other item is refused (see :mod:`ui.label`).
 """
 
 from __future__ import annotations
@@ -176,11 +176,11 @@ def build_label_tab(ctx, labeling: Labeling, demo: gr.Blocks) -> None:
         turns = [t1, t2, t3, t4, t5, t6, t7, t8]
         return run(labeling.submit, st, request, item, turns, overall_value)
 
-    def on_skip(st, request: gr.Request):
-        return run(labeling.skip, st, request)
+    def on_skip(st, item, request: gr.Request):
+        return run(labeling.skip, st, request, item)
 
-    def on_flag(st, why, request: gr.Request):
-        return run(labeling.flag, st, request, why)
+    def on_flag(st, item, why, request: gr.Request):
+        return run(labeling.flag, st, request, item, why)
 
     sign_in.click(on_sign_in, [state, name, password], outputs, api_name="label_sign_in")
     password.submit(on_sign_in, [state, name, password], outputs, api_visibility="private")
@@ -188,8 +188,8 @@ def build_label_tab(ctx, labeling: Labeling, demo: gr.Blocks) -> None:
     gr.Button("Next item", visible=False).click(on_next, [state], outputs, api_name="label_next")
     submit.click(on_submit, [state, item_id, *radios, overall], outputs,
                  api_name="label_submit")
-    skip.click(on_skip, [state], outputs, api_name="label_skip")
-    flag.click(on_flag, [state, reason], outputs, api_name="label_flag")
+    skip.click(on_skip, [state, item_id], outputs, api_name="label_skip")
+    flag.click(on_flag, [state, item_id, reason], outputs, api_name="label_flag")
     for key, radio in [(f"t{k}", r) for k, r in enumerate(radios)] + [("overall", overall)]:
         radio.input(lambda st, key=key: labeling.note_choice(st, key), [state], None,
                     api_visibility="private", queue=False)

@@ -161,7 +161,8 @@ def build_leaderboard_tab(ctx, demo: gr.Blocks, tab: gr.Tab) -> None:
         if not isinstance(name, str) or not ctx.config.admins.check(name, password or ""):
             time.sleep(0.3)
             st.admin = None
-            return admin_views(st, "⚠️ Unknown admin or wrong password.")
+            return admin_views(st, "⚠️ " + (ctx.config.admins.lockout(name)
+                                            or "Unknown admin or wrong password."))
         st.admin = name.strip()
         return admin_views(st, f"Signed in as admin **{st.admin}**. Labels database: "
                            f"`{ctx.store.path}`")

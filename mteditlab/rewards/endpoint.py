@@ -67,10 +67,10 @@ JUDGE_URL_ENV = "MTEDITLAB_JUDGE_URL"
 API_KEY_ENVS = ("MTEDITLAB_JUDGE_API_KEY", "OPENAI_API_KEY")
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 DIGITS = frozenset("0123456789")
-MAX_BODY = 8 << 20
-MODEL_RETRY_S = 30.0
+MAX_BODY = 8 << 20  # default cap on a reply body (bytes)
+MODEL_RETRY_S = 30.0  # how long a failed /models listing is answered from memory
 ERROR_TEXT_BYTES = 4096  # read of an error reply's body, for its message
-CHUNK = 1 << 16
+CHUNK = 1 << 16  # read size of a reply body
 
 
 class EndpointError(Exception):
@@ -130,7 +130,8 @@ class ChatClient:
                     note = (f" (asked to retry after {err.retry_after:g} s, beyond the {self.timeout:g} s timeout)"
                             if too_late else f" (after {attempt + 1} attempts)" if attempt else "")
                     raise EndpointError(f"{err}{note}", err.retryable) from None
-                wait = min(self.backoff * 2 ** attempt, self.max_backoff) if err.retry_after is None else err.retry_after
+                backoff = min(self.backoff * 2 ** attempt, self.max_backoff)
+                wait = backoff if err.retry_after is None else err.retry_after
             self._count("retries")
             time.sleep(wait)
         raise AssertionError("unreachable")
@@ -158,30 +159,27 @@ class ChatClient:
 
     def _exchange(self, method: str, route: str, data: bytes | None,
                   headers: dict) -> tuple[http.client.HTTPResponse, bytes | bytearray]:
-        """``(response, body)`` of one attempt. At the deadline a watchdog shuts the socket, so no
-        phase outlives it; a success body over ``max_body`` bytes is an :class:`EndpointError`, another
-        status's body is read up to :data:`ERROR_TEXT_BYTES`."""
+        """``(response, body)`` of one attempt, within its deadline (:class:`_Watchdog`); a success
+        body over ``max_body`` bytes is an :class:`EndpointError`, another status's body is read up to
+        :data:`ERROR_TEXT_BYTES`."""
         connection = self._connect(timeout=self.timeout)
-        expired = threading.Event()
-        watchdog = threading.Timer(self.timeout, _expire, (connection, expired))
-        watchdog.start()
+        watchdog = _Watchdog(connection, self.timeout)
         phase = "connection failed"
         try:
             connection.connect()
-            if expired.is_set():
-                raise TimeoutError
+            watchdog.hold(connection.sock)
             phase = "connection dropped"
             connection.request(method, f"{self._path}/{route}", body=data, headers=headers)
             response = connection.getresponse()
             body = self._capped_body(response) if 200 <= response.status < 300 else response.read(ERROR_TEXT_BYTES)
         except (OSError, http.client.HTTPException) as err:
-            if expired.is_set() or isinstance(err, TimeoutError):
+            if watchdog.expired.is_set() or isinstance(err, TimeoutError):
                 raise EndpointError(f"timed out after {self.timeout:g} s", True) from None
             raise EndpointError(f"{phase}: {type(err).__name__}: {err}", True) from None
         finally:
             watchdog.cancel()
             connection.close()
-        if expired.is_set():  # the body ended because the watchdog closed it
+        if watchdog.expired.is_set():  # the body ended because the watchdog shut the socket
             raise EndpointError(f"timed out after {self.timeout:g} s", True)
         return response, body
 
@@ -200,15 +198,32 @@ class ChatClient:
         return body
 
 
-def _expire(connection: http.client.HTTPConnection, expired: threading.Event) -> None:
-    """The deadline watchdog: marks the attempt expired and shuts its socket, waking the blocked read."""
-    expired.set()
-    sock = connection.sock
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:  # already closed
-            pass
+class _Watchdog:
+    """One attempt's deadline, ``seconds`` from now: then ``expired`` is set and the connection's socket
+    (and the one :meth:`hold` kept, which http.client lets go of once a reply will close the
+    connection) is shut, waking whatever connect, send or read is blocked on it."""
+
+    def __init__(self, connection: http.client.HTTPConnection, seconds: float):
+        self.connection, self.held, self.expired = connection, None, threading.Event()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.start()
+
+    def hold(self, sock: socket.socket) -> None:
+        """Keep the connected socket; ``TimeoutError`` when the deadline passed while connecting."""
+        self.held = sock
+        if self.expired.is_set():
+            raise TimeoutError
+
+    def _expire(self) -> None:
+        self.expired.set()  # before reading the sockets: hold() then sees it or has stored its socket
+        for sock in {self.connection.sock, self.held} - {None}:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 def retry_after_seconds(value: str | None) -> float | None:
