@@ -127,17 +127,16 @@ def run_data_benchmark(editor: Editor, sessions: Sequence[DataSession], reward: 
                 cells["l1"][i, k], cells["psnr"][i, k] = pixel_distance(edited[i], reference)
             if outputs is not None:
                 outputs.setdefault(sessions[i].id, []).append(edited[i])
-        if teacher_forced:
-            fed = [i for i in rows if sessions[i].turns[k].source is not None] if k else []
+        if teacher_forced and k == 0:
+            cells["teacher_forced_success"][rows, 0] = passed   # turn 1 is fed the data's source either way
+        elif teacher_forced and (fed := [i for i in rows if sessions[i].turns[k].source is not None]):
             given = [sessions[i].turns[k].source for i in fed]
-            cells["teacher_forced_success"][rows, k] = passed if not k else np.nan
-            if fed:
-                cells["teacher_forced_success"][fed, k] = judge(k, fed, given, step(k, given, [sessions[i] for i in fed]),
-                                                                "data")[1]
+            edited_given = step(k, given, [sessions[i] for i in fed])
+            cells["teacher_forced_success"][fed, k] = judge(k, fed, given, edited_given, "data")[1]
 
     rollout(sessions, step, turns=turns, sources=[s.source for s in sessions], on_turn=score, progress=progress,
             desc=f"bench {editor.name}")
-    per_session = {**cells, "overall": np.cumprod(cells["success"], axis=1)}   # NaN from a failed turn on
+    per_session = {**cells, "overall": np.cumprod(cells["success"], axis=1)}   # NaN from a failed or absent turn on
     if teacher_forced:
         per_session["exposure_gap"] = cells["teacher_forced_success"] - cells["success"]
     per_turn = summarize(per_session)

@@ -21,13 +21,13 @@ Other columns are kept in ``DataSession.meta``.
 data has a turn 0), ``source_img`` is the turn's input (turn 1's is the session's source; later ones,
 the previous gold output, are the data's inputs), ``instruction`` the turn's instruction and
 ``target_img`` its reference output (optional column). Other columns (MagicBrush's ``mask_img``) are
-not read. A session whose rows do not form one (a missing or repeated turn, a turn index that is not
-an integer) is not made.
+not read.
 
 Images are converted to RGB and, given a ``resolution``, resized to the backend's size with the aspect
-ratio kept (:func:`target_size`); a session's other images are fitted to its source's size. A record
-that does not form a session (above, or an unreadable image) raises :class:`SessionError`, or, given
-a ``skipped`` list, is left out and listed there with its reason. A :class:`DataSession` reads like
+ratio kept (:func:`target_size`); a session's other images are fitted to its source's size. Records
+that do not form a session (a missing or repeated turn, a turn index that is not an integer, an
+unreadable image, …) raise :class:`SessionError`, or, given a ``skipped`` list, are left out and
+listed there with the reason. A :class:`DataSession` reads like
 the world's ``Session`` where the trainer needs it: ``index`` and ``turns[k].instruction`` /
 ``turns[k].intent`` (``mteditlab.intent.turn_text`` works on both).
 """
@@ -188,8 +188,8 @@ def session_from_record(record: dict, index: int, *, root: Path | None = None,
         fail("no 'source' image")
     try:
         source = fit_image(load_image(record["source"], root), resolution)
-        references, inputs = ([None if r is None else fit_image(load_image(r, root), source.size) for r in per_turn[key]]
-                              for key in ("references", "inputs"))
+        references, inputs = [[None if image is None else fit_image(load_image(image, root), source.size)
+                               for image in per_turn[key]] for key in ("references", "inputs")]
     except (OSError, ValueError) as err:
         fail(f"image not readable: {err}")
     if not all(i is None or isinstance(i, str) for i in per_turn["intents"]):
@@ -268,7 +268,8 @@ def read_sessions(location, *, resolution: str | int | tuple[int, int] | None = 
     session when the rows have ``instructions``, else one row per turn with ``columns`` (default:
     MagicBrush's). ``limit``: the first n sessions only. A record that does not form a session raises
     :class:`SessionError`, or with a ``skipped`` list is left out and appended to it as
-    ``{"session": id, "reason": …}``; a session keeps its row number as ``index`` either way."""
+    ``{"session": id, "reason": …}``. A session's ``index`` is its position in the data, skipped records
+    counted, so its sampling seeds do not depend on which records were skipped."""
     records, root = _records(location, split)
     first = next(records, None)
     if first is None:
@@ -280,8 +281,8 @@ def read_sessions(location, *, resolution: str | int | tuple[int, int] | None = 
             raise ValueError(
                 f"{location}: no column {', '.join(map(repr, missing))} (it has {', '.join(map(repr, first))}). "
                 "One row per session needs 'source' and 'instructions'; one row per turn needs its columns "
-                "named: --session-key, --turn-column, --image-column, --instruction-column (and "
-                "--reference-column), whose defaults are MagicBrush's")
+                "named (TurnColumns; on the command line --session-key, --turn-column, --image-column, "
+                "--instruction-column and --reference-column), whose defaults are MagicBrush's")
         records = group_turns(records, columns)
     sessions = []
     for index, record in enumerate(records):
@@ -398,8 +399,8 @@ def add_column_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument("--" + f.name.replace("_", "-"), metavar="COLUMN", help=f"default: {f.default}")
 
 
-def columns_from(args: argparse.Namespace) -> TurnColumns | None:
-    """The :class:`TurnColumns` the flags name (the others at their defaults); None when none is given
-    (the layout is then recognised by the columns)."""
+def columns_from(args) -> TurnColumns | None:
+    """The :class:`TurnColumns` that ``args`` (parsed flags, or the trainer's config) name, the others at
+    their defaults; None when none is given (the layout is then recognised by the columns)."""
     given = {f.name: getattr(args, f.name) for f in fields(TurnColumns) if getattr(args, f.name) is not None}
     return TurnColumns(**given) if given else None

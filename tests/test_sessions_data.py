@@ -163,6 +163,12 @@ def test_other_layouts_are_named_by_the_column_flags(tmp_path):
     assert all(t.reference is None for s in sessions for t in s.turns)
     assert sessions[0].turns[1].source is not None   # the data's own input of turn 2
 
+    from training.grpo import parse_args
+    from training.sampling import load_pool
+    cfg = parse_args(["--lora", "--sessions-from", str(tmp_path / "other.parquet"), "--turns", "2", "--reward", "judge=1.0", "--session-key",
+                      "episode", "--turn-column", "step", "--image-column", "before", "--instruction-column", "prompt"])
+    assert sorted(s.id for s in load_pool(cfg)) == sorted(s.id for s in with_turns(sessions, 2))   # the trainer too
+
 
 def test_records_that_do_not_form_a_session_are_skipped_with_their_reason(tmp_path):
     data = write_magicbrush(tmp_path / "broken.parquet", broken_rows())

@@ -65,11 +65,12 @@ from mteditlab.bench import run_benchmark
 from mteditlab.editors import EDITORS, get_editor
 from mteditlab.editors.flow_policy import FlowPolicy
 from mteditlab.intent import INTENT_MODES
+from mteditlab.sessions_data import TurnColumns, parse_resolution
 from training.algorithms import ALGORITHMS
 from training.credit import FUSIONS, TURN_AGGREGATIONS
 from training.distributed import Updater, accelerator_options, full_tensor, gathered_lora, ready_for_training
 from training.operations import load_state, plot_metrics, save_state
-from training.sampling import WorldSessions, parse_resolution, sample_turns, session_source
+from training.sampling import WorldSessions, sample_turns, session_source
 from training.scoring import RewardTerms, hacking_alarm
 
 
@@ -92,6 +93,11 @@ class GRPOConfig:
     intent: str = "reconstruct"           # none | concat | reconstruct
     sessions_from: str | None = None      # DATASET: .jsonl / .parquet / folder / hf://NAME / .duckdb label store (default: the world)
     resolution: str | None = None         # kontext | qwen-edit | INT (≈ INT² px): data images' size (default: the editor's)
+    session_key: str | None = None        # datasets with one row per turn: their columns (default: MagicBrush's,
+    turn_column: str | None = None        # img_id / turn_index / source_img / instruction / target_img,
+    image_column: str | None = None       # recognised without these flags)
+    instruction_column: str | None = None
+    reference_column: str | None = None
     op_weights: dict[str, float] = field(default_factory=lambda: {"swap": 3.0})  # --op-weights OP=W,...: oversample sessions with these operations
     overlap_scoring: bool = True          # score turn k on a background thread while turn k + 1 samples
     # objective
@@ -320,7 +326,9 @@ def parse_args(argv: list[str] | None = None) -> GRPOConfig:
     helps = {"reward_failure_warn": "warn (reward_failing in the metrics) when more than this fraction of an "
                                     "iteration's rewards failed (default: %(default)s)",
              "max_reward_failures": "stop with an error after this many such iterations in a row, e.g. when the "
-                                    "judge endpoint is down (0: never; default: %(default)s)"}
+                                    "judge endpoint is down (0: never; default: %(default)s)",
+             **{f.name: f"datasets with one row per turn: the column named so (default: MagicBrush's "
+                        f"'{f.default}', recognised without the flag)" for f in fields(TurnColumns)}}
     for f in fields(GRPOConfig):
         if f.name == "broadcast":
             continue

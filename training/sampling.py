@@ -28,8 +28,7 @@ from mteditlab.flow import gaussian_log_prob, ode_step, sde_step_stats
 from mteditlab.intent import turn_seed, turn_text
 from mteditlab.rewards.verifier import world_meta
 from mteditlab.rollout import rollout
-from mteditlab.sessions_data import DataSession, data_resolution, describe_skipped, with_turns
-from mteditlab.sessions_data import parse_resolution  # noqa: F401  (the trainer's --resolution check reads it here)
+from mteditlab.sessions_data import DataSession, columns_from, data_resolution, describe_skipped, with_turns
 from mteditlab.world import Session, generate_session, render
 from mteditlab.world import sessions as make_sessions
 from training.session_sources import sessions_from
@@ -167,7 +166,7 @@ def load_pool(cfg: GRPOConfig) -> list[DataSession]:
     records that do not form a session are left out and listed on stderr."""
     skipped: list[dict] = []
     pool = with_turns(sessions_from(cfg.sessions_from, resolution=data_resolution(cfg.editor, cfg.resolution),
-                                    skipped=skipped), cfg.turns)
+                                    columns=columns_from(cfg), skipped=skipped), cfg.turns)
     if skipped:
         print(describe_skipped(cfg.sessions_from, skipped), file=sys.stderr)
     if not pool:
