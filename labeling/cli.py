@@ -1,6 +1,6 @@
 """``python -m labeling``: init, stats, leaderboard, agreement, export (and simulate, rate).
 
-Global options: ``--data-dir`` (default ``$MTEDITLAB_DATA`` or ``./data``), ``--db`` (default
+Global options: ``--data-dir`` (default: :func:`labeling.connection.data_dir`), ``--db`` (default
 ``<data dir>/labels.duckdb``) and ``--read-only`` (read the database, or a snapshot of it while
 another process holds it).  Only commands that write create a missing database; a missing or
 unreadable one is a single ``error:`` line on stderr and exit status 2.  Analysis commands print
@@ -10,7 +10,8 @@ simulated ones (used automatically, and said so, when there are no human labels)
 Adding a subcommand from another module: give the module a ``register(subparsers)`` function
 that calls ``subparsers.add_parser(...)`` and sets ``handler=`` (a function of the parsed args
 returning an exit code; :func:`open_store` opens the database the global options name), then
-add the module's name to :data:`EXTENSIONS` — one line.
+add the module's name to :data:`EXTENSIONS` — one line.  A command that also sets
+``passed_on=[]`` receives the arguments it does not declare there (another tool's command line).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from labeling.errors import SchemaVersionError, StoreError, StoreLockedError
 from labeling.selection import LabelSelection
 from labeling.store import LabelStore
 
-EXTENSIONS: list[str] = ["labeling.simulate", "labeling.raters"]
+EXTENSIONS: list[str] = ["labeling.simulate", "labeling.raters", "labeling.bench_items"]
 
 
 def open_store(args: argparse.Namespace, writable: bool = False) -> LabelStore:
@@ -206,7 +207,8 @@ def _register_builtin(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m labeling", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", help="data directory (default $MTEDITLAB_DATA or ./data)")
+    parser.add_argument("--data-dir", help="data directory (default $MTEDITLAB_DATA, else /data/mteditlab on a "
+                        "Space with persistent storage, else ./data)")
     parser.add_argument("--db", help="database file (default <data dir>/labels.duckdb)")
     parser.add_argument("--read-only", action="store_true",
                         help="open read-only; reads a snapshot while another process holds it")
@@ -218,7 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if hasattr(args, "passed_on"):   # a command that passes its other arguments on (queue-bench)
+        args.passed_on = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.db = Path(args.db) if args.db else default_db_path(args.data_dir)
     try:
         return args.handler(args)

@@ -34,8 +34,8 @@ with ``--teacher-forced`` the success fed the data's own input of each turn and 
 Every mean is over the sessions that have a value: a judgment that failed is no score (listed in
 ``failures`` with its session and turn, counted per turn), and a session's ``overall`` is left out
 from its first failed turn on. ``sessions`` counts the sessions evaluated, ``skipped`` lists the
-records that do not form one, with the reason. ``--label-store DB`` puts the paired sessions into
-the label database as labeling items the annotators' queue serves.
+records that do not form one, with the reason. ``python -m labeling queue-bench`` runs a paired
+benchmark on data sessions and puts both sides' sessions into the label queue as labeling items.
 """
 
 from __future__ import annotations
@@ -52,12 +52,13 @@ from tqdm import tqdm
 
 from mteditlab.editors import EDITORS, Editor, get_editor
 from mteditlab.intent import INTENT_MODES, turn_text
+from mteditlab.registry import mapping
 from mteditlab.rewards import RewardModel, get_reward
 from mteditlab.rewards.base import SUB_SCORES, EditSample
 from mteditlab.rewards.features import TINT_SCALE, image_features, parse_cached
 from mteditlab.rollout import Step, edit_step, rollout
 from mteditlab.sessions_data import (DataSession, add_column_arguments, columns_from, data_resolution,
-                                     describe_skipped)
+                                     describe_skipped, read_sessions)
 from mteditlab.world import Session, render, score_turn, sessions as make_sessions
 
 WORLD_SPLITS = ("train", "val", "test")
@@ -329,24 +330,6 @@ def plot(results: Sequence[dict], path: str | Path, labels: Sequence[str] | None
     plt.close(fig)
 
 
-def to_label_store(db: str | Path, sessions: Sequence[DataSession], sides: Sequence[tuple[str, str | None, dict]], *,
-                   seed: int, meta: dict) -> int:
-    """Store each session's sides, ``(editor, adapter, outputs by session id)``, in the label database
-    ``db`` (source, instructions and outputs; ``meta`` plus the session's id) and pair them as one
-    labeling item, which the annotators' queue serves; returns the number of items."""
-    from labeling.store import LabelStore
-
-    with LabelStore.open(db) as store:
-        for session in sessions:
-            source = store.put_image(session.source)
-            ids = [store.add_session(editor, adapter, seed, source,
-                                     [{"instruction": t.instruction, "intent": t.intent, "output_sha": store.put_image(o)}
-                                      for t, o in zip(session.turns, outputs[session.id])], {**meta, "session": session.id})
-                   for editor, adapter, outputs in sides]
-            store.add_comparison(*ids)
-    return len(sessions)
-
-
 def describe_failures(failures: Sequence[dict], shown: int = 20) -> str:
     """The failed judgments, one line each (the first ``shown``)."""
     lines = [f"  session {f['session']}, turn {f['turn']} (fed its {'own output' if f['fed'] == 'own' else 'data input'})"
@@ -356,7 +339,10 @@ def describe_failures(failures: Sequence[dict], shown: int = 20) -> str:
             "that turn on:\n" + "\n".join(lines) + more)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
+    """Run the command line ``argv``; return the result. ``keep``, when given, receives the evaluated
+    ``sessions`` and the ``sides``, ``(editor, adapter, outputs by session id)`` each, of a paired run
+    on data sessions (what ``python -m labeling queue-bench`` stores as labeling items)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--editor", default="mini", choices=EDITORS)
     parser.add_argument("--lora", help="directory of an RL-tuned LoRA adapter")
@@ -379,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plot", type=Path, help="write a PNG of success vs turn here")
     data = parser.add_argument_group("data sessions, judged by a reward instead of the world's verifier")
     data.add_argument("--sessions-from", metavar="DATA",
-                      help=".jsonl / .parquet / folder / hf://NAME / .duckdb label store, as the trainer reads it")
+                      help=".jsonl / .parquet / folder / hf://NAME, as the trainer reads it")
     data.add_argument("--resolution", help="kontext | qwen-edit | N (≈ N² pixels): the data images' size "
                                            "(default: the editor's)")
     data.add_argument("--reward", metavar="NAME",
@@ -390,8 +376,6 @@ def main(argv: list[str] | None = None) -> dict:
                       help="a turn succeeds when the reward's overall score is at least this (default: %(default)s)")
     data.add_argument("--teacher-forced", action="store_true",
                       help="also feed every turn the data's own input of it and report the exposure gap")
-    data.add_argument("--label-store", type=Path, metavar="DB",
-                      help="with --against: store both sides' sessions in this label database as labeling items")
     add_column_arguments(parser)
     args = parser.parse_args(argv)
     if args.against and args.against_result:
@@ -410,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
             return {**result, "split": args.split, "start": args.start, "sessions_from": args.sessions_from,
                     "skipped": skipped}
     else:
-        data_only = [f"--{flag.replace('_', '-')}" for flag in ("reward", "teacher_forced", "label_store", "resolution")
+        data_only = [f"--{flag.replace('_', '-')}" for flag in ("reward", "teacher_forced", "resolution")
                      if getattr(args, flag)] + ["the column flags"] * (columns_from(args) is not None)
         if data_only:
             parser.error(f"{', '.join(data_only)}: for data sessions (--sessions-from); the world is judged by its "
@@ -426,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
             return run_benchmark(editor, sessions, **options)
 
     editor = get_editor(args.editor, lora=args.lora, path=args.editor_path)
-    outputs = {"this": {}, "other": {}} if args.label_store else {}
+    outputs = {"this": {}, "other": {}} if keep is not None else {}
     if args.pass_at:
         result = pass_at_k(editor, sessions, args.pass_at, **options)
         print(title + "\n" + pass_table(result))
@@ -451,12 +435,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nagainst {name}:\n\n{markdown_table(reference)}\n\nΔ = this − {name} "
               f"(± paired s.e.):\n\n{paired_table(result['paired'])}")
         report(reference)
-    if args.label_store:
-        items = to_label_store(args.label_store, sessions, [(args.editor, args.lora, outputs["this"]),
-                                                            (args.editor, reference["lora"], outputs["other"])],
-                               seed=args.seed, meta={"origin": "bench", "sessions_from": args.sessions_from,
-                                                     "split": args.split})
-        print(f"\n{args.label_store}: {items} labeling items (this vs {name}), served by the annotators' queue")
+    if keep is not None:
+        keep.update(sessions=sessions, sides=[(args.editor, args.lora, outputs["this"]),
+                                              (args.editor, result.get("against", {}).get("lora"), outputs["other"])])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
@@ -477,21 +458,17 @@ def report(result: dict) -> None:
 def load_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[DataSession], list[dict], RewardModel]:
     """``--sessions-from``'s sessions (from ``--start``, at most ``--sessions`` of them, each cut to at
     most ``--turns`` turns), the records skipped, and the ``--reward`` that judges them."""
-    from training.grpo import mapping   # the trainer's NAME=VALUE,... parser: rewards are named as in training
-    from training.session_sources import sessions_from
-
     if not args.reward:
         parser.error("data sessions have no verifier: name the reward that judges each turn, e.g. --reward qwen-vl "
                      "--reward-paths qwen-vl=http://HOST:PORT/v1 (a served judge) or --reward judge (offline)")
     if args.pass_at:
         parser.error("--pass-at samples from the world's true scenes; on data, --teacher-forced feeds the data's inputs")
-    if args.label_store and not args.against:
-        parser.error("--label-store stores a paired run: give --against base (with --lora) or another adapter")
-    if args.label_store and (args.against == "base" and not args.lora or args.against == args.lora):
-        parser.error("--label-store pairs two different models: give --lora DIR with --against base, or two adapters")
+    if str(args.sessions_from).endswith(".duckdb"):
+        parser.error("a label store's arena sessions are read by the trainer (python -m training.grpo --sessions-from "
+                     "DB); the benchmark reads datasets: .jsonl / .parquet / folder / hf://NAME")
     skipped: list[dict] = []
     try:
-        sessions = sessions_from(args.sessions_from, resolution=data_resolution(args.editor, args.resolution),
+        sessions = read_sessions(args.sessions_from, resolution=data_resolution(args.editor, args.resolution),
                                  split=args.split, columns=columns_from(args), skipped=skipped,
                                  limit=None if args.sessions is None else args.start + args.sessions)[args.start:]
     except (ValueError, FileNotFoundError) as error:

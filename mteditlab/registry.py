@@ -78,3 +78,11 @@ def registered_names(package: str, decorator: str) -> tuple[str, ...]:
                           if isinstance(d, ast.Call) and isinstance(d.func, ast.Name) and d.func.id == decorator
                           and d.args and isinstance(d.args[0], ast.Constant)]
     return tuple(names)
+
+
+def mapping(value_type):
+    """``NAME=VALUE,...`` → ``{NAME: value_type(VALUE)}``: the argparse type of the flags that name
+    registered things with a value each (``--reward judge=1.0``, ``--reward-paths judge=DIR``)."""
+    def parse(text: str) -> dict:
+        return {k: value_type(v) for k, v in (p.split("=", 1) for p in text.split(",") if p)}
+    return parse

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from labeling.cli import main as labeling_main
 from labeling.store import LabelStore
 from mteditlab.bench import main, paired
-from tests.chat_server import ChatServer, TinyVLMResponder, digit_reply, error
+from tests.chat_server import ChatServer, digit_reply, error
 from tests.test_sessions_data import SESSIONS, broken_rows, write_magicbrush
 from tests.tiny_pipelines import tiny_kontext
-from tests.tiny_qwen_vl import build_model, build_processor, build_tokenizer
+from tests.tiny_qwen_vl import served_tiny_judge
 from training.grpo import parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,10 +48,7 @@ def magicbrush(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_judge():
-    tokenizer = build_tokenizer()
-    model, processor = build_model("qwen2_5_vl", tokenizer), build_processor("qwen2_5_vl", tokenizer)
-    vocab = len(processor.tokenizer)
-    with ChatServer(TinyVLMResponder(model, processor, max_logprobs=vocab)) as server:
+    with served_tiny_judge() as (server, vocab):
         yield f"{server.url}?model=tiny-qwen-vl&top_logprobs={vocab}&min_score_mass=0&sub_scores=if+cc+ga"
 
 
@@ -63,10 +61,11 @@ def test_kontext_trained_on_magicbrush_is_benchmarked_against_base_and_labelled(
     assert "skipped 3 session(s)" in logged and "gap: missing turn 2 (has turns 1, 3)" in logged
     assert "odd: turn index '2b' (turn_index) is not an integer" in logged and "broken: image not readable" in logged
     out, db = tmp_path / "bench.json", tmp_path / "labels" / "labels.duckdb"
-    result = main(["--editor", "kontext", "--editor-path", str(kontext_dir), "--lora", str(run / "adapter"),
-                   "--sessions-from", str(magicbrush), "--resolution", "32", "--steps", "2", "--reward", "qwen-vl",
-                   "--reward-paths", f"qwen-vl={tiny_judge}", "--against", "base", "--teacher-forced",
-                   "--json", str(out), "--plot", str(tmp_path / "bench.png"), "--label-store", str(db)])
+    assert labeling_main(["--db", str(db), "queue-bench", "--editor", "kontext", "--editor-path", str(kontext_dir),
+                          "--lora", str(run / "adapter"), "--sessions-from", str(magicbrush), "--resolution", "32",
+                          "--steps", "2", "--reward", "qwen-vl", "--reward-paths", f"qwen-vl={tiny_judge}",
+                          "--against", "base", "--teacher-forced", "--json", str(out),
+                          "--plot", str(tmp_path / "bench.png")]) == 0
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["sessions"] == 4 and saved["skipped"] == [] and saved["turns"] == 3 and saved["reward"] == "qwen-vl"
@@ -85,7 +84,7 @@ def test_kontext_trained_on_magicbrush_is_benchmarked_against_base_and_labelled(
     assert saved["paired"] == paired(saved, saved["against"])   # the JSON holds both sides
     assert any(row["delta_l1"] for row in saved["paired"])   # the trained adapter changes the outputs
     assert {"delta_if_se", "delta_overall", "delta_exposure_gap", "delta_psnr"} <= set(saved["paired"][0])
-    assert result["lora"] == str(run / "adapter") and saved["against"]["lora"] is None
+    assert saved["lora"] == str(run / "adapter") and saved["against"]["lora"] is None
     assert "| turn | n | failures | if | cc | ga | score |" in printed and "Δ = this − base" in printed
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
@@ -166,13 +165,19 @@ def test_data_and_world_options_are_not_mixed(magicbrush, capsys):
     for argv, message in ((["--reward", "judge"], "--reward: for data sessions"),
                           (["--sessions-from", str(magicbrush)], "data sessions have no verifier"),
                           (["--sessions-from", str(magicbrush), "--reward", "judge", "--pass-at", "2"], "--teacher-forced"),
-                          (["--sessions-from", str(magicbrush), "--reward", "judge", "--label-store", "x.duckdb"],
-                           "--label-store stores a paired run"),
+                          (["--sessions-from", "labels.duckdb", "--reward", "judge"], "read by the trainer"),
                           (["--sessions-from", str(magicbrush), "--reward", "judge", "--split", "dev",
                             "--session-key", "episode"], "no column 'episode'")):
         with pytest.raises(SystemExit):
             main(["--editor", "identity", *argv])
         assert message in capsys.readouterr().err
+
+
+def test_queue_bench_needs_a_paired_run_on_data(tmp_path, magicbrush, capsys):
+    db = tmp_path / "labels.duckdb"
+    assert labeling_main(["--db", str(db), "queue-bench", "--editor", "identity", "--sessions-from", str(magicbrush),
+                          "--reward", "judge"]) == 2
+    assert "give --sessions-from DATA and --against" in capsys.readouterr().err and not db.exists()
 
 
 def test_the_worlds_figures_are_unchanged():

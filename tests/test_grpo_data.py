@@ -21,9 +21,9 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from mteditlab.sessions_data import DataSession, DataTurn
-from tests.chat_server import ChatServer, TinyVLMResponder, completion, error, text_choice
+from tests.chat_server import ChatServer, completion, error, text_choice
 from tests.tiny_pipelines import tiny_kontext
-from tests.tiny_qwen_vl import build_model, build_processor, build_tokenizer
+from tests.tiny_qwen_vl import served_tiny_judge
 from training.grpo import GRPOConfig, parse_args, train
 from training.sampling import DataSessions
 
@@ -65,11 +65,8 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_judge():
-    tokenizer = build_tokenizer()
-    model, processor = build_model("qwen2_5_vl", tokenizer), build_processor("qwen2_5_vl", tokenizer)
-    vocab = len(processor.tokenizer)
-    with ChatServer(TinyVLMResponder(model, processor, max_logprobs=vocab)) as server:
-        yield server, vocab
+    with served_tiny_judge() as served:
+        yield served
 
 
 def rows_of(out: Path, kind: str = "train") -> list[dict]:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import torch
@@ -117,3 +118,16 @@ def judge_samples() -> list[EditSample]:
         EditSample(blue, Image.new("RGBA", (32, 32), (0, 0, 0, 255)), "remove the blue circle"),
         EditSample(green, red, "undo that", history=["make the square green"]),
     ]
+
+
+@contextlib.contextmanager
+def served_tiny_judge(arch: str = "qwen2_5_vl"):
+    """A tiny random-weight Qwen-VL answering chat completions on 127.0.0.1 (:mod:`tests.chat_server`):
+    yields ``(server, vocab)``, ``vocab`` being what ``top_logprobs`` must be to see every token."""
+    from tests.chat_server import ChatServer, TinyVLMResponder
+
+    tokenizer = build_tokenizer()
+    model, processor = build_model(arch, tokenizer), build_processor(arch, tokenizer)
+    vocab = len(processor.tokenizer)
+    with ChatServer(TinyVLMResponder(model, processor, max_logprobs=vocab)) as server:
+        yield server, vocab

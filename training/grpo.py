@@ -65,6 +65,7 @@ from mteditlab.bench import run_benchmark
 from mteditlab.editors import EDITORS, get_editor
 from mteditlab.editors.flow_policy import FlowPolicy
 from mteditlab.intent import INTENT_MODES
+from mteditlab.registry import mapping
 from mteditlab.sessions_data import TurnColumns, parse_resolution
 from training.algorithms import ALGORITHMS
 from training.credit import FUSIONS, TURN_AGGREGATIONS
@@ -311,13 +312,6 @@ def train(cfg: GRPOConfig) -> Path:
     return out / "adapter"
 
 
-def mapping(value_type):
-    """``NAME=VALUE,...`` → ``{NAME: value_type(VALUE)}`` (an argparse type)."""
-    def parse(text: str) -> dict:
-        return {k: value_type(v) for k, v in (p.split("=", 1) for p in text.split(",") if p)}
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> GRPOConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (the only mode)")
@@ -327,8 +321,8 @@ def parse_args(argv: list[str] | None = None) -> GRPOConfig:
                                     "iteration's rewards failed (default: %(default)s)",
              "max_reward_failures": "stop with an error after this many such iterations in a row, e.g. when the "
                                     "judge endpoint is down (0: never; default: %(default)s)",
-             **{f.name: f"datasets with one row per turn: the column named so (default: MagicBrush's "
-                        f"'{f.default}', recognised without the flag)" for f in fields(TurnColumns)}}
+             **{f.name: f"datasets with one row per turn: their {f.name.replace('_', ' ')} (default: "
+                        f"MagicBrush's '{f.default}')" for f in fields(TurnColumns)}}
     for f in fields(GRPOConfig):
         if f.name == "broadcast":
             continue

@@ -30,19 +30,22 @@ from tqdm import tqdm
 
 from mteditlab.bench import run_benchmark
 from mteditlab.editors.mini import MiniEditor, images_to_tensor
+from mteditlab.registry import mapping
 from mteditlab.world import generate_session, render, sessions
 
 
 def build_pool(num_sessions: int, resolution: int, turns: int = 5
-               ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str | None]]]:
-    """Every turn of the first ``num_sessions`` ``turns``-turn train sessions: (before, after, (intent, phrasing))."""
-    before, after, texts = [], [], []
+               ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str | None]], list[str]]:
+    """Every turn of the first ``num_sessions`` ``turns``-turn train sessions: before, after,
+    (intent, phrasing) and the operation."""
+    before, after, texts, ops = [], [], [], []
     for index in tqdm(range(num_sessions), desc="building data", leave=False):
         for turn in generate_session("train", index, turns).turns:
             before.append(render(turn.before, resolution))
             after.append(render(turn.after, resolution))
             texts.append((turn.intent, None if turn.referential else turn.instruction))
-    return images_to_tensor(before, resolution), images_to_tensor(after, resolution), texts
+            ops.append(turn.edit.op)
+    return images_to_tensor(before, resolution), images_to_tensor(after, resolution), texts, ops
 
 
 def save_checkpoint(path: Path, step: int, editor: MiniEditor, ema, optimizer) -> None:
@@ -76,21 +79,28 @@ def evaluate(editor: MiniEditor, denoiser, num_sessions: int, turns: int = 3) ->
 
 
 def plot_losses(log_path: Path, out_path: Path, eval_path: Path | None = None) -> None:
-    """Loss vs step (log scale); beside it, when ``eval_path`` exists, val overall success per turn vs step."""
+    """Loss vs step (log scale); beside it, when ``eval_path`` exists, val overall success and the
+    exposure gap vs step, at turns 1, 5 and 10 (every turn for evaluations of up to 3 turns)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in log_path.read_text().splitlines()]
     evals = [json.loads(line) for line in eval_path.read_text().splitlines()] if eval_path and eval_path.exists() else []
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, 3 if evals else 1, figsize=(15 if evals else 6, 3.5), squeeze=False)
     axes[0, 0].plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.5)
     axes[0, 0].set(yscale="log", xlabel="step", ylabel="flow-matching loss", title="mini editor pretraining")
-    for k in range(len(evals[0]["overall"]) if evals else 0):
-        axes[0, 1].plot([e["step"] for e in evals], [e["overall"][k] for e in evals], "o-", label=f"turn {k + 1}")
     if evals:
+        n = len(evals[-1]["overall"])
+        shown = range(n) if n <= 3 else sorted({0, min(4, n - 1), n - 1})
+        steps = [e["step"] for e in evals]
+        for k in shown:
+            axes[0, 1].plot(steps, [e["overall"][k] for e in evals], "o-", label=f"turn {k + 1}")
+            axes[0, 2].plot(steps, [e["exposure_gap"][k] for e in evals], "o-", label=f"turn {k + 1}")
         axes[0, 1].set(xlabel="step", ylabel="val overall success", title="EMA on val (own outputs)")
-        axes[0, 1].legend(fontsize=7)
+        axes[0, 2].set(xlabel="step", ylabel="exposure gap", title="fed the true scene − fed its own output")
+        for ax in axes[0, 1:]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
@@ -111,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--sessions", type=int, default=4000, help="train sessions in the data pool")
     parser.add_argument("--session-turns", type=int, default=5, help="turns per train session in the data pool")
+    parser.add_argument("--op-weights", type=mapping(float), default={}, metavar="OP=WEIGHT,...",
+                        help="draw turns of these operations WEIGHT times as often (e.g. swap=3; default: uniform)")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=250)
@@ -149,14 +161,16 @@ def main(argv: list[str] | None = None) -> None:
             if json.loads(line)["step"] <= start]
     eval_path.write_text("".join(line + "\n" for line in kept))
 
-    before, after, texts = build_pool(args.sessions, args.resolution, args.session_turns)
+    before, after, texts, ops = build_pool(args.sessions, args.resolution, args.session_turns)
+    draw = torch.tensor([args.op_weights.get(op, 1.0) for op in ops])   # example weights: --op-weights
     started = time.time()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain")
     for step in bar:
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx = torch.randint(len(texts), (args.batch_size,))
+        idx = (torch.multinomial(draw, args.batch_size, replacement=True) if args.op_weights
+               else torch.randint(len(texts), (args.batch_size,)))
         prompts = [texts[i][1] if texts[i][1] and random.random() < 0.5 else texts[i][0] for i in idx.tolist()]
         text, mask = editor.text_encoder(prompts)
         x0, source = after[idx], before[idx]

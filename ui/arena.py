@@ -193,14 +193,14 @@ class Arena:
         step = resolve_turn(text, state.scene, [t.step for t in state.turns])
         intent = step.intent if state.use_intent and step.edit is not None else None
         inputs = {side: self.bank.get(state.latest_of(side)) for side in "AB"}
-        report = None
-        if progress is not None:
-            def report(done):
-                progress(progress_fraction(done), self.progress_text(state, done))
+
+        def report(done):
+            progress(progress_fraction(done), self.progress_text(state, done))
         timings = self.ctx.timings
         seed_k = turn_seed(seed, 0, k)
         with timings.timed("edit: both sides (run_pair)"):
-            results = run_pair(self.engine, inputs, text, intent, seed_k, steps, progress=report)
+            results = run_pair(self.engine, inputs, text, intent, seed_k, steps,
+                               progress=report if progress is not None else None)
         failed = {side: err for side, (_, _, err) in results.items() if err}
         if failed:
             raise ArenaError(f"The edit did not go through: {self._failure(state, failed)}. The "

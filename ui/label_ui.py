@@ -115,8 +115,6 @@ def build_label_tab(ctx, labeling: Labeling, demo: gr.Blocks) -> None:
         updates = [st, head, item["comparison_id"] if item else None,
                    gr.update(visible=item is not None)]
         if item:
-            left = item["left"]
-            right = "B" if left == "A" else "A"
             src = ctx.display.path(item["source"], 192)
             lines = [f"{k + 1}. {md_literal(text)}" for k, text in enumerate(item["instructions"])]
             updates += [src, "**Instructions, in order**\n\n" + "\n".join(lines)]
@@ -128,8 +126,7 @@ def build_label_tab(ctx, labeling: Labeling, demo: gr.Blocks) -> None:
         for side_key in ("left", "right"):
             for k in range(MAX_LABEL_TURNS):
                 if k < n:
-                    side = item["left"] if side_key == "left" else \
-                        ("B" if item["left"] == "A" else "A")
+                    side = item["left"] if side_key == "left" else "AB".replace(item["left"], "")
                     updates.append(ctx.display.path(item["outputs"][side][k], 160))
                 else:
                     updates.append(None)
