@@ -247,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = list(args.app_args)
     if args.random_weights:
         base, lora = make_random_checkpoints(work)
-        extra += ["--editor-a", "mini", "--model-a", str(base), "--lora-a", "none",
-                  "--editor-b", "mini", "--model-b", str(base), "--lora-b", str(lora)]
+        extra += ["--editor-a", "mini", "--model-a", str(base), "--adapter-a", "none",
+                  "--editor-b", "mini", "--model-b", str(base), "--adapter-b", str(lora)]
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     log_path = work / "app.log"

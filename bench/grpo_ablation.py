@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mteditlab.bench import paired
-from training.grpo import GRPOConfig
+from training.config import GRPOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def run_arm(arm: str, args: argparse.Namespace, base_test: dict) -> dict:
                             str(args.eval_sessions), "--seed", str(args.seed), "--out", str(out)],
                            cwd=ROOT, env=env, stdout=log, stderr=log, check=True)
         if not test_json.exists():
-            subprocess.run([sys.executable, "-m", "mteditlab.bench", "--editor", "mini", "--lora", str(out / "adapter"),
+            subprocess.run([sys.executable, "-m", "mteditlab.bench", "--editor", "mini", "--adapter", str(out / "adapter"),
                             "--sessions", str(args.test_sessions), "--turns", "5", "--json", str(test_json)],
                            cwd=ROOT, env=env, stdout=log, stderr=log, check=True)
     return summarize(arm, out, base_test)

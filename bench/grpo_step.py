@@ -30,7 +30,8 @@ import threading
 from pathlib import Path
 
 from tests.chat_server import ChatServer, completion, text_choice
-from training.grpo import parse_args, train
+from training.config import parse_args
+from training.grpo import train
 
 PHASES = ("rollout_s", "reward_s", "update_s")
 

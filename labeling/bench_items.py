@@ -1,7 +1,7 @@
 """``python -m labeling queue-bench BENCH-ARGS``: a paired benchmark run on data sessions, its two
 sides' sessions stored as labeling items the annotators' queue serves.
 
-    python -m labeling --db data/labels.duckdb queue-bench --editor kontext --lora runs/grpo/adapter \
+    python -m labeling --db data/labels.duckdb queue-bench --editor kontext --adapter runs/grpo/adapter \
         --against base --sessions-from DATA --reward qwen-vl --reward-paths qwen-vl=http://HOST:PORT/v1
 
 ``BENCH-ARGS`` are :mod:`mteditlab.bench`'s (``--sessions-from`` and ``--against`` required); the run
@@ -41,13 +41,13 @@ def cmd_queue_bench(args) -> int:
     given = set(args.passed_on)
     if "--sessions-from" not in given or "--against" not in given:
         print("error: queue-bench pairs two models on data sessions: give --sessions-from DATA and --against "
-              "(base, with --lora DIR, or another adapter)", file=sys.stderr)
+              "(base, with --adapter DIR, or another adapter)", file=sys.stderr)
         return 2
     keep: dict = {}
     result = bench.main(args.passed_on, keep=keep)
     (editor, adapter, _), (_, other, _) = keep["sides"]
     if adapter == other:
-        print("error: both sides are the same model: give --lora DIR with --against base, or two adapters",
+        print("error: both sides are the same model: give --adapter DIR with --against base, or two adapters",
               file=sys.stderr)
         return 2
     with open_store(args, writable=True) as store:

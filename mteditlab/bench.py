@@ -1,6 +1,6 @@
 """The multi-turn benchmark: run an editor over sessions, each turn fed its own previous output.
 
-    python -m mteditlab.bench --editor mini [--lora DIR] [--split test] [--sessions 200] [--turns 5]
+    python -m mteditlab.bench --editor mini [--adapter DIR] [--split test] [--sessions 200] [--turns 5]
 
 Per turn k it reports IF, CC, GA and success; ``overall_k`` = fraction of sessions whose turns 1..k
 all succeeded; ``marginal_k`` = P(turn k succeeds | turns 1..k−1 succeeded); ``exposure_gap_k`` =
@@ -10,8 +10,8 @@ It also reports how the outputs look, whatever their content (:mod:`mteditlab.re
 the background from the nearest palette colour, in 0–255 units: what tint-averse people notice).
 Every per-turn rate comes with its standard error over sessions (``KEY_se``).
 
-    python -m mteditlab.bench --editor mini --lora DIR --against base   # paired: Δ ± paired s.e. per turn
-    python -m mteditlab.bench --editor mini --pass-at 8 --split val     # headroom: pass@1 vs pass@K
+    python -m mteditlab.bench --editor mini --adapter DIR --against base   # paired: Δ ± paired s.e. per turn
+    python -m mteditlab.bench --editor mini --pass-at 8 --split val        # headroom: pass@1 vs pass@K
 
 ``--against`` runs a second editor (``base`` = the same backend without the adapter, or another adapter
 directory) on the same sessions and seeds and reports Δ = this − that per turn with the paired standard
@@ -23,7 +23,7 @@ success) and pass@K (any success) per turn and per operation. ``--start N`` take
 On data (``--sessions-from``: what the trainer reads, e.g. MagicBrush's one row per turn) a reward
 named as in training judges every turn instead of the verifier:
 
-    python -m mteditlab.bench --editor kontext --lora DIR --sessions-from DATA --split dev \
+    python -m mteditlab.bench --editor kontext --adapter DIR --sessions-from DATA --split dev \
         --reward qwen-vl --reward-paths qwen-vl=http://HOST:PORT/v1 --against base [--teacher-forced]
 
 Each editor edits its own previous output until the session's last turn. Per turn: the reward's
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
     on data sessions (what ``python -m labeling queue-bench`` stores as labeling items)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--editor", default="mini", choices=EDITORS)
-    parser.add_argument("--lora", help="directory of an RL-tuned LoRA adapter")
+    parser.add_argument("--adapter", metavar="DIR", help="directory of an RL-tuned LoRA adapter")
     parser.add_argument("--editor-path", help="base weights: mini checkpoint dir, or a model id for real backends")
     parser.add_argument("--split", default="test",
                         help="the world's train, val or test; on data the dataset's split (default: %(default)s)")
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
     options = dict(seed=args.seed, steps=args.steps, intent=args.intent, batch_size=args.batch_size)
     if args.sessions_from:
         sessions, skipped, reward = load_data(args, parser)
-        title = (f"\n{args.editor}{' + ' + args.lora if args.lora else ''} on {args.sessions_from} ({args.split}): "
+        title = (f"\n{args.editor}{' + ' + args.adapter if args.adapter else ''} on {args.sessions_from} ({args.split}): "
                  f"{len(sessions)} sessions × up to {max(len(s.turns) for s in sessions)} turns, judged by "
                  f"{args.reward} (success: score ≥ {args.pass_threshold:g}), intent={args.intent}\n")
 
@@ -403,20 +403,20 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
             parser.error(f"the world's splits are {', '.join(WORLD_SPLITS)}")
         count, turns = 200 if args.sessions is None else args.sessions, 5 if args.turns is None else args.turns
         sessions = make_sessions(args.split, count, turns, start=args.start)
-        title = (f"\n{args.editor}{' + ' + args.lora if args.lora else ''} on {args.split}: {count} sessions "
+        title = (f"\n{args.editor}{' + ' + args.adapter if args.adapter else ''} on {args.split}: {count} sessions "
                  f"from {args.start} × {turns} turns, intent={args.intent}\n")
 
         def bench(editor: Editor, outputs: dict | None = None) -> dict:
             return run_benchmark(editor, sessions, **options)
 
-    editor = get_editor(args.editor, lora=args.lora, path=args.editor_path)
+    editor = get_editor(args.editor, lora=args.adapter, path=args.editor_path)
     outputs = {"this": {}, "other": {}} if keep is not None else {}
     if args.pass_at:
         result = pass_at_k(editor, sessions, args.pass_at, **options)
         print(title + "\n" + pass_table(result))
     else:
         result = bench(editor, outputs.get("this"))
-        result["lora"] = args.lora
+        result["lora"] = args.adapter
         print(title + "\n" + markdown_table(result))
         if result.get("skipped"):
             print("\n" + describe_skipped(args.sessions_from, result["skipped"]))
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
               f"(± paired s.e.):\n\n{paired_table(result['paired'])}")
         report(reference)
     if keep is not None:
-        keep.update(sessions=sessions, sides=[(args.editor, args.lora, outputs["this"]),
+        keep.update(sessions=sessions, sides=[(args.editor, args.adapter, outputs["this"]),
                                               (args.editor, result.get("against", {}).get("lora"), outputs["other"])])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
     if args.plot and not args.pass_at:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot([result, result["against"]] if "against" in result else [result], args.plot,
-             labels=[args.lora or args.editor_path or args.editor, name] if "against" in result else None)
+             labels=[args.adapter or args.editor_path or args.editor, name] if "against" in result else None)
     return result
 
 

@@ -57,6 +57,9 @@ class Registry(Mapping[str, type]):
             raise self.missing(f"unknown {self.kind} {name!r}; choose one of {', '.join(classes)}")
         return classes[name]
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._discover()
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._discover())
 

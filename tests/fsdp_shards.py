@@ -20,9 +20,10 @@ from torch.distributed.fsdp import fully_shard
 
 from mteditlab.editors.kontext import KontextEditor
 from tests.tiny_pipelines import tiny_kontext
-from training.algorithms import NFT, encode_subset
+from training.config import GRPOConfig
 from training.distributed import full_tensor, gathered_lora
-from training.grpo import GRPOConfig
+from training.objectives.base import encode_subset
+from training.objectives.nft import NFT
 from training.operations import load_state, save_state
 from training.sampling import DataSessions, sample_turns
 

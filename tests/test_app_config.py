@@ -32,7 +32,7 @@ def test_help_is_fast_and_imports_nothing_heavy():
 
 
 def test_defaults_flags_and_environment(monkeypatch, tmp_path):
-    for name in ("MTEDITLAB_EDITOR_A", "MTEDITLAB_EDITOR_B", "MTEDITLAB_LORA_A", "MTEDITLAB_LORA_B",
+    for name in ("MTEDITLAB_EDITOR_A", "MTEDITLAB_EDITOR_B", "MTEDITLAB_ADAPTER_A", "MTEDITLAB_ADAPTER_B",
                  "MTEDITLAB_MODEL_A", "MTEDITLAB_MODEL_B", "MTEDITLAB_DATA", "MTEDITLAB_ANNOTATORS",
                  "MTEDITLAB_ADMIN", "MTEDITLAB_AUTH", "MTEDITLAB_ANONYMOUS", "SPACE_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -44,13 +44,13 @@ def test_defaults_flags_and_environment(monkeypatch, tmp_path):
 
     config = config_from_args(["--editor-b", "oracle", "--data-dir", str(tmp_path), "--port",
                                "7999", "--host", "0.0.0.0", "--share", "--no-anonymous",
-                               "--annotators", "ann:pw", "--lora-a", "none"])
+                               "--annotators", "ann:pw", "--adapter-a", "none"])
     assert config.side_b == SideSpec("oracle", None, None)       # the mini adapter is mini's only
     assert (config.port, config.host, config.share, config.anonymous) == (7999, "0.0.0.0", True, False)
     assert config.resolved_data_dir() == tmp_path and config.annotators.check("ann", "pw")
 
     monkeypatch.setenv("MTEDITLAB_EDITOR_A", "identity")
-    monkeypatch.setenv("MTEDITLAB_LORA_B", "some/adapter")
+    monkeypatch.setenv("MTEDITLAB_ADAPTER_B", "some/adapter")
     monkeypatch.setenv("MTEDITLAB_DATA", str(tmp_path / "env"))
     monkeypatch.setenv("MTEDITLAB_ADMIN", "root:toor")
     monkeypatch.setenv("MTEDITLAB_ANONYMOUS", "0")

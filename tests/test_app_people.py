@@ -258,7 +258,7 @@ def test_seed_queue_runs_after_the_server_is_up_with_a_progress_bar(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     port, log_path = free_port(), tmp_path / "app.log"
     cmd = [sys.executable, str(repo / "app.py"), "--editor-a", "oracle", "--editor-b", "identity",
-           "--lora-b", "none", "--data-dir", str(tmp_path / "data"), "--port", str(port),
+           "--adapter-b", "none", "--data-dir", str(tmp_path / "data"), "--port", str(port),
            "--host", "127.0.0.1", "--seed-queue", "6"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False")
     with open(log_path, "w") as log:

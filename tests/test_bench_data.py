@@ -24,7 +24,8 @@ from tests.chat_server import ChatServer, digit_reply, error
 from tests.test_sessions_data import SESSIONS, broken_rows, write_magicbrush
 from tests.tiny_pipelines import tiny_kontext
 from tests.tiny_qwen_vl import served_tiny_judge
-from training.grpo import parse_args, train
+from training.config import parse_args
+from training.grpo import train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD_REFERENCE = Path(__file__).parent / "data" / "bench_mini_val40.json"
@@ -62,7 +63,7 @@ def test_kontext_trained_on_magicbrush_is_benchmarked_against_base_and_labelled(
     assert "odd: turn index '2b' (turn_index) is not an integer" in logged and "broken: image not readable" in logged
     out, db = tmp_path / "bench.json", tmp_path / "labels" / "labels.duckdb"
     assert labeling_main(["--db", str(db), "queue-bench", "--editor", "kontext", "--editor-path", str(kontext_dir),
-                          "--lora", str(run / "adapter"), "--sessions-from", str(magicbrush), "--resolution", "32",
+                          "--adapter", str(run / "adapter"), "--sessions-from", str(magicbrush), "--resolution", "32",
                           "--steps", "2", "--reward", "qwen-vl", "--reward-paths", f"qwen-vl={tiny_judge}",
                           "--against", "base", "--teacher-forced", "--json", str(out),
                           "--plot", str(tmp_path / "bench.png")]) == 0
@@ -145,7 +146,7 @@ def test_broken_records_are_skipped_and_mini_is_judged_offline_on_photos(tmp_pat
     data = write_magicbrush(tmp_path / "broken.parquet", broken_rows())
     base = tmp_path / "base.json"
     main(["--editor", "mini", "--sessions-from", str(data), "--reward", "judge", "--json", str(base)])
-    result = main(["--editor", "mini", "--lora", str(ROOT / "checkpoints" / "mini" / "grpo"), "--sessions-from",
+    result = main(["--editor", "mini", "--adapter", str(ROOT / "checkpoints" / "mini" / "grpo"), "--sessions-from",
                    str(data), "--reward", "judge", "--against-result", str(base), "--plot", str(tmp_path / "p.png")])
     printed = capsys.readouterr().out
     reasons = {s["session"]: s["reason"] for s in result["skipped"]}
@@ -184,7 +185,7 @@ def test_the_worlds_figures_are_unchanged():
     """The mini editor with the shipped GRPO adapter against the base on val sessions 40–55 × 4 turns:
     the same JSON, number for number, as the world's benchmark gave before data sessions were added."""
     expected = json.loads(WORLD_REFERENCE.read_text())
-    result = main(["--editor", "mini", "--lora", str(ROOT / "checkpoints" / "mini" / "grpo"), "--against", "base",
+    result = main(["--editor", "mini", "--adapter", str(ROOT / "checkpoints" / "mini" / "grpo"), "--against", "base",
                    "--sessions", "16", "--turns", "4", "--split", "val", "--start", "40"])
     assert json.loads(json.dumps({**result, "lora": expected["lora"]})) == expected
     assert not any(isinstance(v, float) and math.isnan(v) for row in result["per_turn"] for v in row.values())

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,11 @@ from mteditlab.world import generate_session, render
 from training.credit import TURN_AGGREGATIONS, aggregate_turns, compute_advantages
 from mteditlab.rewards import get_reward
 from mteditlab.rewards.verifier import world_meta
-from training.algorithms import GRPO, NFT, encode_subset
-from training.grpo import GRPOConfig, parse_args
+from training.config import GRPOConfig, parse_args
+from training.objectives import setting_owners
+from training.objectives.base import encode_subset
+from training.objectives.grpo import GRPO
+from training.objectives.nft import NFT
 from training.sampling import sample_turns
 from training.scoring import RewardTerms, hacking_alarm
 
@@ -228,15 +232,52 @@ def test_a_failed_reward_is_left_out_at_its_fusion_level():
 def test_flags_use_the_literature_names():
     cfg = parse_args(["--lora", "--num-generations", "4", "--beta", "0.02", "--clip-range", "1e-4", "--per-turn",
                       "--no-trajectory-filter", "--turn-aggregation", "min", "--fusion", "reward", "--intent", "concat",
-                      "--reward", "verifier=0.7,judge=0.3", "--algo", "nft"])
+                      "--reward", "verifier=0.7,judge=0.3", "--algo", "grpo"])
     assert (cfg.num_generations, cfg.beta, cfg.clip_range, cfg.broadcast, cfg.trajectory_filter) == (4, 0.02, 1e-4, False, False)
-    assert cfg.reward_weights == {"verifier": 0.7, "judge": 0.3} and cfg.algo == "nft"
+    assert cfg.reward_weights == {"verifier": 0.7, "judge": 0.3} and cfg.algo == "grpo"
     cfg = parse_args(["--lora", "--reward-failure-warn", "0.25", "--max-reward-failures", "0"])
     assert (cfg.reward_failure_warn, cfg.max_reward_failures) == (0.25, 0)
     with pytest.raises(SystemExit):
         parse_args([])
     with pytest.raises(ValueError, match="reward-failure-warn"):
         parse_args(["--lora", "--reward-failure-warn", "1.5"])
+
+
+def test_help_shows_every_setting_with_its_help_text():
+    env = {**ENV, "COLUMNS": "10000"}   # one line per flag: the help text is not wrapped
+    shown = subprocess.run([sys.executable, "-m", "training.grpo", "--help"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, check=True).stdout
+    entries: dict[str, str] = {}   # first flag → its lines (the help goes below a long flag)
+    for line in shown.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif line.startswith("    ") and entries:
+            entries[flag] += " " + line.strip()
+    for f in fields(GRPOConfig):
+        assert f.metadata["help"] and f.metadata["help"] in entries[GRPOConfig.flag(f.name)], f.name
+    assert "--lora" in entries and "training.grpo --lora" in shown   # the mode flag, and the docstring's commands
+    assert "--algo {grpo,nft,rft,sft}" in shown and "settings of --algo nft only:" in shown
+
+
+def test_each_objective_checks_its_own_settings():
+    assert set(setting_owners()) <= {f.name for f in fields(GRPOConfig)}
+    assert setting_owners()["timesteps_per_sample"] == ["nft"] and setting_owners()["broadcast"] == ["grpo", "nft"]
+    assert parse_args(["--lora", "--algo", "nft", "--timesteps-per-sample", "3"]).timesteps_per_sample == 3
+    for argv, refusal in (
+            (["--algo", "grpo", "--timesteps-per-sample", "3"],
+             "--algo grpo does not use --timesteps-per-sample 3 (a setting of --algo nft)"),
+            (["--per-turn", "--no-rft-share", "--algo", "nft"],
+             "--algo nft does not use --no-rft-share (a setting of --algo rft)"),
+            (["--per-turn"], "--algo rft does not use --per-turn (a setting of --algo grpo / nft)"),
+            (["--algo", "nft", "--timesteps-per-sample", "0"], "--timesteps-per-sample must be >= 1, got 0"),
+            (["--algo", "grpo", "--clip-range", "0"], "--clip-range must be > 0, got 0.0"),
+            (["--algo", "sft", "--polyak", "1.5"], "--polyak must be in [0, 1], got 1.5")):
+        with pytest.raises(ValueError) as refused:
+            parse_args(["--lora", *argv])
+        assert str(refused.value) == refusal
+    with pytest.raises(SystemExit):   # --algo's choices are the registered objectives
+        parse_args(["--lora", "--algo", "ppo"])
 
 
 @pytest.fixture(scope="module")

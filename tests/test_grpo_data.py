@@ -24,7 +24,8 @@ from mteditlab.sessions_data import DataSession, DataTurn
 from tests.chat_server import ChatServer, completion, error, text_choice
 from tests.tiny_pipelines import tiny_kontext
 from tests.tiny_qwen_vl import served_tiny_judge
-from training.grpo import GRPOConfig, parse_args, train
+from training.config import GRPOConfig, parse_args
+from training.grpo import train
 from training.sampling import DataSessions
 
 ROOT = Path(__file__).resolve().parents[1]

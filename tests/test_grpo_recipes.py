@@ -19,8 +19,11 @@ from mteditlab.rewards.features import image_features, parse_cached
 from mteditlab.rewards.verifier import world_meta
 from mteditlab.world import generate_session, render, sessions
 from tests.chat_server import ChatServer, error
-from training.algorithms import ALGORITHMS, gold_examples, rft_examples
-from training.grpo import GRPOConfig, train
+from training.config import GRPOConfig
+from training.grpo import train
+from training.objectives import OBJECTIVES
+from training.objectives.rft import rft_examples
+from training.objectives.sft import gold_examples
 from training.sampling import WorldSessions, sample_turns
 from training.scoring import RewardTerms, turn_passed
 
@@ -68,7 +71,7 @@ def test_a_run_whose_judge_is_down_warns_then_stops(tmp_path, capsys):
 def test_old_policy_decay_schedules():
     ramp = GRPOConfig(algo="nft", old_decay="ramp")
     def old_decay(cfg, iteration):
-        return ALGORITHMS[cfg.algo](cfg).decay(iteration)
+        return OBJECTIVES[cfg.algo](cfg).decay(iteration)
 
     assert [old_decay(ramp, i) for i in (0, 100, 499, 2000)] == pytest.approx([0.0, 0.1, 0.499, 0.5])
     assert old_decay(GRPOConfig(algo="nft", ema_decay=0.9), 1234) == 0.9
@@ -98,9 +101,9 @@ def test_rollouts_are_drawn_by_the_old_adapter_when_asked(two_adapters):
     by_default = sample_turns(editor, session, [render(s.source) for s in session], cfg, 0)[0].x0
     with editor.old_policy():
         by_old = sample_turns(editor, session, [render(s.source) for s in session], cfg, 0)[0].x0
-    with ALGORITHMS["nft"](GRPOConfig(algo="nft", sample_by_old=True)).sampling_policy(editor):
+    with OBJECTIVES["nft"](GRPOConfig(algo="nft", sample_by_old=True)).sampling_policy(editor):
         sampled = sample_turns(editor, session, [render(s.source) for s in session], cfg, 0)[0].x0
-    with ALGORITHMS["nft"](cfg).sampling_policy(editor):
+    with OBJECTIVES["nft"](cfg).sampling_policy(editor):
         unchanged = sample_turns(editor, session, [render(s.source) for s in session], cfg, 0)[0].x0
     assert not torch.allclose(by_default, by_old)
     assert torch.equal(sampled, by_old) and torch.equal(unchanged, by_default)
@@ -215,7 +218,7 @@ def test_paired_benchmark_and_headroom_with_the_reference_editors(tmp_path):
     assert all(r["pass@1"] == r["pass@2"] == 1.0 for r in head["per_turn"])
     assert sum(r["n"] for r in head["per_op"].values()) == 36
 
-    result = bench_main(["--editor", "mini", "--lora", str(ROOT / "checkpoints" / "mini" / "grpo"), "--against", "base",
+    result = bench_main(["--editor", "mini", "--adapter", str(ROOT / "checkpoints" / "mini" / "grpo"), "--against", "base",
                          "--sessions", "6", "--turns", "2", "--split", "val", "--start", "100", "--json", str(tmp_path / "p.json")])
     assert result["start"] == 100 and result["against"]["lora"] is None and len(result["paired"]) == 2
     d = np.array(result["per_session"]["overall"]) - np.array(result["against"]["per_session"]["overall"])

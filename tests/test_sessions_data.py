@@ -163,7 +163,7 @@ def test_other_layouts_are_named_by_the_column_flags(tmp_path):
     assert all(t.reference is None for s in sessions for t in s.turns)
     assert sessions[0].turns[1].source is not None   # the data's own input of turn 2
 
-    from training.grpo import parse_args
+    from training.config import parse_args
     from training.sampling import load_pool
     cfg = parse_args(["--lora", "--sessions-from", str(tmp_path / "other.parquet"), "--turns", "2", "--reward", "judge=1.0", "--session-key",
                       "episode", "--turn-column", "step", "--image-column", "before", "--instruction-column", "prompt"])

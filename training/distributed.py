@@ -15,7 +15,7 @@ import torch
 from mteditlab.editors.flow_policy import FlowPolicy
 
 if TYPE_CHECKING:
-    from training.grpo import GRPOConfig
+    from training.config import GRPOConfig
 
 
 class Updater:

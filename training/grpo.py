@@ -9,6 +9,9 @@ reward-filtered self-training (RFT), with a supervised control (SFT).
         --reward-paths qwen-vl=http://HOST:8000/v1 --hacking-reference calibrated
     accelerate launch --config_file configs/accelerate/fsdp.yaml -m training.grpo --lora --algo nft --editor kontext ...
 
+The settings are :class:`training.config.GRPOConfig`'s fields, one flag each (``--help`` lists them with
+their help and defaults, an objective's own settings under its name).
+
 One iteration, top to bottom:
 
 1. **Rollouts** (``training.sampling``). ``sessions_per_step`` training sessions × ``num_generations``
@@ -24,7 +27,8 @@ One iteration, top to bottom:
    term (``--hacking-reference``) instead.
 3. **Credit.** ``training.credit.compute_advantages``: turn aggregation, reward/advantage fusion,
    broadcast vs per-turn, trajectory filtering, clamp.
-4. **Update** (``training.algorithms``, one class per objective). GRPO: for every SDE step of every
+4. **Update** (``training.objectives``: ``--algo`` picks a registered objective, one module each, that
+   declares and checks its own settings). GRPO: for every SDE step of every
    turn, ratio = exp(logp_θ − logp_old) and
        L = mean(max(−A·ratio, −A·clip(ratio, 1 − ε, 1 + ε))) + β·‖mean_θ − mean_ref‖² / (2·scale²),
    the reference being the same model with its adapter disabled. NFT: on the forward process,
@@ -51,10 +55,9 @@ One iteration, top to bottom:
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -63,129 +66,19 @@ from tqdm import tqdm
 
 from mteditlab.bench import run_benchmark
 from mteditlab.editors import EDITORS, get_editor
-from mteditlab.editors.flow_policy import FlowPolicy
-from mteditlab.intent import INTENT_MODES
-from mteditlab.registry import mapping
-from mteditlab.sessions_data import TurnColumns, parse_resolution
-from training.algorithms import ALGORITHMS
-from training.credit import FUSIONS, TURN_AGGREGATIONS
+from training.config import GRPOConfig, parse_args
 from training.distributed import Updater, accelerator_options, full_tensor, gathered_lora, ready_for_training
+from training.objectives import OBJECTIVES
 from training.operations import load_state, plot_metrics, save_state
-from training.sampling import WorldSessions, sample_turns, session_source
+from training.sampling import sample_turns, session_source
 from training.scoring import RewardTerms, hacking_alarm
-
-
-@dataclass
-class GRPOConfig:
-    # model
-    editor: str = "mini"
-    editor_path: str | None = None
-    algo: str = "rft"                     # rft | nft | grpo | sft (supervised control)
-    lora_rank: int = 32
-    lora_alpha: float = 32.0
-    lora_targets: str = "attention+conv"  # a named set of the editor's LoRA targets (mini: attention | attention+conv | all)
-    # sampling
-    num_generations: int = 4              # G rollouts per session (the group)
-    sessions_per_step: int = 16
-    turns: int = 5
-    steps: int = 10                       # denoising steps per turn
-    sde_window: int = 2                   # SDE (trained) steps per turn; ODE elsewhere
-    noise_level: float = 0.7              # a in std = a·sqrt(σ / (1 − σ))
-    intent: str = "reconstruct"           # none | concat | reconstruct
-    sessions_from: str | None = None      # DATASET: .jsonl / .parquet / folder / hf://NAME / .duckdb label store (default: the world)
-    resolution: str | None = None         # kontext | qwen-edit | INT (≈ INT² px): data images' size (default: the editor's)
-    session_key: str | None = None        # datasets with one row per turn: their columns (default: MagicBrush's,
-    turn_column: str | None = None        # img_id / turn_index / source_img / instruction / target_img,
-    image_column: str | None = None       # recognised without these flags)
-    instruction_column: str | None = None
-    reference_column: str | None = None
-    op_weights: dict[str, float] = field(default_factory=lambda: {"swap": 3.0})  # --op-weights OP=W,...: oversample sessions with these operations
-    overlap_scoring: bool = True          # score turn k on a background thread while turn k + 1 samples
-    # objective
-    learning_rate: float = 1e-3
-    clip_range: float = 2e-3
-    beta: float = 0.01                    # GRPO: weight of the KL to the reference (adapter disabled)
-    nft_beta: float = 1.0                 # NFT: guidance strength β of the implicit positive / negative policies
-    adv_clip_max: float = 5.0
-    num_minibatches: int = 1              # optimizer steps per batch of rollouts
-    inner_epochs: int = 1                 # passes over each batch of rollouts
-    max_grad_norm: float = 1.0
-    ema_decay: float = 0.9                # NFT old-policy EMA (constant --old-decay)
-    old_decay: str = "constant"           # constant (ema_decay) | ramp: d = min(0.001·iteration, 0.5)
-    timesteps_per_sample: int = 1         # NFT: forward-process times trained per sample
-    sample_by_old: bool = False           # NFT: rollouts drawn by the old (EMA) adapter
-    # reward-filtered self-training (rft) and its supervised control (sft)
-    rft_target: str = "auto"              # own | render (world editors only) | auto: render for a world editor on the world, else own
-    rft_threshold: float = 0.5            # a turn passes when its fused reward Σw·r/Σw ≥ this
-    rft_share: bool = True                # failed on-track rollouts learn from a sibling that passed
-    rft_mixed_only: bool = False          # keep only (session, turn) groups with both passes and failures
-    replay_size: int = 2048
-    rft_batch_size: int = 32
-    rft_updates: int = 8                  # optimizer steps per iteration
-    polyak: float = 0.95                  # exported adapter = Polyak average of the trained one (per iteration)
-    # multi-turn credit
-    reward_weights: dict[str, float] = field(default_factory=lambda: {"verifier": 1.0, "verifier.quality": 0.5})
-    # --reward TERM=W,...; TERM = a reward model's overall (NAME) or sub-score (NAME.SUB)
-    reward_paths: dict[str, str] = field(default_factory=dict)  # --reward-paths NAME=DIR,...: a reward model's artifact (e.g. calibrated=data/calibrated)
-    turn_aggregation: str = "mean"
-    fusion: str = "advantage"
-    broadcast: bool = True
-    trajectory_filter: bool = True
-    discount: float = 0.8
-    # operations
-    iterations: int = 50                  # ≈ 30 min of training on one thread of a 2-core CPU
-    max_minutes: float = 60.0             # stop after this much training time (0 = no limit)
-    eval_every: int = 10                  # evaluate on val every N iterations and after the last (0: never)
-    eval_sessions: int = 100
-    save_every: int = 10
-    hacking_window: int = 20
-    hacking_reference: str = ""           # TERM held out of --reward the monitor compares against (default: the world's gold)
-    reward_failure_warn: float = 0.5      # warn when more than this fraction of an iteration's rewards failed (NaN)
-    max_reward_failures: int = 3          # stop after this many such iterations in a row (0: never)
-    gradient_checkpointing: bool = False  # real backends: recompute activations in the backward pass
-    mixed_precision: str | None = None    # no | bf16 | fp16 for the real backends (default: accelerate's config)
-    seed: int = 0
-    out: str = "runs/grpo"
-
-    def __post_init__(self):
-        if self.algo not in ALGORITHMS:
-            raise ValueError(f"--algo must be one of {tuple(ALGORITHMS)}")
-        if self.sample_by_old and self.algo != "nft":
-            raise ValueError("--sample-by-old needs --algo nft (the old policy is NFT's)")
-        policy = EDITORS[self.editor]
-        if not issubclass(policy, FlowPolicy):
-            raise ValueError(f"--editor {self.editor} is not a flow-matching policy: nothing to train")
-        if self.rft_target == "auto":
-            self.rft_target = "render" if policy.world and not self.sessions_from else "own"
-        if not policy.world and (self.algo == "sft" or (self.algo == "rft" and self.rft_target == "render")):
-            raise ValueError(f"--editor {self.editor} does not edit the world's scenes, so it cannot learn from "
-                             "the world's gold pairs or clean re-renders (--algo sft, --rft-target render); "
-                             "use --algo rft --rft-target own, nft or grpo")
-        if policy.lora_presets and self.lora_targets not in policy.lora_presets or self.rft_target not in ("own", "render") \
-                or self.old_decay not in ("constant", "ramp"):
-            raise ValueError(f"bad --lora-targets ({sorted(policy.lora_presets)}), --rft-target (own, render) "
-                             "or --old-decay (constant, ramp)")
-        if self.turn_aggregation not in TURN_AGGREGATIONS or self.fusion not in FUSIONS or self.intent not in INTENT_MODES:
-            raise ValueError("bad --turn-aggregation, --fusion or --intent")
-        if not 1 <= self.sde_window <= self.steps - 1:
-            raise ValueError("--sde-window must be in [1, steps − 1] (the σ = 1 step is always an ODE step)")
-        if not 0 <= self.reward_failure_warn <= 1 or self.max_reward_failures < 0:
-            raise ValueError("--reward-failure-warn must be in [0, 1] and --max-reward-failures >= 0")
-        if self.hacking_reference in self.reward_weights:
-            raise ValueError(f"--hacking-reference {self.hacking_reference} is trained (in --reward): it must be held out")
-        if self.sessions_from:
-            world_only = [t for t in self.reward_weights if t.partition(".")[0] == WorldSessions.gold]
-            if world_only or self.algo == "sft" or (self.algo == "rft" and self.rft_target == "render"):
-                raise ValueError("--sessions-from has no world to verify against: pass --reward without the "
-                                 "verifier (e.g. qwen-vl=1.0), --rft-target own with --algo rft, and no --algo sft")
-            parse_resolution(self.resolution)
 
 
 def train(cfg: GRPOConfig) -> Path:
     """Train for ``cfg.iterations`` iterations (resuming from ``cfg.out/checkpoint``); the exported adapter's directory."""
     from accelerate import Accelerator
 
-    algo = ALGORITHMS[cfg.algo](cfg)
+    algo = OBJECTIVES[cfg.algo](cfg)
     distributed = EDITORS[cfg.editor].distributed
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               **(accelerator_options(cfg, algo.loss_terms()) if distributed else {}))
@@ -312,38 +205,5 @@ def train(cfg: GRPOConfig) -> Path:
     return out / "adapter"
 
 
-def parse_args(argv: list[str] | None = None) -> GRPOConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (the only mode)")
-    flags = {"reward_weights": "--reward"}
-    metavars = {"reward_weights": "TERM=WEIGHT,...", "reward_paths": "NAME=DIR,...", "op_weights": "OP=WEIGHT,..."}
-    helps = {"reward_failure_warn": "warn (reward_failing in the metrics) when more than this fraction of an "
-                                    "iteration's rewards failed (default: %(default)s)",
-             "max_reward_failures": "stop with an error after this many such iterations in a row, e.g. when the "
-                                    "judge endpoint is down (0: never; default: %(default)s)",
-             **{f.name: f"datasets with one row per turn: their {f.name.replace('_', ' ')} (default: "
-                        f"MagicBrush's '{f.default}')" for f in fields(TurnColumns)}}
-    for f in fields(GRPOConfig):
-        if f.name == "broadcast":
-            continue
-        flag = flags.get(f.name, "--" + f.name.replace("_", "-"))
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
-        elif str(f.type).startswith("dict"):
-            parser.add_argument(flag, dest=f.name, type=mapping(str if f.name == "reward_paths" else float),
-                                default=f.default_factory(), metavar=metavars[f.name])
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=helps.get(f.name))
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--broadcast", dest="broadcast", action="store_true", default=True,
-                       help="one trajectory advantage on every turn and step (default)")
-    group.add_argument("--per-turn", dest="broadcast", action="store_false", help="per-turn advantages")
-    args = vars(parser.parse_args(argv))
-    if not args.pop("lora"):
-        parser.error("pass --lora: the trainer tunes a LoRA adapter on the editor")
-    return GRPOConfig(**args)
-
-
 if __name__ == "__main__":
-    train(parse_args())
+    train(parse_args(description=__doc__))

@@ -144,9 +144,9 @@ def evaluation_set(args, work: Path, editor_available: bool) -> Examples:
     if editor_available:
         from mteditlab.editors import get_editor  # the editor stack (diffusers) loads only when rollouts are made
         path = Path(args.editor_path or MINI_EDITOR_CHECKPOINT)
-        tag = editor_fingerprint(path) + (f"-lora{editor_fingerprint(args.eval_editor_lora)}" if args.eval_editor_lora else "")
+        tag = editor_fingerprint(path) + (f"-lora{editor_fingerprint(args.eval_editor_adapter)}" if args.eval_editor_adapter else "")
         parts.append(cached(work / f"v{DATA_VERSION}-test-mini-{tag}-{args.eval_editor_sessions}-s{args.seed}.npz",
-                            lambda: editor_examples(get_editor("mini", path=path, lora=args.eval_editor_lora), "test",
+                            lambda: editor_examples(get_editor("mini", path=path, lora=args.eval_editor_adapter), "test",
                                                     args.eval_editor_sessions, seed=args.seed)))
     return Examples.concat(parts)
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-editor", choices=("auto", "mini", "none"), default="auto",
                         help="add mini-editor rollouts to the test set (auto: when its checkpoint exists)")
     parser.add_argument("--eval-editor-sessions", type=int, default=200)
-    parser.add_argument("--eval-editor-lora", type=Path, default=None,
+    parser.add_argument("--eval-editor-adapter", type=Path, default=None,
                         help="evaluate on rollouts of the mini editor with this LoRA adapter (e.g. checkpoints/mini/grpo)")
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         report = run_eval(judge, examples, json_path, {
             "judge": str(args.judge or args.out), "command": " ".join(["python -m training.judge", *(sys.argv[1:] if argv is None else argv)]),
             "editor": {"path": str(editor_path), "fingerprint": editor_fingerprint(editor_path),
-                       "lora": str(args.eval_editor_lora) if args.eval_editor_lora else None} if editor_available else None})
+                       "lora": str(args.eval_editor_adapter) if args.eval_editor_adapter else None} if editor_available else None})
         save_text_cache(judge.text_encoder, text_cache)
         return report
 

@@ -16,7 +16,7 @@ from training.distributed import full_tensor
 from training.scoring import GOLD
 
 if TYPE_CHECKING:
-    from training.grpo import GRPOConfig
+    from training.config import GRPOConfig
 
 
 def save_state(out: Path, editor: FlowPolicy, optimizer, iteration: int, cfg: GRPOConfig, buffer: list, *,

@@ -4,8 +4,8 @@
 
 Loss (rectified flow): x_σ = (1 − σ)·x0 + σ·ε, σ ~ logit-normal, L = ‖v_θ(x_σ, σ, source, text) − (ε − x0)‖².
 Each example is one turn of a ``train``-split session: input = the true scene before the turn, target =
-the true scene after it, text = the explicit intent or (for non-referential turns, half the time) the
-instruction as phrased. Resumable: rerun the same command and it continues from ``--work``.
+the true scene after it, text = the explicit intent or (for non-referential turns, ``--phrasing-rate`` of
+the time, half by default) the instruction as phrased. Resumable: rerun the same command and it continues from ``--work``.
 
 Continue a released checkpoint to convergence (weights and EMA start from ``--init-from``, the learning
 rate warms up again and decays on a cosine to ``--min-lr``; every ``--eval-every`` steps the EMA is
@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--sessions", type=int, default=4000, help="train sessions in the data pool")
     parser.add_argument("--session-turns", type=int, default=5, help="turns per train session in the data pool")
+    parser.add_argument("--phrasing-rate", type=float, default=0.5,
+                        help="how often a non-referential turn is conditioned on its instruction as phrased "
+                             "instead of its explicit intent (default: %(default)s)")
     parser.add_argument("--op-weights", type=mapping(float), default={}, metavar="OP=WEIGHT,...",
                         help="draw turns of these operations WEIGHT times as often (e.g. swap=3; default: uniform)")
     parser.add_argument("--resolution", type=int, default=32)
@@ -171,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
             group["lr"] = lr
         idx = (torch.multinomial(draw, args.batch_size, replacement=True) if args.op_weights
                else torch.randint(len(texts), (args.batch_size,)))
-        prompts = [texts[i][1] if texts[i][1] and random.random() < 0.5 else texts[i][0] for i in idx.tolist()]
+        prompts = [texts[i][1] if texts[i][1] and random.random() < args.phrasing_rate else texts[i][0]
+                   for i in idx.tolist()]
         text, mask = editor.text_encoder(prompts)
         x0, source = after[idx], before[idx]
         noise = torch.randn_like(x0)

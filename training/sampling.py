@@ -34,7 +34,7 @@ from mteditlab.world import sessions as make_sessions
 from training.session_sources import sessions_from
 
 if TYPE_CHECKING:
-    from training.grpo import GRPOConfig
+    from training.config import GRPOConfig
 
 TRAIN_SESSIONS = 200_000  # size of the world pool training sessions are drawn from
 

@@ -10,7 +10,7 @@ Hugging Face Space, where configuration comes from the Space's variables and sec
 flag                        environment variable             default
 ==========================  ===============================  ===================================
 ``--editor-a/-b``           ``MTEDITLAB_EDITOR_A/_B``        ``mini`` / ``mini``
-``--lora-a/-b``             ``MTEDITLAB_LORA_A/_B``          none / ``checkpoints/mini/grpo``
+``--adapter-a/-b``          ``MTEDITLAB_ADAPTER_A/_B``       none / ``checkpoints/mini/grpo``
 ``--model-a/-b``            ``MTEDITLAB_MODEL_A/_B``         the editor's default weights
 ``--data-dir``              ``MTEDITLAB_DATA``               ``./data`` (``/data/mteditlab`` on
                                                              a Space with persistent storage)
@@ -292,15 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
                "line; a password may be 'sha256:<hex>'. See ui/config.py.",
     )
     g = parser.add_argument_group("arena sides (default: mini base vs mini + the RL adapter)")
-    for side, editor, lora in (("a", "mini", None), ("b", "mini", "default")):
+    for side, editor, adapter in (("a", "mini", None), ("b", "mini", "default")):
         up = side.upper()
         g.add_argument(f"--editor-{side}", default=_env(f"MTEDITLAB_EDITOR_{up}", editor),
                        choices=ALL_EDITORS, help=f"editor of side {up} [MTEDITLAB_EDITOR_{up}] "
                        f"(default {editor})")
-        g.add_argument(f"--lora-{side}", default=_env(f"MTEDITLAB_LORA_{up}", lora),
+        g.add_argument(f"--adapter-{side}", default=_env(f"MTEDITLAB_ADAPTER_{up}", adapter),
                        help=f"LoRA adapter directory for side {up}, or 'none' "
-                       f"[MTEDITLAB_LORA_{up}] (default "
-                       + (f"{DEFAULT_ADAPTER} when side B is mini, else none)" if lora else
+                       f"[MTEDITLAB_ADAPTER_{up}] (default "
+                       + (f"{DEFAULT_ADAPTER} when side B is mini, else none)" if adapter else
                           "none)"))
         g.add_argument(f"--model-{side}", default=_env(f"MTEDITLAB_MODEL_{up}"),
                        help=f"base weights of side {up}: a mini checkpoint directory or a model "
@@ -420,12 +420,12 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
             raise ConfigError(f"--threads must be a whole number 1..1024 or auto, got "
                               f"{args.threads!r}")
     hf = tuple(n.strip() for n in (args.hf_annotators or "").split(",") if n.strip())
-    lora_b = args.lora_b
-    if lora_b == "default":  # the shipped RL adapter belongs to the mini editor only
-        lora_b = DEFAULT_ADAPTER if args.editor_b == "mini" and not args.model_b else None
+    adapter_b = args.adapter_b
+    if adapter_b == "default":  # the shipped RL adapter belongs to the mini editor only
+        adapter_b = DEFAULT_ADAPTER if args.editor_b == "mini" and not args.model_b else None
     return AppConfig(
-        side_a=SideSpec(args.editor_a, _opt(args.lora_a), _opt(args.model_a)),
-        side_b=SideSpec(args.editor_b, _opt(lora_b), _opt(args.model_b)),
+        side_a=SideSpec(args.editor_a, _opt(args.adapter_a), _opt(args.model_a)),
+        side_b=SideSpec(args.editor_b, _opt(adapter_b), _opt(args.model_b)),
         data_dir=Path(args.data_dir) if args.data_dir else None,
         host=args.host, port=port, share=args.share,
         annotators=Credentials.parse(args.annotators, "--annotators"),
