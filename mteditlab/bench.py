@@ -59,6 +59,7 @@ from mteditlab.rewards.features import TINT_SCALE, image_features, parse_cached
 from mteditlab.rollout import Step, edit_step, rollout
 from mteditlab.sessions_data import (DataSession, add_column_arguments, columns_from, data_resolution,
                                      describe_skipped, read_sessions)
+from mteditlab.similarity import ImageSimilarity
 from mteditlab.world import Session, render, score_turn, sessions as make_sessions
 
 WORLD_SPLITS = ("train", "val", "test")
@@ -95,16 +96,19 @@ def run_benchmark(editor: Editor, sessions: Sequence[Session], *, seed: int = 0,
 def run_data_benchmark(editor: Editor, sessions: Sequence[DataSession], reward: RewardModel, *, seed: int = 0,
                        steps: int | None = None, intent: str = "reconstruct", batch_size: int = 64,
                        threshold: float = 0.5, teacher_forced: bool = False, progress: bool = True,
-                       outputs: dict | None = None) -> dict:
+                       outputs: dict | None = None, similarity=None) -> dict:
     """Roll ``editor`` over data ``sessions`` (own outputs, each up to its last turn), ``reward`` judging
     every turn (seed ``seed + k`` at turn k); return the metrics dictionary (module docstring). Per
     session and turn, NaN where there is no value: a turn the session lacks, a sub-score that does not
-    apply, a failed judgment. ``outputs``, when given, receives each session's outputs by id."""
+    apply, a failed judgment. ``outputs``, when given, receives each session's outputs by id;
+    ``similarity`` (an :class:`~mteditlab.similarity.ImageSimilarity`), when given, adds the embedding
+    similarity of each output to its reference."""
     turns = max(len(s.turns) for s in sessions)
     step = by_size(edit_step(editor.edit_batch, seed=seed, steps=steps, intent=intent, batch_size=batch_size))
     subs = [sub for sub in SUB_SCORES if sub in reward.sub_scores]
     keys = [*subs, "score", "success", *(["teacher_forced_success"] * teacher_forced),
-            *(["l1", "psnr"] * any(t.reference is not None for s in sessions for t in s.turns))]
+            *(["l1", "psnr", *["similarity"] * (similarity is not None)]
+              * any(t.reference is not None for s in sessions for t in s.turns))]
     cells = {key: np.full((len(sessions), turns), np.nan) for key in keys}
     failures: list[dict] = []
 
@@ -123,6 +127,10 @@ def run_data_benchmark(editor: Editor, sessions: Sequence[DataSession], reward: 
         for sub in subs:
             cells[sub][rows, k] = out.scores[sub]
         cells["score"][rows, k], cells["success"][rows, k] = out.overall, passed
+        referenced = [i for i in rows if sessions[i].turns[k].reference is not None]
+        if similarity is not None and referenced:
+            cells["similarity"][referenced, k] = similarity([edited[i] for i in referenced],
+                                                            [sessions[i].turns[k].reference for i in referenced])
         for i in rows:
             if (reference := sessions[i].turns[k].reference) is not None:
                 cells["l1"][i, k], cells["psnr"][i, k] = pixel_distance(edited[i], reference)
@@ -222,7 +230,7 @@ def standard_error(values: np.ndarray) -> float:
 
 
 PAIRED_KEYS = ("success", "overall", "teacher_forced_success", "exposure_gap")
-DATA_PAIRED_KEYS = (*SUB_SCORES, "score", *PAIRED_KEYS, "l1", "psnr")
+DATA_PAIRED_KEYS = (*SUB_SCORES, "score", *PAIRED_KEYS, "l1", "psnr", "similarity")
 SAME = ("split", "start", "sessions", "turns", "seed", "sessions_from", "session_ids", "reward", "pass_threshold")
 
 
@@ -271,8 +279,8 @@ def markdown_table(result: dict) -> str:
     with the turn (n) and the judgments that failed."""
     if "reward" in result:
         counts = ["n", "failures"]
-        keys = [k for k in (*SUB_SCORES, "score", "success", "overall", "marginal", "exposure_gap", "l1", "psnr")
-                if k in result["per_turn"][0]]
+        keys = [k for k in (*SUB_SCORES, "score", "success", "overall", "marginal", "exposure_gap", "l1", "psnr",
+                            "similarity") if k in result["per_turn"][0]]
     else:
         counts, keys = [], ["if", "cc", "ga", "success", "overall", "marginal", "exposure_gap", "quality", "tint_255"]
     lines = ["| turn | " + " | ".join(counts + keys) + " |", "|---" * (len(counts + keys) + 1) + "|"]
@@ -376,6 +384,9 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
                       help="a turn succeeds when the reward's overall score is at least this (default: %(default)s)")
     data.add_argument("--teacher-forced", action="store_true",
                       help="also feed every turn the data's own input of it and report the exposure gap")
+    data.add_argument("--similarity-model", type=Path, metavar="DIR",
+                      help="a local vision model with its image processor (DINO, CLIP): also report the cosine "
+                           "similarity of each output to its reference in its embedding space")
     add_column_arguments(parser)
     args = parser.parse_args(argv)
     if args.against and args.against_result:
@@ -384,17 +395,19 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
     options = dict(seed=args.seed, steps=args.steps, intent=args.intent, batch_size=args.batch_size)
     if args.sessions_from:
         sessions, skipped, reward = load_data(args, parser)
+        similarity = ImageSimilarity(args.similarity_model) if args.similarity_model else None
         title = (f"\n{args.editor}{' + ' + args.adapter if args.adapter else ''} on {args.sessions_from} ({args.split}): "
                  f"{len(sessions)} sessions × up to {max(len(s.turns) for s in sessions)} turns, judged by "
                  f"{args.reward} (success: score ≥ {args.pass_threshold:g}), intent={args.intent}\n")
 
         def bench(editor: Editor, outputs: dict | None = None) -> dict:
             result = run_data_benchmark(editor, sessions, reward, threshold=args.pass_threshold,
-                                        teacher_forced=args.teacher_forced, outputs=outputs, **options)
+                                        teacher_forced=args.teacher_forced, outputs=outputs,
+                                        similarity=similarity, **options)
             return {**result, "split": args.split, "start": args.start, "sessions_from": args.sessions_from,
                     "skipped": skipped}
     else:
-        data_only = [f"--{flag.replace('_', '-')}" for flag in ("reward", "teacher_forced", "resolution")
+        data_only = [f"--{flag.replace('_', '-')}" for flag in ("reward", "teacher_forced", "resolution", "similarity_model")
                      if getattr(args, flag)] + ["the column flags"] * (columns_from(args) is not None)
         if data_only:
             parser.error(f"{', '.join(data_only)}: for data sessions (--sessions-from); the world is judged by its "

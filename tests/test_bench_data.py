@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from labeling.cli import main as labeling_main
 from labeling.store import LabelStore
 from mteditlab.bench import main, paired
 from tests.chat_server import ChatServer, digit_reply, error
-from tests.test_sessions_data import SESSIONS, broken_rows, write_magicbrush
+from tests.test_sessions_data import SESSIONS, broken_rows, photo, write_magicbrush
 from tests.tiny_pipelines import tiny_kontext
 from tests.tiny_qwen_vl import served_tiny_judge
 from training.config import parse_args
@@ -189,3 +190,38 @@ def test_the_worlds_figures_are_unchanged():
                    "--sessions", "16", "--turns", "4", "--split", "val", "--start", "40"])
     assert json.loads(json.dumps({**result, "lora": expected["lora"]})) == expected
     assert not any(isinstance(v, float) and math.isnan(v) for row in result["per_turn"] for v in row.values())
+
+
+@pytest.fixture(scope="module")
+def vision_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-weight DINOv2 and CLIP, each saved with its image processor as a local folder."""
+    from transformers import BitImageProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, Dinov2Config, Dinov2Model
+
+    root, small = tmp_path_factory.mktemp("vision"), dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    crop = {"size": {"shortest_edge": 28}, "crop_size": {"height": 28, "width": 28}}
+    Dinov2Model(Dinov2Config(**small, num_hidden_layers=2, image_size=28, patch_size=14)).save_pretrained(root / "dino")
+    BitImageProcessor(**crop).save_pretrained(root / "dino")
+    CLIPModel(CLIPConfig(text_config=dict(**small, num_hidden_layers=1, vocab_size=99), projection_dim=16,
+                         vision_config=dict(**small, num_hidden_layers=1, image_size=28, patch_size=14))
+              ).save_pretrained(root / "clip")
+    CLIPImageProcessor(**crop).save_pretrained(root / "clip")
+    return {"dino": root / "dino", "clip": root / "clip"}
+
+
+def test_outputs_are_compared_with_their_references_in_a_vision_models_space(tmp_path, magicbrush, vision_models):
+    from mteditlab.similarity import ImageSimilarity
+
+    images = [Image.fromarray((photo(kind, seed) * 255).astype(np.uint8)) for kind, seed in (("landscape", 1),
+                                                                                                ("texture", 2))]
+    for path in vision_models.values():
+        cos = ImageSimilarity(path)(images, [images[0], images[0]])
+        assert cos[0] == pytest.approx(1.0, abs=1e-5) and -1 <= cos[1] < 0.999
+    base = tmp_path / "base.json"
+    main(["--editor", "identity", "--sessions-from", str(magicbrush), "--reward", "judge", "--json", str(base),
+          "--similarity-model", str(vision_models["dino"])])
+    result = main(["--editor", "mini", "--sessions-from", str(magicbrush), "--reward", "judge", "--against-result",
+                   str(base), "--similarity-model", str(vision_models["dino"])])
+    assert all(-1 <= row["similarity"] <= 1 and row["similarity_se"] >= 0 for row in result["per_turn"])
+    assert all("delta_similarity" in row for row in result["paired"])
+    with pytest.raises(FileNotFoundError, match="no model here"):
+        ImageSimilarity(tmp_path / "nowhere")
