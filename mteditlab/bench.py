@@ -66,9 +66,12 @@ WORLD_SPLITS = ("train", "val", "test")
 
 
 def run_benchmark(editor: Editor, sessions: Sequence[Session], *, seed: int = 0, steps: int | None = None,
-                  intent: str = "reconstruct", batch_size: int = 64, progress: bool = True) -> dict:
-    """Roll ``editor`` over ``sessions`` (own outputs) and, from turn 2 on, also from the true previous
-    scene; return the metrics dictionary (see module docstring)."""
+                  intent: str = "reconstruct", batch_size: int = 64, progress: bool = True,
+                  teacher_forced: bool = True) -> dict:
+    """Roll ``editor`` over ``sessions`` (own outputs) and, from turn 2 on and unless ``teacher_forced`` is
+    False (about half the cost), also from the true previous scene; return the metrics dictionary (see
+    module docstring; without the teacher-forced pass it has no ``teacher_forced_success`` and
+    ``exposure_gap``)."""
     turns = len(sessions[0].turns)
     step = edit_step(editor.edit_batch, seed=seed, steps=steps, intent=intent, batch_size=batch_size)
     own = np.zeros((len(sessions), turns, 4))  # if, cc, ga, success
@@ -81,13 +84,16 @@ def run_benchmark(editor: Editor, sessions: Sequence[Session], *, seed: int = 0,
             own[i, k] = list(score_turn(s, k, parse_cached(before, before.width), scene).as_dict().values())
             features = image_features(after, after.width, scene=scene)
             looks[i, k] = features["quality"], features["tint"] * TINT_SCALE * 255
-        forced[:, k] = teacher_forced_success(step, sessions, k) if k else own[:, 0, 3]
+        if teacher_forced:
+            forced[:, k] = teacher_forced_success(step, sessions, k) if k else own[:, 0, 3]
 
     rollout(sessions, step, turns=turns, sources=[render(s.source) for s in sessions], on_turn=score,
             progress=progress, desc=f"bench {editor.name}")
     per_session = {"if": own[:, :, 0], "cc": own[:, :, 1], "ga": own[:, :, 2], "success": own[:, :, 3],
                    "overall": np.cumprod(own[:, :, 3], axis=1), "teacher_forced_success": forced,
                    "exposure_gap": forced - own[:, :, 3], "quality": looks[:, :, 0], "tint_255": looks[:, :, 1]}
+    if not teacher_forced:
+        del per_session["teacher_forced_success"], per_session["exposure_gap"]
     return {"editor": editor.name, "split": sessions[0].split, "start": sessions[0].index, "sessions": len(sessions),
             "turns": turns, "seed": seed, "steps": steps or editor.default_steps, "intent": intent,
             "per_turn": summarize(per_session), "per_session": {k: to_json(v) for k, v in per_session.items()}}
@@ -282,7 +288,8 @@ def markdown_table(result: dict) -> str:
         keys = [k for k in (*SUB_SCORES, "score", "success", "overall", "marginal", "exposure_gap", "l1", "psnr",
                             "similarity") if k in result["per_turn"][0]]
     else:
-        counts, keys = [], ["if", "cc", "ga", "success", "overall", "marginal", "exposure_gap", "quality", "tint_255"]
+        counts, keys = [], [k for k in ("if", "cc", "ga", "success", "overall", "marginal", "exposure_gap", "quality",
+                                         "tint_255") if k in result["per_turn"][0]]
     lines = ["| turn | " + " | ".join(counts + keys) + " |", "|---" * (len(counts + keys) + 1) + "|"]
     for row in result["per_turn"]:
         cells = [str(row[k]) for k in counts] + [_cell(row[k], row[k + "_se"], "") for k in keys]
@@ -371,6 +378,10 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
     parser.add_argument("--pass-at", type=int, help="teacher-forced pass@1 vs pass@K headroom instead")
     parser.add_argument("--json", type=Path, help="write the metrics here")
     parser.add_argument("--plot", type=Path, help="write a PNG of success vs turn here")
+    parser.add_argument("--teacher-forced", action=argparse.BooleanOptionalAction, default=None,
+                        help="also feed every turn its true input (the world's true previous scene; on data, the "
+                             "data's own input of the turn) and report the exposure gap (default: on for the world, "
+                             "off for data; --no-teacher-forced about halves the world's cost)")
     data = parser.add_argument_group("data sessions, judged by a reward instead of the world's verifier")
     data.add_argument("--sessions-from", metavar="DATA",
                       help=".jsonl / .parquet / folder / hf://NAME, as the trainer reads it")
@@ -382,8 +393,6 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
                       help="a reward's weights, artifact or served http(s)://HOST:PORT/v1 URL, as in training")
     data.add_argument("--pass-threshold", type=float, default=0.5,
                       help="a turn succeeds when the reward's overall score is at least this (default: %(default)s)")
-    data.add_argument("--teacher-forced", action="store_true",
-                      help="also feed every turn the data's own input of it and report the exposure gap")
     data.add_argument("--similarity-model", type=Path, metavar="DIR",
                       help="a local vision model with its image processor (DINO, CLIP): also report the cosine "
                            "similarity of each output to its reference in its embedding space")
@@ -402,12 +411,12 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
 
         def bench(editor: Editor, outputs: dict | None = None) -> dict:
             result = run_data_benchmark(editor, sessions, reward, threshold=args.pass_threshold,
-                                        teacher_forced=args.teacher_forced, outputs=outputs,
+                                        teacher_forced=bool(args.teacher_forced), outputs=outputs,
                                         similarity=similarity, **options)
             return {**result, "split": args.split, "start": args.start, "sessions_from": args.sessions_from,
                     "skipped": skipped}
     else:
-        data_only = [f"--{flag.replace('_', '-')}" for flag in ("reward", "teacher_forced", "resolution", "similarity_model")
+        data_only = [f"--{flag.replace('_', '-')}" for flag in ("reward", "resolution", "similarity_model")
                      if getattr(args, flag)] + ["the column flags"] * (columns_from(args) is not None)
         if data_only:
             parser.error(f"{', '.join(data_only)}: for data sessions (--sessions-from); the world is judged by its "
@@ -420,7 +429,7 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
                  f"from {args.start} × {turns} turns, intent={args.intent}\n")
 
         def bench(editor: Editor, outputs: dict | None = None) -> dict:
-            return run_benchmark(editor, sessions, **options)
+            return run_benchmark(editor, sessions, teacher_forced=args.teacher_forced is not False, **options)
 
     editor = get_editor(args.editor, lora=args.adapter, path=args.editor_path)
     outputs = {"this": {}, "other": {}} if keep is not None else {}

@@ -35,3 +35,14 @@ def test_a_saved_result_is_paired_without_running_it_again(tmp_path):
         assert "same split, sessions, turns and seed" in str(error)
     else:
         raise AssertionError("a result over other turns was paired")
+
+
+def test_without_the_teacher_forced_pass_the_rest_is_the_same():
+    full = main(["--editor", "identity", "--sessions", "8", "--turns", "3", "--split", "val"])
+    own = main(["--editor", "identity", "--sessions", "8", "--turns", "3", "--split", "val", "--no-teacher-forced"])
+    assert "exposure_gap" not in own["per_session"] and "exposure_gap" not in own["per_turn"][0]
+    assert own["per_session"] == {k: v for k, v in full["per_session"].items()
+                                  if k not in ("teacher_forced_success", "exposure_gap")}
+    assert [row["delta_overall"] for row in main(
+        ["--editor", "identity", "--sessions", "8", "--turns", "3", "--split", "val", "--no-teacher-forced",
+         "--against", "base"])["paired"]] == [0.0, 0.0, 0.0]
