@@ -18,8 +18,8 @@ Every per-turn rate comes with its standard error over sessions (``KEY_se``).
 directory) on the same sessions and seeds and reports Δ = this − that per turn with the paired standard
 error s.e.(Δ) = std(d_i) / √n over the per-session differences d_i; ``--against-result R.json`` pairs
 with a result saved earlier by ``--json`` (same split, sessions and seed) instead of running it again.
-``--pass-at K`` samples every turn K times from the true previous scene (teacher-forced, seeds ``seed..seed+K−1``) and reports pass@1 (mean
-success) and pass@K (any success) per turn and per operation. ``--start N`` takes sessions N, N+1, ...
+``--pass-at K`` samples every turn K times from the true previous scene (teacher-forced, seeds
+``seed..seed+K−1``) and reports pass@1 (mean success) and pass@K (any success) per turn and per operation. ``--start N`` takes sessions N, N+1, ...
 
 On data (``--sessions-from``: what the trainer reads, e.g. MagicBrush's one row per turn) a reward
 named as in training judges every turn instead of the verifier:
