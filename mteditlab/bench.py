@@ -19,7 +19,8 @@ directory) on the same sessions and seeds and reports Δ = this − that per tur
 error s.e.(Δ) = std(d_i) / √n over the per-session differences d_i; ``--against-result R.json`` pairs
 with a result saved earlier by ``--json`` (same split, sessions and seed) instead of running it again.
 ``--pass-at K`` samples every turn K times from the true previous scene (teacher-forced, seeds
-``seed..seed+K−1``) and reports pass@1 (mean success) and pass@K (any success) per turn and per operation. ``--start N`` takes sessions N, N+1, ...
+``seed..seed+K−1``) and reports pass@1 (mean success) and pass@K (any success) per turn and per operation.
+``--start N`` takes sessions N, N+1, ...
 
 On data (``--sessions-from``: what the trainer reads, e.g. MagicBrush's one row per turn) a reward
 named as in training judges every turn instead of the verifier:
@@ -30,8 +31,9 @@ named as in training judges every turn instead of the verifier:
 Each editor edits its own previous output until the session's last turn. Per turn: the reward's
 sub-scores (``if``, ``cc``, ``ga``, ``quality``: those it judges) and its overall ``score``;
 ``success`` = score ≥ ``--pass-threshold``; ``overall`` and ``marginal`` as on the world; with
-references ``l1`` = mean |output − reference| and ``psnr`` = 10·log10(1 / MSE) in [0, 1] RGB pixels;
-with ``--teacher-forced`` the success fed the data's own input of each turn and the exposure gap.
+references ``l1`` = mean |output − reference| and ``psnr`` = 10·log10(1 / MSE) in [0, 1] RGB pixels,
+and with ``--similarity-model DIR`` the cosine ``similarity`` of the two images' DINO / CLIP embeddings
+(:mod:`mteditlab.similarity`); with ``--teacher-forced`` the success fed the data's own input of each turn and the exposure gap.
 Every mean is over the sessions that have a value: a judgment that failed is no score (listed in
 ``failures`` with its session and turn, counted per turn), and a session's ``overall`` is left out
 from its first failed turn on. ``sessions`` counts the sessions evaluated, ``skipped`` lists the
@@ -135,13 +137,13 @@ def run_data_benchmark(editor: Editor, sessions: Sequence[DataSession], reward: 
             cells[sub][rows, k] = out.scores[sub]
         cells["score"][rows, k], cells["success"][rows, k] = out.overall, passed
         referenced = [i for i in rows if sessions[i].turns[k].reference is not None]
+        for i in referenced:
+            cells["l1"][i, k], cells["psnr"][i, k] = pixel_distance(edited[i], sessions[i].turns[k].reference)
         if similarity is not None and referenced:
             cells["similarity"][referenced, k] = similarity([edited[i] for i in referenced],
                                                             [sessions[i].turns[k].reference for i in referenced])
-        for i in rows:
-            if (reference := sessions[i].turns[k].reference) is not None:
-                cells["l1"][i, k], cells["psnr"][i, k] = pixel_distance(edited[i], reference)
-            if outputs is not None:
+        if outputs is not None:
+            for i in rows:
                 outputs.setdefault(sessions[i].id, []).append(edited[i])
         if teacher_forced and k == 0:
             cells["teacher_forced_success"][rows, 0] = passed   # turn 1 is fed the data's source either way

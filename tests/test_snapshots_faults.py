@@ -79,19 +79,24 @@ def test_a_fault_that_passes_within_the_wait_resumes(tmp_path, pushed):
         sync.stop(final_push=False)
 
 
-def test_labels_given_while_unverified_never_replace_the_remote(tmp_path, pushed):
-    """A persistent disk that started empty while the remote was unreachable: its labels are
-    not pushed at the next start either, the remote's snapshot stays as it was."""
-    target, judgments = pushed
-    before = digest(target.root)
-    target.fault = "5xx"
-    store, sync = start(tmp_path / "second", target)
+def label_while_unverified(data, target) -> None:
+    """Start on ``data`` while ``target`` cannot be read (pushing is off), store one judgment, stop."""
+    store, sync = start(data, target)
     with store:
         assert sync.problem
         cid = setup(store, 1)[0]
         store.add_annotator("late")
         store.record_judgment(cid, "late", None, "overall", "A", "A", blind=True)
         sync.stop()
+
+
+def test_labels_given_while_unverified_never_replace_the_remote(tmp_path, pushed):
+    """A persistent disk that started empty while the remote was unreachable: its labels are
+    not pushed at the next start either, the remote's snapshot stays as it was."""
+    target, judgments = pushed
+    before = digest(target.root)
+    target.fault = "5xx"
+    label_while_unverified(tmp_path / "second", target)
     target.fault = None
     store, sync = start(tmp_path / "second", target)        # same disk, remote reachable
     with store:
@@ -103,13 +108,7 @@ def test_labels_given_while_unverified_never_replace_the_remote(tmp_path, pushed
 
 def test_a_store_started_unverified_pushes_once_the_remote_is_known_empty(tmp_path):
     target = HubLikeTarget(tmp_path / "remote", fault="timeout")     # a repo not created yet
-    store, sync = start(tmp_path / "data", target)
-    with store:
-        assert sync.problem
-        cid = setup(store, 1)[0]
-        store.add_annotator("late")
-        store.record_judgment(cid, "late", None, "overall", "A", "A", blind=True)
-        sync.stop()
+    label_while_unverified(tmp_path / "data", target)
     target.fault = None
     store, sync = start(tmp_path / "data", target)
     with store:
