@@ -21,13 +21,14 @@ ORIGIN = "bench"
 
 def store_items(store: LabelStore, sessions: Sequence, sides: Sequence[tuple[str, str | None, dict]], *,
                 seed: int, meta: dict) -> int:
-    """Store each data session's ``sides``, ``(editor, adapter, outputs by session id)``, and pair them
-    as one labeling item; returns the number of items. ``meta`` (plus the session's id) goes on both."""
+    """Store each data session's ``sides``, ``(editor, adapter, (output, intent told) per turn by session
+    id)``, and pair them as one labeling item; returns the number of items. ``meta`` (plus the session's
+    id) goes on both."""
     for session in sessions:
         source = store.put_image(session.source)
         ids = [store.add_session(editor, adapter, seed, source,
-                                 [{"instruction": t.instruction, "intent": t.intent, "output_sha": store.put_image(o)}
-                                  for t, o in zip(session.turns, outputs[session.id])],
+                                 [{"instruction": t.instruction, "intent": intent, "output_sha": store.put_image(o)}
+                                  for t, (o, intent) in zip(session.turns, outputs[session.id])],
                                  {**meta, "session": session.id})
                for editor, adapter, outputs in sides]
         store.add_comparison(*ids)

@@ -81,20 +81,20 @@ def simulate(store: LabelStore, *, sessions: int = 200, turns: int = 3, annotato
         sides = []
         for name in rng.choice(names, size=2, replace=False):
             editor = editors[str(name)]
-            outputs, defects = editor.run_session(world, random.Random(f"{seed}/{index}/{name}"))
+            outputs, defects, intents = editor.run_session(world, random.Random(f"{seed}/{index}/{name}"))
             defects_seen.update(defects)
             inputs = [source] + outputs[:-1]
             verdicts = [score_turn(world, k, parse_cached(inputs[k]), parse_cached(outputs[k]))
                         for k in range(turns)]
             for image in outputs:
                 images.setdefault(image.tobytes(), image)
-            sides.append((editor, [o.tobytes() for o in outputs], verdicts, defects))
+            sides.append((editor, [o.tobytes() for o in outputs], verdicts, defects, intents))
         votes = []
         for j in rng.choice(len(pool), size=overlap, replace=False):
             annotator = pool[int(j)]
             left = "A" if rng.random() < 0.5 else "B"
             per_turn = [[turn_utility(v, d, annotator) for v, d in zip(verdicts, defects)]
-                        for _, _, verdicts, defects in sides]
+                        for _, _, verdicts, defects, _ in sides]
             units = [(k, per_turn[0][k], per_turn[1][k]) for k in range(turns)]
             units.append((None, float(np.mean(per_turn[0])), float(np.mean(per_turn[1]))))
             for turn, u_a, u_b in units:
@@ -120,12 +120,12 @@ def simulate(store: LabelStore, *, sessions: int = 200, turns: int = 3, annotato
         for world, source_key, sides, votes in plan:
             ids = [store.add_session(
                 editor.name, None, seed, shas[source_key],
-                [{"instruction": t.instruction, "intent": t.intent, "output_sha": shas[key]}
-                 for t, key in zip(world.turns, outputs)],
+                [{"instruction": t.instruction, "intent": intent, "output_sha": shas[key]}
+                 for t, key, intent in zip(world.turns, outputs, intents)],
                 meta={"world": {"split": split, "index": world.index, "turns": turns},
                       "defects": defects, "profile": dataclasses.asdict(editor.profile),
                       "simulated": True})
-                for editor, outputs, _, defects in sides]
+                for editor, outputs, _, defects, intents in sides]
             cid = store.add_comparison(*ids)
             comparisons.append(cid)
             pending += [executor.submit(store.record_judgment, cid, name, turn, "overall", choice,

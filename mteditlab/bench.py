@@ -10,6 +10,15 @@ It also reports how the outputs look, whatever their content (:mod:`mteditlab.re
 the background from the nearest palette colour, in 0–255 units: what tint-averse people notice).
 Every per-turn rate comes with its standard error over sessions (``KEY_se``).
 
+    python -m mteditlab.bench --editor mini --intent rule     # or mini[:DIR], served:URL, none, concat
+
+``--intent SPEC`` picks the reconstructor that gives the editor each turn's intent
+(:mod:`mteditlab.reconstructors`; default ``oracle``, the gold). On the world the result also says, per
+turn, how the text the editor read (the intent, else the instruction) agrees with the gold intent:
+``intent_exact`` and ``intent_equivalent`` (parses to the same edit), on all turns and on the
+``_referential`` / ``_explicit`` ones; and ``intent_failures``, the turns the reconstructor failed on
+(the editor then reads the instruction alone).
+
     python -m mteditlab.bench --editor mini --adapter DIR --against base   # paired: Δ ± paired s.e. per turn
     python -m mteditlab.bench --editor mini --pass-at 8 --split val        # headroom: pass@1 vs pass@K
     python -m mteditlab.bench --editor mini --turns 10 --no-teacher-forced  # own outputs only: about half the cost
@@ -54,12 +63,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from mteditlab.editors import EDITORS, Editor, get_editor
-from mteditlab.intent import INTENT_MODES, turn_text
+from mteditlab.intent import TurnIntents
+from mteditlab.reconstructors import Reconstructor, ReconstructorError, build_reconstructor
+from mteditlab.reconstructors.metrics import intent_agreement
 from mteditlab.registry import mapping
 from mteditlab.rewards import RewardModel, get_reward
 from mteditlab.rewards.base import SUB_SCORES, EditSample
 from mteditlab.rewards.features import TINT_SCALE, image_features, parse_cached
-from mteditlab.rollout import Step, edit_step, rollout
+from mteditlab.rollout import EditStep, Step, rollout
 from mteditlab.sessions_data import (DataSession, add_column_arguments, columns_from, data_resolution,
                                      describe_skipped, read_sessions)
 from mteditlab.similarity import ImageSimilarity
@@ -69,14 +80,15 @@ WORLD_SPLITS = ("train", "val", "test")
 
 
 def run_benchmark(editor: Editor, sessions: Sequence[Session], *, seed: int = 0, steps: int | None = None,
-                  intent: str = "reconstruct", batch_size: int = 64, progress: bool = True,
+                  intent: Reconstructor | str = "oracle", batch_size: int = 64, progress: bool = True,
                   teacher_forced: bool = True) -> dict:
-    """Roll ``editor`` over ``sessions`` (own outputs) and, from turn 2 on and unless ``teacher_forced`` is
-    False (about half the cost), also from the true previous scene; return the metrics dictionary (see
-    module docstring; without the teacher-forced pass it has no ``teacher_forced_success`` and
+    """Roll ``editor`` over ``sessions`` (own outputs), each turn's intent from the reconstructor
+    ``intent``, and, from turn 2 on and unless ``teacher_forced`` is False (about half the cost), also
+    from the true previous scene (with the same intents); return the metrics dictionary (see module
+    docstring; without the teacher-forced pass it has no ``teacher_forced_success`` and
     ``exposure_gap``)."""
     turns = len(sessions[0].turns)
-    step = edit_step(editor.edit_batch, seed=seed, steps=steps, intent=intent, batch_size=batch_size)
+    step = EditStep(editor.edit_batch, seed=seed, steps=steps, intent=intent, batch_size=batch_size)
     own = np.zeros((len(sessions), turns, 4))  # if, cc, ga, success
     looks = np.zeros((len(sessions), turns, 2))  # quality, tint
     forced = np.zeros((len(sessions), turns))
@@ -94,26 +106,57 @@ def run_benchmark(editor: Editor, sessions: Sequence[Session], *, seed: int = 0,
             progress=progress, desc=f"bench {editor.name}")
     per_session = {"if": own[:, :, 0], "cc": own[:, :, 1], "ga": own[:, :, 2], "success": own[:, :, 3],
                    "overall": np.cumprod(own[:, :, 3], axis=1), "teacher_forced_success": forced,
-                   "exposure_gap": forced - own[:, :, 3], "quality": looks[:, :, 0], "tint_255": looks[:, :, 1]}
+                   "exposure_gap": forced - own[:, :, 3], "quality": looks[:, :, 0], "tint_255": looks[:, :, 1],
+                   **intent_cells(sessions, step.intents)}
     if not teacher_forced:
         del per_session["teacher_forced_success"], per_session["exposure_gap"]
+    per_turn = summarize(per_session)
+    for k, row in enumerate(per_turn):
+        row["intent_failures"] = step.intents.failures(k)
     return {"editor": editor.name, "split": sessions[0].split, "start": sessions[0].index, "sessions": len(sessions),
-            "turns": turns, "seed": seed, "steps": steps or editor.default_steps, "intent": intent,
-            "per_turn": summarize(per_session), "per_session": {k: to_json(v) for k, v in per_session.items()}}
+            "turns": turns, "seed": seed, "steps": steps or editor.default_steps, "intent": spec_of(step.intents),
+            "per_turn": per_turn, "per_session": {k: to_json(v) for k, v in per_session.items()}}
+
+
+AGREEMENT = ("intent_exact", "intent_equivalent")
+TURN_KINDS = ("", "_referential", "_explicit")
+
+
+def intent_cells(sessions: Sequence[Session], intents: TurnIntents) -> dict[str, np.ndarray]:
+    """Per session and turn, 1 or 0: whether the text the editor read (the intent, else the instruction)
+    is the gold intent (``intent_exact``) or parses to the same edit of the true scene
+    (``intent_equivalent``; :func:`~mteditlab.reconstructors.metrics.intent_agreement`); with
+    ``_referential`` / ``_explicit`` the same on those turns only (NaN on the others)."""
+    shape = (len(sessions), len(sessions[0].turns))
+    cells = {key + kind: np.full(shape, np.nan) for key in AGREEMENT for kind in TURN_KINDS}
+    for i, session in enumerate(sessions):
+        for k, told in enumerate(intents.told(i)):
+            kind = "_referential" if session.turns[k].referential else "_explicit"
+            for key, agrees in zip(AGREEMENT, intent_agreement(told or session.turns[k].instruction, session, k)):
+                cells[key][i, k] = cells[key + kind][i, k] = agrees
+    return cells
+
+
+def spec_of(intents: TurnIntents) -> str:
+    """What the result's ``intent`` names: the reconstructor's spec (``oracle``, ``mini:DIR``, ...)."""
+    return intents.reconstructor.spec or intents.reconstructor.name
 
 
 def run_data_benchmark(editor: Editor, sessions: Sequence[DataSession], reward: RewardModel, *, seed: int = 0,
-                       steps: int | None = None, intent: str = "reconstruct", batch_size: int = 64,
+                       steps: int | None = None, intent: Reconstructor | str = "oracle", batch_size: int = 64,
                        threshold: float = 0.5, teacher_forced: bool = False, progress: bool = True,
                        outputs: dict | None = None, similarity=None) -> dict:
     """Roll ``editor`` over data ``sessions`` (own outputs, each up to its last turn), ``reward`` judging
     every turn (seed ``seed + k`` at turn k); return the metrics dictionary (module docstring). Per
     session and turn, NaN where there is no value: a turn the session lacks, a sub-score that does not
-    apply, a failed judgment. ``outputs``, when given, receives each session's outputs by id;
+    apply, a failed judgment. Each turn's intent comes from the reconstructor ``intent`` (``oracle``: the
+    data's ``intents`` column, None where it has none), and the judge reads the one the editor was told.
+    ``outputs``, when given, receives each session's ``(output, intent told)`` per turn by id;
     ``similarity`` (an :class:`~mteditlab.similarity.ImageSimilarity`), when given, adds the embedding
     similarity of each output to its reference."""
     turns = max(len(s.turns) for s in sessions)
-    step = by_size(edit_step(editor.edit_batch, seed=seed, steps=steps, intent=intent, batch_size=batch_size))
+    edit = EditStep(editor.edit_batch, seed=seed, steps=steps, intent=intent, batch_size=batch_size)
+    step = by_size(edit)
     subs = [sub for sub in SUB_SCORES if sub in reward.sub_scores]
     keys = [*subs, "score", "success", *(["teacher_forced_success"] * teacher_forced),
             *(["l1", "psnr", *["similarity"] * (similarity is not None)]
@@ -123,7 +166,7 @@ def run_data_benchmark(editor: Editor, sessions: Sequence[DataSession], reward: 
 
     def judge(k: int, rows: list[int], inputs: list[Image.Image], edited: list[Image.Image], fed: str):
         samples = [EditSample(before, after, sessions[i].turns[k].instruction,
-                              [t.instruction for t in sessions[i].turns[:k]], turn_text(sessions[i], k, intent)[1],
+                              [t.instruction for t in sessions[i].turns[:k]], edit.intents.results[i][k].intent,
                               {"turn": k}) for i, before, after in zip(rows, inputs, edited)]
         out = reward.score(samples, seed=seed + k)
         failures.extend({"session": sessions[i].id, "turn": k + 1, "fed": fed, "reason": reason}
@@ -144,12 +187,12 @@ def run_data_benchmark(editor: Editor, sessions: Sequence[DataSession], reward: 
                                                             [sessions[i].turns[k].reference for i in referenced])
         if outputs is not None:
             for i in rows:
-                outputs.setdefault(sessions[i].id, []).append(edited[i])
+                outputs.setdefault(sessions[i].id, []).append((edited[i], edit.intents.results[i][k].intent))
         if teacher_forced and k == 0:
             cells["teacher_forced_success"][rows, 0] = passed   # turn 1 is fed the data's source either way
         elif teacher_forced and (fed := [i for i in rows if sessions[i].turns[k].source is not None]):
             given = [sessions[i].turns[k].source for i in fed]
-            edited_given = step(k, given, [sessions[i] for i in fed])
+            edited_given = step(k, given, [sessions[i] for i in fed], rows=fed)
             cells["teacher_forced_success"][fed, k] = judge(k, fed, given, edited_given, "data")[1]
 
     rollout(sessions, step, turns=turns, sources=[s.source for s in sessions], on_turn=score, progress=progress,
@@ -162,24 +205,29 @@ def run_data_benchmark(editor: Editor, sessions: Sequence[DataSession], reward: 
         row["n"] = sum(k < len(s.turns) for s in sessions)
         row["failures"] = sum(f["turn"] == k + 1 and f["fed"] == "own" for f in failures)
         row["overall_n"] = int(np.isfinite(per_session["overall"][:, k]).sum())
+        row["intent_failures"] = edit.intents.failures(k)
     return {"editor": editor.name, "sessions": len(sessions), "turns": turns, "seed": seed,
-            "steps": steps or editor.default_steps, "intent": intent, "reward": reward.name,
+            "steps": steps or editor.default_steps, "intent": spec_of(edit.intents), "reward": reward.name,
             "pass_threshold": threshold, "teacher_forced": teacher_forced, "session_ids": [s.id for s in sessions],
             "failures": failures, "per_turn": per_turn, "per_session": {k: to_json(v) for k, v in per_session.items()}}
 
 
-def by_size(step: Step) -> Step:
+def by_size(step: EditStep) -> Step:
     """``step`` on the sessions that have turn k, one input size at a time (a real backend's batch
     shares one size); a session past its last turn keeps its image. An output depends only on its
-    session, turn and input (:func:`~mteditlab.rollout.edit_step`), so the grouping changes nothing."""
+    session, turn and input (:class:`~mteditlab.rollout.EditStep`), so the grouping changes nothing.
+    ``rows``: the sessions' positions in the benchmark's list, when called on a subset."""
 
-    def run(k: int, inputs: list[Image.Image], sessions: Sequence[DataSession]) -> list[Image.Image]:
+    def run(k: int, inputs: list[Image.Image], sessions: Sequence[DataSession],
+            rows: Sequence[int] | None = None) -> list[Image.Image]:
+        rows = list(range(len(sessions))) if rows is None else list(rows)
         results, groups = list(inputs), {}
         for i, session in enumerate(sessions):
             if k < len(session.turns):
                 groups.setdefault(inputs[i].size, []).append(i)
-        for rows in groups.values():
-            for i, image in zip(rows, step(k, [inputs[i] for i in rows], [sessions[i] for i in rows])):
+        for group in groups.values():
+            outputs = step(k, [inputs[i] for i in group], [sessions[i] for i in group], rows=[rows[i] for i in group])
+            for i, image in zip(group, outputs):
                 results[i] = image
         return results
 
@@ -264,12 +312,12 @@ def paired(result: dict, reference: dict) -> list[dict]:
 
 
 def pass_at_k(editor: Editor, sessions: Sequence[Session], k: int, *, seed: int = 0, steps: int | None = None,
-              intent: str = "reconstruct", batch_size: int = 64, progress: bool = True) -> dict:
+              intent: Reconstructor | str = "oracle", batch_size: int = 64, progress: bool = True) -> dict:
     """Teacher-forced headroom: every turn sampled ``k`` times (seeds seed..seed+k−1) from the true
     previous scene; pass@1 = mean success, pass@k = P(any of the k succeeds), per turn and per op."""
     turns = len(sessions[0].turns)
     ok = np.zeros((len(sessions), turns, k), dtype=bool)
-    samplers = [edit_step(editor.edit_batch, seed=seed + j, steps=steps, intent=intent, batch_size=batch_size)
+    samplers = [EditStep(editor.edit_batch, seed=seed + j, steps=steps, intent=intent, batch_size=batch_size)
                 for j in range(k)]
     for t in tqdm(range(turns), desc=f"pass@{k}", disable=not progress):
         for j, step in enumerate(samplers):
@@ -285,7 +333,7 @@ def pass_at_k(editor: Editor, sessions: Sequence[Session], k: int, *, seed: int 
 
 def markdown_table(result: dict) -> str:
     """Per turn, each metric as mean ± s.e. (— where no session has a value); on data also the sessions
-    with the turn (n) and the judgments that failed."""
+    with the turn (n) and the judgments that failed; on the world also the intents' agreement table."""
     if "reward" in result:
         counts = ["n", "failures"]
         keys = [k for k in (*SUB_SCORES, "score", "success", "overall", "marginal", "exposure_gap", "l1", "psnr",
@@ -297,6 +345,15 @@ def markdown_table(result: dict) -> str:
     for row in result["per_turn"]:
         cells = [str(row[k]) for k in counts] + [_cell(row[k], row[k + "_se"], "") for k in keys]
         lines.append(f"| {row['turn']} | " + " | ".join(cells) + " |")
+    if "intent_exact" in result["per_turn"][0]:
+        keys = [key + kind for kind in TURN_KINDS for key in AGREEMENT]
+        lines += ["", f"intent ({result['intent']}), the text the editor read against the gold: exact match and "
+                      "parse-equivalence, on all / referential / explicit turns, and the reconstructor's failures:",
+                  "", "| turn | exact | equivalent | referential exact | referential equivalent | explicit exact | "
+                      "explicit equivalent | failures |", "|---" * 8 + "|"]
+        for row in result["per_turn"]:
+            lines.append(f"| {row['turn']} | " + " | ".join(_cell(row[k], row[k + "_se"], "") for k in keys)
+                         + f" | {row['intent_failures']} |")
     return "\n".join(lines)
 
 
@@ -359,8 +416,9 @@ def describe_failures(failures: Sequence[dict], shown: int = 20) -> str:
 
 def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
     """Run the command line ``argv``; return the result. ``keep``, when given, receives the evaluated
-    ``sessions`` and the ``sides``, ``(editor, adapter, outputs by session id)`` each, of a paired run
-    on data sessions (what ``python -m labeling queue-bench`` stores as labeling items)."""
+    ``sessions`` and the ``sides``, ``(editor, adapter, (output, intent told) per turn by session id)``
+    each, of a paired run on data sessions (what ``python -m labeling queue-bench`` stores as labeling
+    items)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--editor", default="mini", choices=EDITORS)
     parser.add_argument("--adapter", metavar="DIR", help="directory of an RL-tuned LoRA adapter")
@@ -373,7 +431,11 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
                         help="turns per session (default: 5 on the world; on data each session's, at most this many)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="sampling steps (default: the editor's)")
-    parser.add_argument("--intent", default="reconstruct", choices=INTENT_MODES)
+    parser.add_argument("--intent", default="oracle", metavar="SPEC",
+                        help="the intent reconstructor: oracle (the gold intent; on data the intents column), rule "
+                             "(the world's resolver on the images), mini[:DIR], served:URL (an OpenAI-compatible "
+                             "endpoint), none (the instruction alone) or concat (the history joined) "
+                             "(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--against", help="paired comparison: 'base' (no adapter) or another adapter directory")
     parser.add_argument("--against-result", type=Path,
@@ -404,7 +466,11 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
     if args.against and args.against_result:
         parser.error("give --against or --against-result, not both")
 
-    options = dict(seed=args.seed, steps=args.steps, intent=args.intent, batch_size=args.batch_size)
+    try:
+        reconstructor = build_reconstructor(args.intent)
+    except ReconstructorError as error:
+        parser.error(f"--intent: {error}")
+    options = dict(seed=args.seed, steps=args.steps, intent=reconstructor, batch_size=args.batch_size)
     if args.sessions_from:
         sessions, skipped, reward = load_data(args, parser)
         similarity = ImageSimilarity(args.similarity_model) if args.similarity_model else None

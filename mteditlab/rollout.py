@@ -1,6 +1,6 @@
 """The multi-turn rollout loop: turn k of every session is edited from that session's turn k−1 output.
 
-    per_turn = rollout(sessions, edit_step(editor.edit_batch, seed=0), turns=5, sources=sources)
+    per_turn = rollout(sessions, EditStep(editor.edit_batch, seed=0, intent="rule"), turns=5, sources=sources)
     # per_turn[k][i]: session i, turn k
 
 Every multi-turn caller goes through :func:`rollout`: the benchmark, judge training data, the label
@@ -16,7 +16,8 @@ from typing import Callable, Sequence, TypeVar
 from PIL import Image
 from tqdm import tqdm
 
-from mteditlab.intent import turn_seed, turn_text
+from mteditlab.intent import TurnIntents, session_of, turn_seed
+from mteditlab.reconstructors import Reconstructor
 
 Item = TypeVar("Item")
 Step = Callable[[int, list[Image.Image], Sequence[Item]], list[Image.Image]]
@@ -44,22 +45,31 @@ def rollout(items: Sequence[Item], step: Step, *, turns: int, sources: Sequence[
     return per_turn
 
 
-def edit_step(edit_batch: Callable[..., list[Image.Image]], *, seed: int, steps: int | None = None,
-              intent: str = "reconstruct", batch_size: int = 64) -> Step:
-    """The step of an editor over sessions: ``edit_batch(images, instructions, *, intents, seeds,
-    steps)`` (an :class:`~mteditlab.editors.Editor`'s, or a function of its signature) in chunks of
-    ``batch_size``, with the turn's text for ``intent`` mode (:func:`~mteditlab.intent.turn_text`)
-    and the seed ``turn_seed(seed, session.index, k)``, so an output depends only on its session,
-    turn and input, never on the batch it was in."""
+class EditStep:
+    """The step of an editor over sessions: ``edit_batch(images, instructions, *, intents, seeds, steps)``
+    (an :class:`~mteditlab.editors.Editor`'s, or a function of its signature) in chunks of
+    ``batch_size``, each item told its turn's instruction and the intent ``intent`` reconstructs (a
+    reconstructor or its spec, :mod:`mteditlab.reconstructors`), with the seed
+    ``turn_seed(seed, session.index, k)``, so an output depends only on its session, turn and input,
+    never on the batch it was in.
 
-    def step(k: int, inputs: list[Image.Image], sessions: Sequence) -> list[Image.Image]:
+    ``step(k, inputs, items, rows=None)``: ``rows`` are the items' positions in the rollout's item list
+    when the step is called on a subset (default ``0, 1, …``); ``intents`` (a
+    :class:`~mteditlab.intent.TurnIntents`) keeps what each row was told, turn by turn."""
+
+    def __init__(self, edit_batch: Callable[..., list[Image.Image]], *, seed: int, steps: int | None = None,
+                 intent: Reconstructor | str = "oracle", batch_size: int = 64):
+        self.edit_batch, self.seed, self.steps, self.batch_size = edit_batch, seed, steps, batch_size
+        self.intents = TurnIntents(intent)
+
+    def __call__(self, k: int, inputs: list[Image.Image], items: Sequence,
+                 rows: Sequence[int] | None = None) -> list[Image.Image]:
+        rows = list(range(len(items))) if rows is None else list(rows)
         outputs = []
-        for start in range(0, len(sessions), batch_size):
-            chunk = sessions[start:start + batch_size]
-            texts = [turn_text(s, k, intent) for s in chunk]
-            outputs += edit_batch(inputs[start:start + batch_size], [t[0] for t in texts],
-                                  intents=[t[1] for t in texts],
-                                  seeds=[turn_seed(seed, s.index, k) for s in chunk], steps=steps)
+        for start in range(0, len(items), self.batch_size):
+            chunk, images = items[start:start + self.batch_size], inputs[start:start + self.batch_size]
+            texts = self.intents(k, images, chunk, rows[start:start + self.batch_size])
+            outputs += self.edit_batch(images, [text for text, _ in texts], intents=[intent for _, intent in texts],
+                                       seeds=[turn_seed(self.seed, session_of(s).index, k) for s in chunk],
+                                       steps=self.steps)
         return outputs
-
-    return step

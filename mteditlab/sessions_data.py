@@ -29,7 +29,7 @@ that do not form a session (a missing or repeated turn, a turn index that is not
 unreadable image, …) raise :class:`SessionError`, or, given a ``skipped`` list, are left out and
 listed there with the reason. A :class:`DataSession` reads like
 the world's ``Session`` where the trainer needs it: ``index`` and ``turns[k].instruction`` /
-``turns[k].intent`` (``mteditlab.intent.turn_text`` works on both).
+``turns[k].intent`` (``mteditlab.intent.TurnIntents`` works on both).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Simulated editors with controlled defects and simulated annotators on the editing world.
 
 **Synthetic editors.** A synthetic editor is the oracle (:class:`~mteditlab.editors.reference.OracleEditor`,
-fed the reconstructed intent) with one controlled defect drawn per turn (:data:`DEFECTS`, with the
-probabilities of its :class:`Profile`; :data:`PROFILES` are the named ones):
+fed the intent its reconstructor gives, by default the gold one) with one controlled defect drawn per turn
+(:data:`DEFECTS`, with the probabilities of its :class:`Profile`; :data:`PROFILES` are the named ones):
 
 * ``correct`` — the oracle's output;
 * ``wrong`` — a wrong edit: the input unchanged (half the time) or another applicable edit of the
@@ -43,6 +43,7 @@ from PIL import Image, ImageFilter
 
 from mteditlab.editors.reference import OracleEditor
 from mteditlab.rewards.features import background_transmission, parse_cached
+from mteditlab.intent import TurnIntents
 from mteditlab.rollout import rollout
 from mteditlab.world import Session, TurnScore, render
 from mteditlab.world.sessions import random_edit
@@ -113,19 +114,21 @@ def blur_image(image: Image.Image, sigma: float = BLUR_SIGMA) -> Image.Image:
 
 
 class SyntheticEditor:
-    """The oracle with one controlled defect per turn (see the module docstring)."""
+    """The oracle with one controlled defect per turn (see the module docstring), told the intents the
+    reconstructor ``intent`` gives (a spec, :mod:`mteditlab.reconstructors`; ``oracle``: the gold)."""
 
     oracle = OracleEditor()
 
-    def __init__(self, name: str, profile: Profile):
-        self.name, self.profile = name, profile
+    def __init__(self, name: str, profile: Profile, intent: str = "oracle"):
+        self.name, self.profile, self.intent = name, profile, intent
 
-    def edit_turn(self, session: Session, k: int, image: Image.Image,
-                  rng: random.Random) -> tuple[Image.Image, str]:
-        """Turn ``k`` of ``session`` on ``image``: ``(output, defect actually applied)``."""
+    def edit_turn(self, session: Session, k: int, image: Image.Image, rng: random.Random,
+                  intent: str | None) -> tuple[Image.Image, str]:
+        """Turn ``k`` of ``session`` on ``image``, told ``intent`` (None: the instruction alone):
+        ``(output, defect actually applied)``."""
         turn = session.turns[k]
         defect = self.profile.draw(rng.random())
-        correct = self.oracle.edit_batch([image], [turn.instruction], intents=[turn.intent])[0]
+        correct = self.oracle.edit_batch([image], [turn.instruction], intents=[intent])[0]
         if defect == "wrong":
             scene = parse_cached(image)
             if rng.random() < 0.5:
@@ -154,17 +157,19 @@ class SyntheticEditor:
                 return out, "tint"
         return correct, "correct"
 
-    def run_session(self, session: Session, rng: random.Random) -> tuple[list[Image.Image], list[str]]:
-        """All turns on the editor's own outputs, defects drawn from ``rng``: ``(outputs, defects)``."""
-        defects = []
+    def run_session(self, session: Session, rng: random.Random) -> tuple[list[Image.Image], list[str], list]:
+        """All turns on the editor's own outputs, defects drawn from ``rng``: ``(outputs, defects, intents
+        told)``."""
+        defects, intents = [], TurnIntents(self.intent)
 
         def step(k: int, inputs: list[Image.Image], items: Sequence[Session]) -> list[Image.Image]:
-            output, defect = self.edit_turn(items[0], k, inputs[0], rng)
+            [(_, intent)] = intents(k, inputs, items)
+            output, defect = self.edit_turn(items[0], k, inputs[0], rng, intent)
             defects.append(defect)
             return [output]
 
         per_turn = rollout([session], step, turns=len(session.turns), sources=[render(session.source)])
-        return [outputs[0] for outputs in per_turn], defects
+        return [outputs[0] for outputs in per_turn], defects, intents.told(0)
 
 
 # ---------------------------------------------------------------------------- annotators

@@ -83,6 +83,17 @@ def test_recomputed_log_prob_equals_the_rollouts(tiny_editor):
     tiny_editor.denoiser.zero_grad()
 
 
+def test_the_sde_window_starts_where_it_is_told(tiny_editor):
+    sessions = [generate_session("train", i, 3) for i in range(2)]
+    sources = [render(s.source) for s in sessions]
+    for spec, allowed in (("1-1", {1}), ("2-3", {2, 3}), ("", {1, 2, 3})):
+        cfg = GRPOConfig(num_generations=1, turns=3, steps=5, sde_window=2, sde_window_starts=spec)
+        starts = {turn.window[0][0] for it in range(4) for turn in sample_turns(tiny_editor, sessions, sources, cfg, it)}
+        assert starts <= allowed and (len(allowed) > 1 or starts == allowed)
+    for bad in ("0-2", "3-2", "2-4", "2", "a-b"):
+        with pytest.raises(ValueError, match="--sde-window-starts"):
+            GRPOConfig(steps=5, sde_window=2, sde_window_starts=bad)
+
 def test_nft_loss_prefers_positive_samples(tiny_editor):
     cfg = GRPOConfig(algo="nft", num_generations=2, turns=1, steps=3, sde_window=1, nft_beta=1.0)
     if "old" not in tiny_editor.denoiser.peft_config:

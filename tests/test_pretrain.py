@@ -2,6 +2,9 @@
 
 import json
 
+import torch
+from safetensors.torch import load_file
+
 from training.pretrain import build_pool, main
 from mteditlab.world import generate_session
 
@@ -26,3 +29,17 @@ def test_a_short_run_evaluates_at_ten_turns_and_resumes(tmp_path, capsys):
     losses = [json.loads(line)["step"] for line in (work / "loss.jsonl").read_text().splitlines()]
     assert losses == [1, 2, 3, 4]
     assert (out / "config.json").exists() and (out / "loss.png").stat().st_size > 1000
+
+
+
+def test_bf16_autocast_trains_float32_weights(tmp_path):
+    def run(steps, name, *extra):
+        main(["--steps", str(steps), *extra, "--batch-size", "4", "--sessions", "2", "--warmup", "1", "--threads", "1",
+              "--seed", "3", "--export", "model", "--work", str(tmp_path / name), "--out", str(tmp_path / name / "out")])
+        return load_file(tmp_path / name / "out" / "diffusion_pytorch_model.safetensors")
+
+    initial, trained = run(0, "init"), run(3, "bf16", "--bf16")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "bf16" / "loss.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
+    assert {t.dtype for t in trained.values()} == {torch.float32}
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)

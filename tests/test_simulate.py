@@ -71,11 +71,11 @@ def test_default_scenario_penalises_background_tint_which_the_verifier_ignores()
 def test_synthetic_editor_defects_are_what_they_claim():
     for i in range(3):
         session = generate_session("train", i, 2)
-        source = render(session.source)
-        correct, _ = SyntheticEditor("c", Profile(0, 0, 0)).edit_turn(session, 0, source, random.Random(i))
-        tinted, d_tint = SyntheticEditor("t", Profile(0, 1, 0)).edit_turn(session, 0, source, random.Random(i))
-        blurred, d_blur = SyntheticEditor("b", Profile(0, 0, 1)).edit_turn(session, 0, source, random.Random(i))
-        wrong, d_wrong = SyntheticEditor("w", Profile(1, 0, 0)).edit_turn(session, 0, source, random.Random(i))
+        source, intent = render(session.source), session.turns[0].intent
+        correct, _ = SyntheticEditor("c", Profile(0, 0, 0)).edit_turn(session, 0, source, random.Random(i), intent)
+        tinted, d_tint = SyntheticEditor("t", Profile(0, 1, 0)).edit_turn(session, 0, source, random.Random(i), intent)
+        blurred, d_blur = SyntheticEditor("b", Profile(0, 0, 1)).edit_turn(session, 0, source, random.Random(i), intent)
+        wrong, d_wrong = SyntheticEditor("w", Profile(1, 0, 0)).edit_turn(session, 0, source, random.Random(i), intent)
         assert score_turn(session, 0, source, correct).success
         assert d_tint == "tint" and score_turn(session, 0, source, tinted).success  # objects intact
         assert image_features(tinted)["tint"] > 0.3 > image_features(correct)["tint"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from mteditlab.editors import EDITORS
 from mteditlab.editors.flow_policy import FlowPolicy
-from mteditlab.intent import INTENT_MODES
+from mteditlab.reconstructors import reconstructor_class
 from mteditlab.registry import mapping
 from mteditlab.sessions_data import TurnColumns, parse_resolution
 from training.credit import FUSIONS, TURN_AGGREGATIONS
@@ -69,10 +69,14 @@ class GRPOConfig:
     steps: int = setting(10, "denoising steps per turn")
     sde_window: int = setting(2, "consecutive SDE (stochastic, log-prob recorded) steps per turn at a random "
                                  "place; the other steps are ODE steps; in [1, steps - 1]")
+    sde_window_starts: str = setting("", "the steps the SDE window may start at, LO-HI: e.g. 1-3 keeps it early, where "
+                                         "the ODE steps after it denoise what it adds before the output becomes the next "
+                                         "turn's input (default: any, 1 to steps − sde_window)", metavar="LO-HI")
     noise_level: float = setting(0.7, "a in the SDE step's std = a·sqrt(σ / (1 − σ))")
-    intent: str = setting("reconstruct", "the text the editor reads each turn: none (the last instruction), "
-                                         "concat (the history joined) or reconstruct (a consolidated intent)",
-                          choices=INTENT_MODES)
+    intent: str = setting("oracle", "the intent reconstructor that tells the editor each turn's explicit intent: "
+                                    "oracle (the gold; on data the intents column), rule (the world's resolver on the "
+                                    "images), mini[:DIR], served:URL, none (the instruction alone) or concat (the "
+                                    "history joined)", metavar="SPEC")
     sessions_from: str | None = setting(None, "train on data sessions: .jsonl / .parquet / folder / hf://NAME / "
                                               "the app's .duckdb label store (default: the world's sessions)",
                                         metavar="DATASET")
@@ -156,6 +160,10 @@ class GRPOConfig:
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices is not None and value is not None and value not in choices:
                 raise ValueError(f"{self.flag(f.name)} must be one of {', '.join(choices)}, got {value!r}")
+        try:
+            reconstructor_class(self.intent)   # an unknown name or a missing argument fails here, not mid-run
+        except ValueError as err:
+            raise ValueError(f"--intent: {err}") from None
         if not issubclass(policy, FlowPolicy):
             raise ValueError(f"--editor {self.editor} is not a flow-matching policy: nothing to train")
         OBJECTIVES[self.algo].check(self)
@@ -165,6 +173,7 @@ class GRPOConfig:
             raise ValueError(f"--lora-targets must be one of {', '.join(policy.lora_presets)}")
         if not 1 <= self.sde_window <= self.steps - 1:
             raise ValueError("--sde-window must be in [1, steps − 1] (the σ = 1 step is always an ODE step)")
+        self.window_starts()
         if not 0 <= self.reward_failure_warn <= 1 or self.max_reward_failures < 0:
             raise ValueError("--reward-failure-warn must be in [0, 1] and --max-reward-failures >= 0")
         if self.hacking_reference in self.reward_weights:
@@ -174,6 +183,17 @@ class GRPOConfig:
                 raise ValueError("--sessions-from has no world to verify against: pass --reward without the "
                                  "verifier (e.g. qwen-vl=1.0)")
             parse_resolution(self.resolution)
+
+    def window_starts(self) -> tuple[int, int]:
+        """``(lo, hi)``: the steps the SDE window may start at (``--sde-window-starts``), checked."""
+        last = self.steps - self.sde_window
+        if not self.sde_window_starts:
+            return 1, last
+        lo, _, hi = self.sde_window_starts.partition("-")
+        if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi) <= last):
+            raise ValueError(f"--sde-window-starts must be LO-HI with 1 <= LO <= HI <= steps − sde-window = {last}, "
+                             f"got {self.sde_window_starts!r}")
+        return int(lo), int(hi)
 
     @staticmethod
     def flag(name: str) -> str:

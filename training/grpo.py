@@ -68,6 +68,7 @@ from mteditlab.bench import run_benchmark
 from mteditlab.editors import EDITORS, get_editor
 from training.config import GRPOConfig, parse_args
 from training.distributed import Updater, accelerator_options, full_tensor, gathered_lora, ready_for_training
+from training.logs import truncate_log
 from training.objectives import OBJECTIVES
 from training.operations import load_state, plot_metrics, save_state
 from training.sampling import sample_turns, session_source
@@ -101,9 +102,7 @@ def train(cfg: GRPOConfig) -> Path:
     start = load_state(out, editor, updater.optimizer, algo.buffer)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
-        kept = [l for l in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-                if json.loads(l)["iteration"] <= start]
-        metrics_path.write_text("".join(l + "\n" for l in kept))
+        truncate_log(metrics_path, "iteration", start)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     history = [json.loads(l) for l in metrics_path.read_text().splitlines() if json.loads(l).get("kind") == "train"] \
         if metrics_path.exists() else []

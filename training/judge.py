@@ -49,7 +49,14 @@ from training.judge_data import (DATA_VERSION, Examples, all_strings, cached, ed
 from training.judge_defects import DEFECTS, TRAIN_DEFECTS
 from training.judge_metrics import evaluate_probs, full_report, table
 
-MINI_EDITOR_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mini" / "base"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MINI_EDITOR_CHECKPOINT = REPO_ROOT / "checkpoints" / "mini" / "base"
+
+
+def recorded_path(path: Path) -> str:
+    """``path`` as a report records it: relative to the repository when inside it (reports ship)."""
+    path = path.resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -224,8 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
         load_text_cache(judge.text_encoder, text_cache)
         examples = evaluation_set(args, work, editor_available)
         report = run_eval(judge, examples, json_path, {
-            "judge": str(args.judge or args.out), "command": " ".join(["python -m training.judge", *(sys.argv[1:] if argv is None else argv)]),
-            "editor": {"path": str(editor_path), "fingerprint": editor_fingerprint(editor_path),
+            "judge": recorded_path(Path(args.judge or args.out)), "command": " ".join(["python -m training.judge", *(sys.argv[1:] if argv is None else argv)]),
+            "editor": {"path": recorded_path(editor_path), "fingerprint": editor_fingerprint(editor_path),
                        "lora": str(args.eval_editor_adapter) if args.eval_editor_adapter else None} if editor_available else None})
         save_text_cache(judge.text_encoder, text_cache)
         return report
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
             "train_examples": len(data), "origins": origins, "sessions": args.sessions,
             "editor_outputs": args.editor_outputs, "editor_weight": args.editor_weight,
             "extra_examples": [p.name for p in args.extra_examples],
-            "editor": ({"path": str(editor_path), "fingerprint": editor_fingerprint(editor_path)}
+            "editor": ({"path": recorded_path(editor_path), "fingerprint": editor_fingerprint(editor_path)}
                        if args.editor_outputs else None), "parameters": sum(p.numel() for p in judge.net.parameters()),
             **stats, "data_seconds": round(data_seconds, 1), "text_seconds": round(text_seconds, 1)}
     judge.save_pretrained(args.out, info)

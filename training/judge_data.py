@@ -32,7 +32,7 @@ from PIL import Image
 
 from mteditlab.rewards.features import QUALITY_RMS_SCALE
 from mteditlab.rewards.mini_judge import CELL_HEADS, HEADS, text_segments
-from mteditlab.rollout import edit_step, rollout
+from mteditlab.rollout import EditStep, rollout
 from mteditlab.world import Obj, Scene, generate_session, parse_image, render_array, score_turn
 from mteditlab.world.sessions import Session
 from mteditlab.world.verifier import expected_after
@@ -182,7 +182,7 @@ def editor_examples(editor, split: str, count: int, *, start: int = 0, turns: in
     out = _builder()
     sessions = [generate_session(split, i, turns) for i in range(start, start + count)]
     scenes = [s.source for s in sessions]  # the scene the verifier reads from each session's current input
-    edit = edit_step(editor.edit_batch, seed=seed, batch_size=batch_size)
+    edit = EditStep(editor.edit_batch, seed=seed, batch_size=batch_size)
 
     def step(k: int, inputs: list[Image.Image], items: Sequence[Session]) -> list[Image.Image]:
         return [image.convert("RGB").resize((RESOLUTION, RESOLUTION), Image.Resampling.BOX)

@@ -11,8 +11,12 @@ Continue a released checkpoint to convergence (weights and EMA start from ``--in
 rate warms up again and decays on a cosine to ``--min-lr``; every ``--eval-every`` steps the EMA is
 scored on ``val`` sessions, ``--eval-turns`` turns on its own outputs, into ``eval.jsonl``):
 
-    python -m training.pretrain --init-from checkpoints/mini/base --steps 4000 --schedule cosine \
-        --eval-every 500 --work runs/pretrain-continue --out checkpoints/mini/base
+    python -m training.pretrain --init-from checkpoints/mini/base --steps 12000 --schedule cosine --lr 1e-4 \
+        --min-lr 1e-6 --eval-every 3000 --eval-turns 10 --sessions 8000 --session-turns 10 --threads 2 --bf16 \
+        --work runs/base10 --out runs/base10/final
+
+(how the shipped base's last stage was made: its ``MODEL_CARD.md``). Run it on a quiet machine: two
+OpenMP threads that share their cores with another process slow down many times over.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from mteditlab.bench import run_benchmark
 from mteditlab.editors.mini import MiniEditor, images_to_tensor
 from mteditlab.registry import mapping
 from mteditlab.world import generate_session, render, sessions
+from training.logs import truncate_log
 
 
 def build_pool(num_sessions: int, resolution: int, turns: int = 5
@@ -134,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--export", choices=["ema", "model"], default="ema",
                         help="weights written to --out: the EMA (default) or the raw model")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bfloat16 autocast for the training forward and backward (weights, optimizer and "
+                             "evaluation stay float32); about 1.3x faster on CPUs with AMX/AVX-512 bf16")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,12 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         random.setstate(state["py_rng"])
         start = state["step"]
         print(f"resuming from step {start}")
-    kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else [])
-            if json.loads(line)["step"] <= start]
-    log_path.write_text("".join(line + "\n" for line in kept))  # drop steps logged after the checkpoint
-    kept = [line for line in (eval_path.read_text().splitlines() if eval_path.exists() else [])
-            if json.loads(line)["step"] <= start]
-    eval_path.write_text("".join(line + "\n" for line in kept))
+    for path in (log_path, eval_path):
+        truncate_log(path, "step", start)
 
     before, after, texts, ops = build_pool(args.sessions, args.resolution, args.session_turns)
     draw = torch.tensor([args.op_weights.get(op, 1.0) for op in ops])   # example weights: --op-weights
@@ -181,9 +185,10 @@ def main(argv: list[str] | None = None) -> None:
         noise = torch.randn_like(x0)
         sigma = torch.sigmoid(torch.randn(args.batch_size)).view(-1, 1, 1, 1)  # logit-normal
         x_sigma = (1 - sigma) * x0 + sigma * noise
-        v = model(torch.cat([x_sigma, source], 1), sigma.flatten() * 1000, encoder_hidden_states=text,
-                  encoder_attention_mask=mask).sample
-        loss = torch.nn.functional.mse_loss(v, noise - x0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            v = model(torch.cat([x_sigma, source], 1), sigma.flatten() * 1000, encoder_hidden_states=text,
+                      encoder_attention_mask=mask).sample
+        loss = torch.nn.functional.mse_loss(v.float(), noise - x0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -25,7 +25,7 @@ from PIL import Image
 
 from mteditlab.editors.flow_policy import FlowPolicy
 from mteditlab.flow import gaussian_log_prob, ode_step, sde_step_stats
-from mteditlab.intent import turn_seed, turn_text
+from mteditlab.intent import TurnIntents, turn_seed
 from mteditlab.rewards.verifier import world_meta
 from mteditlab.rollout import rollout
 from mteditlab.sessions_data import DataSession, columns_from, data_resolution, describe_skipped, with_turns
@@ -56,19 +56,22 @@ class TurnSamples:
 def sample_turns(editor: FlowPolicy, sessions: list, sources: list[Image.Image], cfg: GRPOConfig,
                  iteration: int, on_turn: Callable[[int, TurnSamples], None] | None = None) -> list[TurnSamples]:
     """G rollouts of each session (``sources``: their first inputs), turn by turn on their own
-    outputs; items ordered session-major; ``on_turn(k, turn)`` gets each turn as soon as it is sampled. Turn k's SDE window starts at a step drawn from
-    (seed, iteration, k), shared by the batch; item noise is ``turn_seed(seed·7919 + iteration, index·G + g, k)``."""
+    outputs; items ordered session-major; ``on_turn(k, turn)`` gets each turn as soon as it is sampled. Each
+    rollout's intents come from the reconstructor ``cfg.intent``, on its own outputs. Turn k's SDE window
+    starts at a step drawn from ``--sde-window-starts`` by (seed, iteration, k), shared by the batch; item noise is
+    ``turn_seed(seed·7919 + iteration, index·G + g, k)``."""
     G = cfg.num_generations
     items = [(s, g) for s in sessions for g in range(G)]
     turns: list[TurnSamples] = []
+    intents = TurnIntents(cfg.intent)
 
     def step(k: int, images: list[Image.Image], items: list) -> list[Image.Image]:
-        texts = [turn_text(s, k, cfg.intent) for s, _ in items]
+        texts = intents(k, images, items)
         cond = editor.encode(images, [intent or text for text, intent in texts])
         seeds = [turn_seed(cfg.seed * 7919 + iteration, s.index * G + g, k) for s, g in items]
         x = editor.initial_noise(cond, seeds)
         sigmas = editor.sigmas(cfg.steps, cond)
-        start = random.Random(f"{cfg.seed}/{iteration}/{k}").randint(1, cfg.steps - cfg.sde_window)
+        start = random.Random(f"{cfg.seed}/{iteration}/{k}").randint(*cfg.window_starts())
         generator = torch.Generator().manual_seed(seeds[0])
         turn = TurnSamples(sigmas, texts, images)
         for i in range(cfg.steps):

@@ -53,6 +53,7 @@ import uuid
 from PIL import Image
 
 from mteditlab.intent import turn_seed
+from mteditlab.world import read_world_scene
 
 from .arena_state import (CRITERIA, MAX_SEED, MAX_TURNS, ArenaError, ArenaState, TurnRecord,
                           check_instruction, whole_number)
@@ -60,8 +61,7 @@ from .engine import progress_fraction, run_pair
 from .images import ImageInputError, load_upload, prepare_source
 from .screen import PICKS, choice_from_screen
 from .text import md_literal
-from .worldview import (format_verdict, random_test_scene, read_world_scene,
-                        resolve_turn, test_scene, verdict)
+from .worldview import format_verdict, random_test_scene, resolve_turn, test_scene, verdict
 
 log = logging.getLogger("mteditlab.ui")
 _ARENAS: dict[int, "Arena"] = {}

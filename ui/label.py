@@ -265,7 +265,7 @@ def _populate_chunk(ctx, start: int, n_sessions: int, n_turns: int, gold_idx: li
                     seed: int) -> dict:
     """One chunk of :func:`populate_queue`: sessions ``start …``; gold on ``gold_idx``."""
     from mteditlab.editors import get_editor
-    from mteditlab.rollout import edit_step, rollout
+    from mteditlab.rollout import EditStep, rollout
     from mteditlab.world import render, sessions as make_sessions
 
     store, engine = ctx.store, ctx.engine
@@ -274,7 +274,7 @@ def _populate_chunk(ctx, start: int, n_sessions: int, n_turns: int, gold_idx: li
     source_shas = [store.put_image(img) for img in sources]
 
     def roll(edit_batch) -> list[list]:
-        return rollout(sessions, edit_step(edit_batch, seed=seed), turns=n_turns, sources=sources)
+        return rollout(sessions, EditStep(edit_batch, seed=seed), turns=n_turns, sources=sources)
 
     def store_side(editor_name, adapter, per_turn, tag) -> list[int]:
         ids = []

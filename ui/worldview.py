@@ -1,5 +1,5 @@
-"""What the app knows about the built-in world: reading sources, reconstructing intents,
-verifier verdicts, test-split scenes and the grammar notice.
+"""What the app knows about the built-in world: reconstructing intents, verifier verdicts, test-split
+scenes and the grammar notice (a source is read with ``mteditlab.world.read_world_scene``).
 
 Intent reconstruction follows the *intended* session: the source scene read by the verifier,
 then each instruction resolved (``mteditlab.world.resolve``) against the intended scene with
@@ -14,35 +14,13 @@ from __future__ import annotations
 import dataclasses
 import random
 
-import numpy as np
 from PIL import Image
 
-from mteditlab.world import (BACKGROUNDS, CELLS, COLOURS, DEFAULT_RESOLUTION, SHAPES, UNKNOWN,
-                             Edit, Scene, Session, Turn, generate_session, parse_image,
+from mteditlab.world import (BACKGROUNDS, CELLS, COLOURS, SHAPES, Edit, Scene, Session, Turn, generate_session,
                              parse_instruction, render, resolve, score_turn)
 
-WORLD_RMS = 0.08      # max RMS difference between an image and its parsed scene's render
 TEST_SESSIONS = 10_000
 EXAMPLES = (0, 3, 7, 12)  # indices of test sessions offered as examples
-
-
-def _array(image: Image.Image) -> np.ndarray:
-    image = image.convert("RGB")
-    if image.size != (DEFAULT_RESOLUTION, DEFAULT_RESOLUTION):
-        image = image.resize((DEFAULT_RESOLUTION, DEFAULT_RESOLUTION), Image.Resampling.BOX)
-    return np.asarray(image, dtype=np.float32) / 255
-
-
-def read_world_scene(image: Image.Image) -> Scene | None:
-    """The world scene ``image`` shows, or None when it is not (close to) a world render."""
-    array = _array(image)
-    scene = parse_image(array)
-    if any(cell is UNKNOWN for cell in scene.cells):
-        return None
-    from mteditlab.world import render_array
-
-    rms = float(np.sqrt(((render_array(scene) - array) ** 2).mean()))
-    return scene if rms <= WORLD_RMS else None
 
 
 @dataclasses.dataclass(frozen=True)

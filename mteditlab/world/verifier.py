@@ -22,6 +22,7 @@ from .scene import (BACKGROUNDS, COLOURS, DEFAULT_RESOLUTION, GRID, SHAPES, SIZE
 from .sessions import Session
 
 UNKNOWN_RMS = 0.12
+WORLD_RMS = 0.08  # max RMS difference between a world image and its parsed scene's render
 _BLUR = 1.0
 _EXTRA_BLUR = (0.0, 0.7, 1.1)
 _CANDIDATES = [None] + [Obj(s, c, z) for s in SHAPES for c in COLOURS for z in SIZES]
@@ -73,6 +74,18 @@ def parse_image(image: Image.Image | np.ndarray, resolution: int = DEFAULT_RESOL
     cells = tuple(_CANDIDATES[int(e.argmin())] if np.sqrt(max(e.min(), 0.0)) <= UNKNOWN_RMS else UNKNOWN
                   for e in errors[:, best])
     return Scene(keys[best][0], cells)
+
+
+def read_world_scene(image: Image.Image) -> Scene | None:
+    """The scene ``image`` shows when it is a scene of the world: every cell readable and the image
+    within RMS :data:`WORLD_RMS` of that scene's render (at :data:`DEFAULT_RESOLUTION`); else None
+    (a photo, a drawing, an editor's garbled output)."""
+    array = to_array(image)
+    scene = parse_image(array)
+    if any(cell is UNKNOWN for cell in scene.cells):
+        return None
+    rms = float(np.sqrt(((render_array(scene) - array) ** 2).mean()))
+    return scene if rms <= WORLD_RMS else None
 
 
 @dataclass(frozen=True)

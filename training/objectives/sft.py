@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mteditlab.editors.flow_policy import FlowPolicy
-from mteditlab.intent import turn_text
+from mteditlab.intent import TurnIntents
 from mteditlab.world import Session, render
 from training.objectives.base import Replay, needs_the_world, register_objective
 
@@ -34,11 +34,14 @@ class SFT(Replay):
 
 
 def gold_examples(editor: FlowPolicy, sessions: list[Session], cfg: GRPOConfig) -> list[tuple]:
-    """Teacher-forced (true scene before, text, latents of the true scene after) for every turn."""
+    """Teacher-forced (true scene before, text, latents of the true scene after) for every turn, the text
+    being the intent ``cfg.intent`` reconstructs on the true scenes (else the instruction)."""
+    befores = [[render(s.turns[k].before) for s in sessions] for k in range(cfg.turns)]
+    intents = TurnIntents(cfg.intent)
+    texts = [intents(k, befores[k], sessions) for k in range(cfg.turns)]
     examples = []
-    for s in sessions:
+    for i, s in enumerate(sessions):
         for k in range(cfg.turns):
-            text, intent = turn_text(s, k, cfg.intent)
-            examples.append((render(s.turns[k].before), intent or text,
-                             editor.encode_images([render(s.turns[k].after)])[0].cpu()))
+            text, intent = texts[k][i]
+            examples.append((befores[k][i], intent or text, editor.encode_images([render(s.turns[k].after)])[0].cpu()))
     return examples
