@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import time
@@ -38,7 +37,8 @@ from mteditlab.reconstructors.metrics import intent_agreement
 from mteditlab.reconstructors.mini import (MiniIntentModel, MiniReconstructor, build_tokenizer,
                                            model_config, world_vocabulary)
 from mteditlab.world import COLOURS, SHAPES, SIZES, Obj, Scene, generate_session, render, render_array
-from training.logs import truncate_log
+from training.logs import restore, truncate_log
+from training.schedules import warmup_cosine
 
 TURNS = 10
 CELL_CLASSES = {"colour": ["empty", *COLOURS], "shape": ["empty", *SHAPES], "size": ["empty", *SIZES]}
@@ -75,13 +75,6 @@ def augment(images: torch.Tensor, noise: float) -> torch.Tensor:
     batch = len(x)
     x = x + torch.randn_like(x) * torch.rand(batch, 1, 1, 1) * noise + torch.randn(batch, 3, 1, 1) * noise / 3
     return x.clamp(-1, 1)
-
-
-def learning_rate(step: int, args: argparse.Namespace) -> float:
-    """Linear warm-up over ``warmup`` steps, then a cosine from ``lr`` down to ``min_lr``."""
-    warm = min(1.0, (step + 1) / args.warmup)
-    progress = min(1.0, step / max(1, args.steps))
-    return warm * (args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress)))
 
 
 def evaluate(reconstructor: MiniReconstructor, val: list, renders: list[list]) -> dict:
@@ -178,13 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                                   weight_decay=args.weight_decay)
     start = 0
     if state:
-        model.load_state_dict(state["model"])
-        cell_head.load_state_dict(state["cell_head"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        random.setstate(state["py_rng"])
-        start = state["step"]
-        print(f"resuming from step {start}")
+        start = restore(state, model=model, cell_head=cell_head, optimizer=optimizer)
     for path in (log_path, eval_path):
         truncate_log(path, "step", start)
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}")
@@ -196,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="intent")
     for step in bar:
-        lr = learning_rate(step, args)
+        lr = warmup_cosine(step, steps=args.steps, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(targets), (args.batch_size,)).tolist()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -36,7 +35,8 @@ from mteditlab.bench import run_benchmark
 from mteditlab.editors.mini import MiniEditor, images_to_tensor
 from mteditlab.registry import mapping
 from mteditlab.world import generate_session, render, sessions
-from training.logs import truncate_log
+from training.logs import restore, truncate_log
+from training.schedules import warmup_cosine
 
 
 def build_pool(num_sessions: int, resolution: int, turns: int = 5
@@ -63,11 +63,9 @@ def save_checkpoint(path: Path, step: int, editor: MiniEditor, ema, optimizer) -
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
     """Linear warm-up over ``warmup`` steps, then constant or a cosine from ``lr`` down to ``min_lr``."""
-    warm = min(1.0, (step + 1) / args.warmup)
     if args.schedule == "constant":
-        return args.lr * warm
-    progress = min(1.0, step / max(1, args.steps))
-    return warm * (args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress)))
+        return args.lr * min(1.0, (step + 1) / args.warmup)
+    return warmup_cosine(step, steps=args.steps, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup)
 
 
 def evaluate(editor: MiniEditor, denoiser, num_sessions: int, turns: int = 3) -> dict:
@@ -157,14 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     ckpt_path, log_path, eval_path = args.work / "checkpoint.pt", args.work / "loss.jsonl", args.work / "eval.jsonl"
     start = 0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        random.setstate(state["py_rng"])
-        start = state["step"]
-        print(f"resuming from step {start}")
+        start = restore(torch.load(ckpt_path, weights_only=False), model=model, ema=ema, optimizer=optimizer)
     for path in (log_path, eval_path):
         truncate_log(path, "step", start)
 
