@@ -54,11 +54,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -110,12 +114,52 @@ def run_benchmark(editor: Editor, sessions: Sequence[Session], *, seed: int = 0,
                    **intent_cells(sessions, step.intents)}
     if not teacher_forced:
         del per_session["teacher_forced_success"], per_session["exposure_gap"]
+    return world_result(editor.name, sessions, seed, steps or editor.default_steps, spec_of(step.intents),
+                        per_session, [step.intents.failures(k) for k in range(turns)])
+
+
+def world_result(editor: str, sessions: Sequence[Session], seed: int, steps: int, intent: str,
+                 per_session: dict[str, np.ndarray], intent_failures: Sequence[int]) -> dict:
+    """The world benchmark's metrics dictionary from its per-session arrays ``[sessions, turns]``."""
     per_turn = summarize(per_session)
-    for k, row in enumerate(per_turn):
-        row["intent_failures"] = step.intents.failures(k)
-    return {"editor": editor.name, "split": sessions[0].split, "start": sessions[0].index, "sessions": len(sessions),
-            "turns": turns, "seed": seed, "steps": steps or editor.default_steps, "intent": spec_of(step.intents),
+    for row, failures in zip(per_turn, intent_failures):
+        row["intent_failures"] = failures
+    return {"editor": editor, "split": sessions[0].split, "start": sessions[0].index, "sessions": len(sessions),
+            "turns": len(sessions[0].turns), "seed": seed, "steps": steps, "intent": intent,
             "per_turn": per_turn, "per_session": {k: to_json(v) for k, v in per_session.items()}}
+
+
+def run_sharded(sides: Sequence[tuple[str, str | None, str | None]], sessions: Sequence[Session], workers: int, *,
+                seed: int = 0, steps: int | None = None, intent: str = "oracle", batch_size: int = 64,
+                teacher_forced: bool = True) -> list[dict]:
+    """:func:`run_benchmark` for each side ``(editor, adapter, editor_path)`` on ``sessions``, split into
+    ``workers`` contiguous shards per side and run by ``workers`` processes of one torch thread each
+    (both sides of a comparison at once). An output depends only on its session, turn and input
+    (:func:`~mteditlab.intent.turn_seed`), so the merged result equals the one-process result."""
+    shards = [list(chunk) for chunk in np.array_split(np.arange(len(sessions)), workers) if len(chunk)]
+    jobs = [(side, shard) for side in range(len(sides)) for shard in range(len(shards))]
+    options = dict(seed=seed, steps=steps, intent=intent, batch_size=batch_size, teacher_forced=teacher_forced)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        futures = {pool.submit(bench_shard, *sides[side], [sessions[i] for i in shards[shard]], options): (side, shard)
+                   for side, shard in jobs}
+        parts: dict[tuple[int, int], dict] = {}
+        for future in tqdm(as_completed(futures), total=len(futures), desc=f"bench ({workers} processes)"):
+            parts[futures[future]] = future.result()
+    results = []
+    for side, (editor, _, _) in enumerate(sides):
+        pieces = [parts[side, shard] for shard in range(len(shards))]
+        per_session = {key: np.concatenate([np.array(p["per_session"][key], dtype=float) for p in pieces])
+                       for key in pieces[0]["per_session"]}
+        failures = [sum(p["per_turn"][k]["intent_failures"] for p in pieces) for k in range(len(sessions[0].turns))]
+        results.append(world_result(pieces[0]["editor"], sessions, seed, pieces[0]["steps"], pieces[0]["intent"],
+                                    per_session, failures))
+    return results
+
+
+def bench_shard(editor: str, adapter: str | None, path: str | None, sessions: Sequence[Session], options: dict) -> dict:
+    """One process's part of :func:`run_sharded`."""
+    return run_benchmark(get_editor(editor, lora=adapter, path=path), sessions, progress=False, **options)
 
 
 AGREEMENT = ("intent_exact", "intent_equivalent")
@@ -437,6 +481,9 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
                              "endpoint), none (the instruction alone) or concat (the history joined) "
                              "(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="world: split the sessions over this many processes of one torch thread each, both "
+                             "sides of --against at once (2 on a 2-core machine; default: %(default)s)")
     parser.add_argument("--against", help="paired comparison: 'base' (no adapter) or another adapter directory")
     parser.add_argument("--against-result", type=Path,
                         help="paired comparison with a result saved by --json on the same sessions and seed")
@@ -500,13 +547,23 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
         def bench(editor: Editor, outputs: dict | None = None) -> dict:
             return run_benchmark(editor, sessions, teacher_forced=args.teacher_forced is not False, **options)
 
-    editor = get_editor(args.editor, lora=args.adapter, path=args.editor_path)
+    started = time.perf_counter()
+    sharded = []
+    if args.workers > 1:
+        if args.sessions_from or args.pass_at:
+            parser.error("--workers shards the world's benchmark; data sessions and --pass-at run in one process")
+        sides = [(args.editor, args.adapter, args.editor_path)]
+        if args.against:
+            sides.append((args.editor, None if args.against == "base" else args.against, args.editor_path))
+        sharded = run_sharded(sides, sessions, args.workers, **{**options, "intent": args.intent},
+                              teacher_forced=args.teacher_forced is not False)
+    editor = None if sharded else get_editor(args.editor, lora=args.adapter, path=args.editor_path)
     outputs = {"this": {}, "other": {}} if keep is not None else {}
     if args.pass_at:
         result = pass_at_k(editor, sessions, args.pass_at, **options)
         print(title + "\n" + pass_table(result))
     else:
-        result = bench(editor, outputs.get("this"))
+        result = sharded[0] if sharded else bench(editor, outputs.get("this"))
         result["lora"] = args.adapter
         print(title + "\n" + markdown_table(result))
         if result.get("skipped"):
@@ -514,11 +571,13 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
         report(result)
     if (args.against or args.against_result) and not args.pass_at:
         if args.against:
-            del editor   # one set of weights in memory at a time (real backends are 12–20B parameters)
-            other = get_editor(args.editor, lora=None if args.against == "base" else args.against,
-                               path=args.editor_path)
-            reference = bench(other, outputs.get("other"))
-            reference["lora"] = None if args.against == "base" else args.against
+            lora = None if args.against == "base" else args.against
+            if sharded:
+                reference = sharded[1]
+            else:
+                del editor   # one set of weights in memory at a time (real backends are 12–20B parameters)
+                reference = bench(get_editor(args.editor, lora=lora, path=args.editor_path), outputs.get("other"))
+            reference["lora"] = lora
         else:
             reference = json.loads(args.against_result.read_text())
         name = args.against or str(args.against_result)
@@ -526,6 +585,8 @@ def main(argv: list[str] | None = None, keep: dict | None = None) -> dict:
         print(f"\nagainst {name}:\n\n{markdown_table(reference)}\n\nΔ = this − {name} "
               f"(± paired s.e.):\n\n{paired_table(result['paired'])}")
         report(reference)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    print(f"\n{result['seconds'] / 60:.1f} minutes ({args.workers} process{'es' * (args.workers > 1)})")
     if keep is not None:
         keep.update(sessions=sessions, sides=[(args.editor, args.adapter, outputs["this"]),
                                               (args.editor, result.get("against", {}).get("lora"), outputs["other"])])

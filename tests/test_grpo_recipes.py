@@ -1,6 +1,7 @@
 """The recipe parts of the trainer as flags: NFT's timesteps per sample, sampling by the old adapter and
-its decay schedule, the trajectory filter's source, reward-filtered self-training (RFT) and the
-supervised control (SFT); and the paired benchmark that compares them."""
+its decay schedule, the trajectory filter's source, reward-filtered self-training (RFT), the
+supervised control (SFT, with degraded inputs) and the DAgger ceiling; and the paired benchmark that
+compares them."""
 
 import json
 from pathlib import Path
@@ -22,8 +23,9 @@ from tests.chat_server import ChatServer, error
 from training.config import GRPOConfig
 from training.grpo import train
 from training.objectives import OBJECTIVES
+from training.objectives.dagger import dagger_examples
 from training.objectives.rft import rft_examples
-from training.objectives.sft import gold_examples
+from training.objectives.sft import degrade, gold_examples
 from training.sampling import WorldSessions, sample_turns
 from training.scoring import RewardTerms, turn_passed
 
@@ -179,12 +181,35 @@ def test_rft_keeps_the_turns_that_passed_so_far_with_clean_targets(two_adapters)
     gold = gold_examples(editor, [session], cfg)
     assert len(gold) == 2 and torch.equal(gold[1][2], editor.encode_images([render(session.turns[1].after)])[0])
 
+    # DAgger: every rollout's own input at every turn, labelled with the true scene after the turn
+    labelled = dagger_examples(editor, [session], records)
+    assert [e[0] for e in labelled] == [*records[0].before, *records[1].before]
+    assert all(torch.equal(e[2], gold[k][2]) for k in range(2) for e in labelled[2 * k:2 * k + 2])
 
-@pytest.mark.parametrize("algo", ["rft", "sft"])
-def test_rft_and_sft_runs_export_the_polyak_adapter_and_resume(tmp_path, algo):
+
+def test_degraded_inputs_look_like_own_outputs_and_are_seeded():
+    import random
+    images = [render(t.after) for s in sessions("val", 30, 2) for t in s.turns]
+
+    def looks(strength, seed=0):
+        rng = random.Random(seed)
+        spoiled = [degrade(image, strength, rng) for image in images]
+        features = [image_features(x, 32) for x in spoiled]
+        return spoiled, np.mean([f["quality"] for f in features])
+
+    assert looks(0)[1] == pytest.approx(1.0, abs=0.01)
+    spoiled, quality = looks(1.0)
+    assert 0.88 < quality < 0.96                     # the base's own outputs: 0.93 at turn 1, 0.89 at turn 10
+    assert looks(2.0)[1] < quality
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(spoiled, looks(1.0)[0]))
+    assert [parse_cached(x, 32) for x in spoiled[:10]] == [parse_cached(x, 32) for x in images[:10]]   # content kept
+
+
+@pytest.mark.parametrize("algo", ["rft", "sft", "dagger"])
+def test_replay_runs_export_the_polyak_adapter_and_resume(tmp_path, algo):
     out = tmp_path / algo
     cfg = dict(algo=algo, rft_updates=2, rft_batch_size=4, polyak=0.5, lora_targets="attention+conv",
-               out=str(out), **TINY)
+               out=str(out), **TINY, **({"input_degradation": 1.0} if algo == "sft" else {}))
     train(GRPOConfig(iterations=1, **cfg))
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
     assert len(state["buffer"]) == _rows(out)[0]["buffer_size"] > 0
@@ -193,7 +218,7 @@ def test_rft_and_sft_runs_export_the_polyak_adapter_and_resume(tmp_path, algo):
     rows = _rows(out)
     assert [r["iteration"] for r in rows] == [1, 2] and rows[1]["loss_terms"] == 2
     assert rows[1]["buffer_size"] == rows[0]["buffer_size"] + rows[1]["buffer_new"]
-    assert ("gold_success" in rows[0]) == (algo == "rft")   # the control draws no rollouts
+    assert ("gold_success" in rows[0]) == (algo != "sft")   # the control draws no rollouts
     from safetensors.torch import load_file
     exported = load_file(out / "adapter" / "pytorch_lora_weights.safetensors")
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)["lora"]
@@ -224,6 +249,11 @@ def test_paired_benchmark_and_headroom_with_the_reference_editors(tmp_path):
     d = np.array(result["per_session"]["overall"]) - np.array(result["against"]["per_session"]["overall"])
     assert result["paired"][1]["delta_overall"] == pytest.approx(d[:, 1].mean())
     assert json.loads((tmp_path / "p.json").read_text())["paired"] == result["paired"]
+    # split over two processes, both sides at once: the same numbers (outputs depend on session, turn, input)
+    split = bench_main(["--editor", "mini", "--adapter", str(ROOT / "checkpoints" / "mini" / "grpo"), "--against", "base",
+                        "--sessions", "6", "--turns", "2", "--split", "val", "--start", "100", "--workers", "2"])
+    assert split["per_session"] == result["per_session"] and split["paired"] == result["paired"]
+    assert split["against"]["per_session"] == result["against"]["per_session"] and split["per_turn"] == result["per_turn"]
 
 
 def test_op_weights_oversample_sessions_with_weak_operations():
@@ -238,6 +268,6 @@ def test_op_weights_oversample_sessions_with_weak_operations():
 
 def test_world_only_targets_need_a_world_editor():
     assert GRPOConfig().rft_target == "render" and GRPOConfig(editor="kontext").rft_target == "own"
-    for bad in (dict(algo="sft"), dict(algo="rft", rft_target="render")):
+    for bad in (dict(algo="sft"), dict(algo="dagger"), dict(algo="rft", rft_target="render")):
         with pytest.raises(ValueError, match="does not edit the world's scenes"):
             GRPOConfig(editor="kontext", **bad)

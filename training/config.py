@@ -56,7 +56,8 @@ class GRPOConfig:
     editor_path: str | None = setting(None, "the editor's base weights: a mini checkpoint directory, or a model id "
                                             "or local pipeline directory for the real backends (default: the editor's)")
     algo: str = setting("rft", "the objective (training/objectives): rft reward-filtered self-training, nft "
-                               "DiffusionNFT, grpo Flow-GRPO, sft the supervised control on gold pairs",
+                               "DiffusionNFT, grpo Flow-GRPO, sft the supervised control on gold pairs, dagger the "
+                               "privileged ceiling (own states, the world's next scene as label)",
                         choices=OBJECTIVES)
     lora_rank: int = setting(32, "rank r of the LoRA adapter")
     lora_alpha: float = setting(32.0, "LoRA scale alpha (the update is alpha / r times B·A)")
@@ -115,6 +116,8 @@ class GRPOConfig:
     rft_threshold: float = setting(0.5, "RFT: a turn passes when its fused reward Σw·r / Σw is at least this")
     rft_share: bool = setting(True, "RFT: on-track rollouts that failed a turn learn from a sibling that passed it")
     rft_mixed_only: bool = setting(False, "RFT: keep only (session, turn) groups with both passes and failures")
+    input_degradation: float = setting(0.0, "SFT: degrade the gold inputs as own outputs look (blur, tint, speckle "
+                                            "drawn up to this strength; 1 ≈ the base's own outputs at turn 10; 0: none)")
     replay_size: int = setting(2048, "examples the replay buffer holds (the newest)")
     rft_batch_size: int = setting(32, "examples per optimizer step drawn from the replay buffer")
     rft_updates: int = setting(8, "optimizer steps on the replay buffer per iteration")
