@@ -268,7 +268,7 @@ def test_help_shows_every_setting_with_its_help_text():
     for f in fields(GRPOConfig):
         assert f.metadata["help"] and f.metadata["help"] in entries[GRPOConfig.flag(f.name)], f.name
     assert "--lora" in entries and "training.grpo --lora" in shown   # the mode flag, and the docstring's commands
-    assert "--algo {dagger,grpo,nft,rft,sft}" in shown and "settings of --algo nft only:" in shown
+    assert "--algo {dagger,draft,grpo,nft,rft,sft}" in shown and "settings of --algo nft only:" in shown
 
 
 def test_each_objective_checks_its_own_settings():

@@ -271,3 +271,32 @@ def test_world_only_targets_need_a_world_editor():
     for bad in (dict(algo="sft"), dict(algo="dagger"), dict(algo="rft", rft_target="render")):
         with pytest.raises(ValueError, match="does not edit the world's scenes"):
             GRPOConfig(editor="kontext", **bad)
+
+
+def test_the_judge_is_differentiable_and_agrees_with_its_scores():
+    from mteditlab.rewards.mini_judge import MiniJudge, image_array, text_segments
+    judge = MiniJudge.from_pretrained()
+    session = generate_session("val", 3, 2)
+    before, after = render(session.turns[1].before), render(session.turns[1].after)
+    segments = [text_segments(session.turns[1].instruction, [session.turns[0].instruction], session.turns[1].intent)]
+    source = np.stack([image_array(before)])
+    edited = (torch.from_numpy(np.asarray(after, np.float32)).permute(2, 0, 1)[None] / 127.5 - 1).requires_grad_()
+    probs = judge.differentiable_probs(source, edited, segments)
+    assert torch.allclose(probs.double(), torch.from_numpy(judge.predict(source, np.stack([image_array(after)]), segments)),
+                          atol=1e-5)
+    probs.sum().backward()
+    assert edited.grad is not None and edited.grad.abs().sum() > 0
+
+
+def test_draft_checks_its_reward_and_editor_and_raises_the_judges_score(tmp_path):
+    with pytest.raises(ValueError, match="must be the mini judge"):
+        GRPOConfig(algo="draft")                                   # the default reward is the verifier
+    with pytest.raises(ValueError, match="does not offer"):
+        GRPOConfig(algo="draft", editor="kontext", reward_weights={"judge": 1.0})
+    cfg = dict(TINY, algo="draft", reward_weights={"judge.quality": 1.0}, draft_k=2, draft_updates=3,
+               draft_batch_size=4, learning_rate=3e-3, beta=0.0, steps=4, out=str(tmp_path / "draft"))
+    train(GRPOConfig(iterations=2, **cfg))
+    rows = _rows(tmp_path / "draft")
+    assert [r["iteration"] for r in rows] == [1, 2] and rows[0]["anchor"] == 0.0
+    assert rows[1]["judge_reward"] > rows[0]["judge_reward"]       # it climbs the judge's quality head
+    assert (tmp_path / "draft" / "adapter" / "pytorch_lora_weights.safetensors").is_file()

@@ -57,7 +57,8 @@ class GRPOConfig:
                                             "or local pipeline directory for the real backends (default: the editor's)")
     algo: str = setting("rft", "the objective (training/objectives): rft reward-filtered self-training, nft "
                                "DiffusionNFT, grpo Flow-GRPO, sft the supervised control on gold pairs, dagger the "
-                               "privileged ceiling (own states, the world's next scene as label)",
+                               "privileged ceiling (own states, the world's next scene as label), draft DRaFT-K "
+                               "(the mini judge back-propagated through the last K steps)",
                         choices=OBJECTIVES)
     lora_rank: int = setting(32, "rank r of the LoRA adapter")
     lora_alpha: float = setting(32.0, "LoRA scale alpha (the update is alpha / r times B·A)")
@@ -96,7 +97,8 @@ class GRPOConfig:
     # objective
     learning_rate: float = setting(1e-3, "AdamW learning rate of the adapter")
     clip_range: float = setting(2e-3, "ε of GRPO's clipped ratio clip(ratio, 1 − ε, 1 + ε)")
-    beta: float = setting(0.01, "β: weight of GRPO's KL to the reference (the adapter disabled)")
+    beta: float = setting(0.01, "β: weight of GRPO's KL (DRaFT: of E‖v_θ − v_ref‖²) to the reference (the adapter "
+                                "disabled)")
     nft_beta: float = setting(1.0, "β of NFT's implicit policies v⁺ = β·v_θ + (1 − β)·v_old, "
                                    "v⁻ = (1 + β)·v_old − β·v_θ")
     adv_clip_max: float = setting(5.0, "advantages are clamped to ± this (NFT's A_max)")
@@ -109,6 +111,10 @@ class GRPOConfig:
                              choices=("constant", "ramp"))
     timesteps_per_sample: int = setting(1, "NFT: forward-process times each sample is trained at (fresh noise each)")
     sample_by_old: bool = setting(False, "NFT: rollouts drawn by the old (EMA) adapter, as DiffusionNFT's authors do")
+    # direct reward fine-tuning (draft)
+    draft_k: int = setting(1, "DRaFT-K: the last K sampling steps of each edit are back-propagated through")
+    draft_batch_size: int = setting(16, "DRaFT: own states (turn inputs of the rollouts) per optimizer step")
+    draft_updates: int = setting(4, "DRaFT: optimizer steps per iteration")
     # reward-filtered self-training (rft) and its supervised control (sft)
     rft_target: str = setting("auto", "RFT's target: own (the rollout's output), render (the verifier's clean "
                                       "re-render of the scene it shows; world editors only) or auto (render for a "

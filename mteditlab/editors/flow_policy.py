@@ -91,6 +91,11 @@ class FlowPolicy(Editor):
         """Latents → images."""
         raise NotImplementedError
 
+    def decode_pixels(self, latents: torch.Tensor, cond: Any) -> torch.Tensor:
+        """Latents → RGB pixels ``[B, 3, H, W]`` in [−1, 1], differentiably (direct reward fine-tuning
+        back-propagates through it). Backends without one cannot be tuned by ``--algo draft``."""
+        raise NotImplementedError(f"{type(self).__name__} has no differentiable decode")
+
     def encode_images(self, images: Sequence[Image.Image], cond: Any) -> torch.Tensor:
         """Images → clean latents ``x0`` in the space ``velocity`` works in (used by NFT and RFT)."""
         raise NotImplementedError

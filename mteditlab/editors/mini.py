@@ -167,5 +167,8 @@ class MiniEditor(FlowPolicy):
     def decode(self, latents: torch.Tensor, cond: MiniCondition | None = None) -> list[Image.Image]:
         return tensor_to_images(latents)
 
+    def decode_pixels(self, latents: torch.Tensor, cond: MiniCondition | None = None) -> torch.Tensor:
+        return F.pixel_shuffle(latents, UNSHUFFLE)
+
     def encode_images(self, images: Sequence[Image.Image], cond: MiniCondition | None = None) -> torch.Tensor:
         return images_to_tensor(images, self.resolution).to(self.device)

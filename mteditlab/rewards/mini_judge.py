@@ -282,6 +282,18 @@ class MiniJudge(RewardModel):
         states, segments, mask = (t.to(self.device) for t in text_batch(self.text_encoder, segment_lists))
         return self.net(images, states, segments, mask, cells=cells)
 
+    def differentiable_probs(self, sources: np.ndarray, edited: torch.Tensor,
+                             segment_lists: Sequence[list[tuple[int, str]]]) -> torch.Tensor:
+        """Probabilities ``[B, 4]`` (:data:`HEADS` order) with gradients to ``edited``: float pixels
+        ``[B, 3, H, W]`` in [−1, 1] (area-resized to the judge's resolution), ``sources`` uint8 arrays
+        ``[B, r, r, 3]``. What direct reward fine-tuning back-propagates through."""
+        if edited.shape[-1] != self.resolution or edited.shape[-2] != self.resolution:
+            edited = F.interpolate(edited, size=(self.resolution, self.resolution), mode="area")
+        pixels = ((edited.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1)      # the uint8 scale pair_tensor reads
+        images = pair_tensor(sources, pixels).to(self.device)
+        states, segments, mask = (t.to(self.device) for t in text_batch(self.text_encoder, segment_lists))
+        return torch.sigmoid(self.net(images, states, segments, mask).float())
+
     @torch.no_grad()
     def predict(self, sources: np.ndarray, editeds: np.ndarray,
                 segment_lists: Sequence[list[tuple[int, str]]]) -> np.ndarray:

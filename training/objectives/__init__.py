@@ -5,6 +5,7 @@
 ``nft``     DiffusionNFT's negative-aware loss on the forward process, EMA old policy (:mod:`.nft`)
 ``rft``     reward-filtered self-training: passing turns replayed with the flow-matching loss (:mod:`.rft`)
 ``sft``     the supervised control: gold pairs (inputs optionally degraded), same loss and buffer (:mod:`.sft`)
+``draft``   DRaFT-K: the mini judge's score back-propagated through the last K steps (:mod:`.draft`)
 ``dagger``  privileged ceiling: own states labelled with the world's true next scene (:mod:`.dagger`)
 ==========  ==========================================================================================
 
