@@ -195,7 +195,7 @@ def bench_backend(backend: str, args, device: torch.device) -> list[dict]:
         if base["seconds"] is not None:
             rows.append({**base, "phase": f"{name} ({count} terms)", "seconds": base["seconds"] * count,
                          "tflop": base["tflop"] * count})
-    del model
+    model = None   # the phases' closures hold it: drop the weights before the next backend loads
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows

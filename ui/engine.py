@@ -135,6 +135,12 @@ def _load_here(device: str | None) -> SideStarter:
     return start
 
 
+def start_in_process(key: str, spec: SideSpec, *, config: AppConfig, timings: Timings) -> concurrent.futures.Future:
+    """Load a side in its own editor process (``editors_in_own_processes``); the future is its readiness."""
+    load = functools.partial(load_side, key, spec, config.device)
+    return EditorProcess(key, load, threads=config.threads, max_batch=config.max_batch, timings=timings).ready
+
+
 def _reference(start: SideStarter, key: str, name: str, reason: str,
                requested: SideSpec) -> Side:
     side = start(key, SideSpec(name)).result()
@@ -235,12 +241,8 @@ class Engine:
     @classmethod
     def from_config(cls, config: AppConfig) -> "Engine":
         timings = Timings()
-        start = None
-        if editors_in_own_processes(config):
-            def start(key: str, spec: SideSpec) -> concurrent.futures.Future:
-                load = functools.partial(load_side, key, spec, config.device)
-                return EditorProcess(key, load, threads=config.threads,
-                                     max_batch=config.max_batch, timings=timings).ready
+        start = functools.partial(start_in_process, config=config, timings=timings) \
+            if editors_in_own_processes(config) else None
         a, b, notices = load_sides(config, start)
         return cls(a, b, notices, config.max_batch, take_turns=config.take_turns,
                    timings=timings)
