@@ -289,8 +289,8 @@ def test_the_judge_is_differentiable_and_agrees_with_its_scores():
 
 
 def test_draft_checks_its_reward_and_editor_and_raises_the_judges_score(tmp_path):
-    with pytest.raises(ValueError, match="must be the mini judge"):
-        GRPOConfig(algo="draft")                                   # the default reward is the verifier
+    with pytest.raises(ValueError, match="must be differentiable"):
+        GRPOConfig(algo="draft", reward_weights={"verifier": 1.0})   # not differentiable
     with pytest.raises(ValueError, match="does not offer"):
         GRPOConfig(algo="draft", editor="kontext", reward_weights={"judge": 1.0})
     cfg = dict(TINY, algo="draft", reward_weights={"judge.quality": 1.0}, draft_k=2, draft_updates=3,
@@ -298,5 +298,23 @@ def test_draft_checks_its_reward_and_editor_and_raises_the_judges_score(tmp_path
     train(GRPOConfig(iterations=2, **cfg))
     rows = _rows(tmp_path / "draft")
     assert [r["iteration"] for r in rows] == [1, 2] and rows[0]["anchor"] == 0.0
-    assert rows[1]["judge_reward"] > rows[0]["judge_reward"]       # it climbs the judge's quality head
+    assert rows[1]["draft_reward"] > rows[0]["draft_reward"]       # it climbs the judge's quality head
     assert (tmp_path / "draft" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    # the world's pixel quality, alone: differentiable too
+    train(GRPOConfig(iterations=2, **{**cfg, "reward_weights": {"verifier.quality": 1.0}, "out": str(tmp_path / "q")}))
+    rows = _rows(tmp_path / "q")
+    assert rows[1]["draft_reward"] > rows[0]["draft_reward"]
+
+
+def test_the_differentiable_quality_is_the_benchmarks_quality():
+    import random
+    import torch.nn.functional as F
+    from mteditlab.editors.mini import images_to_tensor
+    from mteditlab.rewards.features import differentiable_quality
+    rng = random.Random(0)
+    images = [degrade(render(t.after), 1.5, rng) for s in sessions("val", 6, 2) for t in s.turns]
+    pixels = F.pixel_shuffle(images_to_tensor(images, 32), 2).requires_grad_()
+    quality = differentiable_quality(pixels)
+    assert quality.detach().numpy() == pytest.approx([image_features(x, 32)["quality"] for x in images], abs=1e-5)
+    quality.sum().backward()
+    assert pixels.grad.abs().sum() > 0

@@ -94,3 +94,18 @@ def image_features(image: Image.Image | np.ndarray, resolution: int = DEFAULT_RE
     return {"quality": 1.0 - min(1.0, rms / QUALITY_RMS_SCALE),
             "tint": min(1.0, tint / TINT_SCALE),
             "sharpness": float(sharpness)}
+
+
+def differentiable_quality(pixels):
+    """``quality`` of a batch of float pixels ``[B, 3, r, r]`` in [−1, 1] as a tensor ``[B]`` with
+    gradients to the pixels: each image is parsed as its uint8 rendering would be, and the clean
+    render of that scene is held fixed while the residual is measured against it."""
+    import torch
+
+    x = (pixels.clamp(-1, 1) + 1) / 2
+    arrays = (x.detach().permute(0, 2, 3, 1).cpu().numpy() * 255).round() / 255
+    clean = [render_array(Scene(s.background, _known(s.cells)), x.shape[-1])
+             for s in (parse_cached(a.astype(np.float32), x.shape[-1]) for a in arrays)]
+    clean = torch.from_numpy(np.stack(clean)).float().permute(0, 3, 1, 2).to(x.device)
+    rms = ((x - clean) ** 2).flatten(1).mean(1).sqrt()
+    return 1 - (rms / QUALITY_RMS_SCALE).clamp(max=1)
