@@ -50,8 +50,9 @@ def velocity_drift(adapter: str | Path, base: str | Path | None = None, pairs: i
     return float(((tuned - base) ** 2).mean())
 
 
-def run_row(run: Path, val: dict, stopped: str) -> dict:
-    """The notebook row of training run ``run`` benchmarked as ``val`` (a paired benchmark result)."""
+def run_row(run: Path, val: dict, stopped: str, commit: str = "HEAD") -> dict:
+    """The notebook row of training run ``run`` (trained at ``commit``) benchmarked as ``val`` (a
+    paired benchmark result)."""
     config = json.loads((run / "config.json").read_text())
     train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in train if r.get("kind") == "train"]
@@ -61,7 +62,7 @@ def run_row(run: Path, val: dict, stopped: str) -> dict:
     zero = [r["zero_advantage"] for r in train if "zero_advantage" in r]
     return {
         "run": run.name,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": subprocess.run(["git", "rev-parse", "--short", commit], capture_output=True, text=True).stdout.strip(),
         "command": command_of(config),
         "iterations": len(train),
         "train_minutes": round(train[-1]["train_minutes"], 1) if train else 0.0,
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     add.add_argument("run", type=Path, help="the training run's directory (config.json, metrics.jsonl, adapter/)")
     add.add_argument("--val", type=Path, required=True, help="its paired benchmark on val (--json of mteditlab.bench)")
     add.add_argument("--stopped", required=True, help="why the run stopped")
+    add.add_argument("--commit", default="HEAD", help="the commit the run was trained at (default: %(default)s)")
     commands.add_parser("render", help="rewrite the table from docs/rl_notebook.jsonl")
     args = parser.parse_args(argv)
     rows = [json.loads(line) for line in ROWS.read_text().splitlines()] if ROWS.exists() else []
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         val = json.loads(args.val.read_text())
         if "paired" not in val or val["split"] != "val":
             parser.error(f"{args.val}: a paired benchmark on the val split is needed (--against-result base-val.json)")
-        rows = [r for r in rows if r["run"] != args.run.name] + [run_row(args.run, val, args.stopped)]
+        rows = [r for r in rows if r["run"] != args.run.name] + [run_row(args.run, val, args.stopped, args.commit)]
         ROWS.write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_page(rows)
     print(table(rows))

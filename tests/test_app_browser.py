@@ -1,7 +1,9 @@
 """End to end in a real browser: Playwright driving Debian's chromium (no browser download)
 clicks through a 3-turn arena session (watching each edit's progress), one labeling item and
 the leaderboard, checks the screen and the database, and saves screenshots (to
-``$MTEDITLAB_SCREENSHOTS`` when set, else a temp dir).
+``$MTEDITLAB_SCREENSHOTS`` when set, else a temp dir); then each side's own served intent
+reconstructor on an uploaded photo — a tiny random-weight Qwen-VL on 127.0.0.1, and servers that
+answer malformed text or too late.
 
 The arena runs two flow editors that take real denoising steps at a visible pace (the
 oracle's and the identity's results, reached in 10 steps each; see
@@ -132,3 +134,91 @@ def test_half_a_character_typed_in_the_browser_leaves_the_page_working(tmp_path)
             page.locator("#arena-edit").click()
             testing.wait_text(page, "#arena-status", "Turn 1 done", timeout=30_000)
             assert "turn 1" in page.locator("#arena-status").inner_text()
+
+
+# ---- each side's own intent reconstructor, on an uploaded photo ----------------------------------
+def photo_png(path: Path) -> Path:
+    """A PNG photo-like picture (noise) that is no scene of the world."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def served_sides_app(tmp_path, spec_a: str, spec_b: str):
+    """The app with side A an oracle and side B an identity (both noting what they were told), each
+    with its own served reconstructor, names shown (left = A)."""
+    from ui.config import SideSpec
+
+    editors = testing.NotingEditor(OracleEditor()), testing.NotingEditor(IdentityEditor())
+    config = testing.app_config(tmp_path / "data", anonymous=False,
+                                side_a=SideSpec("oracle", intent=spec_a), side_b=SideSpec("identity", intent=spec_b))
+    return editors, testing.running_app(config, engine=testing.make_engine(*editors))
+
+
+def test_each_side_shows_the_intent_its_served_tiny_qwen_vl_gave_on_an_uploaded_photo(tmp_path):
+    """Both sides ask the tiny random-weight Qwen-VL served on 127.0.0.1 (side B allowed fewer
+    tokens, so the two answers differ); the page shows, per side, the intent that side's editor got."""
+    from mteditlab.reconstructors.served import parse_intent
+    from tests.chat_server import ChatServer, TinyVLMResponder
+    from tests.tiny_qwen_vl import build_model, build_processor, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model, processor = build_model("qwen2_5_vl", tokenizer), build_processor("qwen2_5_vl", tokenizer)
+    responder, answers = TinyVLMResponder(model, processor), []
+
+    def respond(route, body, headers):   # the real tiny VLM; its answers noted by max_tokens
+        reply = responder(route, body, headers)
+        if route == "chat/completions":
+            answers.append((body["max_tokens"], reply["choices"][0]["message"]["content"]))
+        return reply
+
+    with ChatServer(respond) as server:
+        spec = f"served:{server.url}?model=tiny-qwen-vl&retries=0&timeout=60&max_tokens="
+        (a, b), app = served_sides_app(tmp_path, spec + "8", spec + "4")
+        with app as (url, demo, ctx), testing.browser_page() as page:
+            page.goto(url)
+            note = testing.upload_source(page, photo_png(tmp_path / "photo.png"))
+            assert "not a scene of the built-in world" in note
+            shown = testing.edit_turn(page, "make the sky a little brighter", 1)
+            page.screenshot(path=str(tmp_path / "served-intents.png"), full_page=True)
+            failures = dict(ctx.intents.failures)
+    told = {tokens: parse_intent(text) for tokens, text in answers}
+    assert sorted(told) == [4, 8] and told[4] != told[8], answers
+    assert a.calls == [("make the sky a little brighter", told[8])]
+    assert b.calls == [("make the sky a little brighter", told[4])]
+    assert shown["intent_left"] == f"Intent used in turn 1: “{told[8]}”"
+    assert shown["intent_right"] == f"Intent used in turn 1: “{told[4]}”"
+    assert f"Model A: “{told[8]}” · Model B: “{told[4]}”" in shown["status"]
+    assert f"→ A: “{told[8]}” · B: “{told[4]}”" in shown["history"]
+    assert failures == {}
+
+
+def test_a_broken_or_slow_intent_server_leaves_the_instruction_as_typed_and_says_so(tmp_path):
+    """Side A's server answers malformed text, side B's answers too late: the turn completes with
+    both editors given the instruction as typed, the page says each reconstructor failed, and the
+    next turn goes through as well."""
+    from tests.chat_server import ChatServer, completion, text_choice
+
+    broken = ChatServer(lambda route, body, headers: b"<html>upstream error</html>")
+    slow = ChatServer(lambda route, body, headers: ("sleep", 3.0, completion([text_choice("remove it")])))
+    with broken, slow:
+        (a, b), app = served_sides_app(tmp_path, f"served:{broken.url}?model=m&retries=0",
+                                       f"served:{slow.url}?model=m&retries=0&timeout=0.5")
+        with app as (url, demo, ctx), testing.browser_page() as page:
+            page.goto(url)
+            testing.upload_source(page, photo_png(tmp_path / "photo.png"))
+            first = testing.edit_turn(page, "make it brighter", 1)
+            second = testing.edit_turn(page, "add a frame", 2)
+            failures = dict(ctx.intents.failures)
+    assert a.calls == b.calls == [("make it brighter", None), ("add a frame", None)]
+    for shown in (first, second):
+        for screen in ("left", "right"):
+            assert "⚠️ reconstructor failed" in shown[f"intent_{screen}"]
+            assert "instruction as typed" in shown[f"intent_{screen}"]
+        assert "the intent model gave no usable answer" in shown["status"]    # A: malformed
+        assert "the intent model timed out" in shown["status"]               # B: too late
+        assert "127.0.0.1" not in shown["status"]
+    assert "add a frame → ⚠️ reconstructor failed" in second["history"]
+    assert failures == {"A": 2, "B": 2}

@@ -4,6 +4,7 @@ documented editor fallbacks (never a crash on a fresh clone)."""
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ def test_help_is_fast_and_imports_nothing_heavy():
     elapsed = time.perf_counter() - start
     assert out.returncode == 0, out.stderr
     assert "--editor-a" in out.stdout and "--annotators" in out.stdout and "--share" in out.stdout
+    assert "--intent-a SPEC" in out.stdout and "MTEDITLAB_INTENT_B" in out.stdout
     assert "HEAVY []" in out.stdout
     assert elapsed < 10
 
@@ -246,3 +248,91 @@ def test_thread_policy_flags_and_wait_policy(monkeypatch):
     assert out.returncode == 0, out.stderr
     assert "POLICY PASSIVE False" in out.stdout
     assert "SET 1 1 True True" in out.stdout
+
+
+# ---- each side's intent reconstructor (--intent-a/-b) --------------------------------------------
+SERVED = "served:http://127.0.0.1:9/v1?model=qwen&timeout=5&retries=0"
+
+
+def test_each_sides_intent_reconstructor_from_flags_and_environment(monkeypatch):
+    for name in ("MTEDITLAB_INTENT_A", "MTEDITLAB_INTENT_B"):
+        monkeypatch.delenv(name, raising=False)
+    config = config_from_args([])
+    assert config.side_a.intent == config.side_b.intent == "rule"      # today's world reading
+    config = config_from_args(["--intent-a", SERVED, "--intent-b", "none"])
+    assert (config.side_a.intent, config.side_b.intent) == (SERVED, "none")
+    monkeypatch.setenv("MTEDITLAB_INTENT_A", " concat ")
+    monkeypatch.setenv("MTEDITLAB_INTENT_B", "off")
+    config = config_from_args([])
+    assert (config.side_a.intent, config.side_b.intent) == ("concat", "none")
+    assert config_from_args(["--intent-a", "rule"]).side_a.intent == "rule"       # flags win
+    monkeypatch.setenv("MTEDITLAB_INTENT_A", "")
+    assert config_from_args([]).side_a.intent == "rule"                           # empty: the default
+
+
+@pytest.mark.parametrize("flag, spec, message", [
+    ("--intent-a", "nope", "--intent-a: unknown reconstructor 'nope'; choose one of .*served"),
+    ("--intent-b", "served", "--intent-b: reconstructor 'served' needs its url: write served:URL"),
+    ("--intent-a", "rule:strict", "--intent-a: reconstructor 'rule' takes no argument"),
+    ("--intent-b", "oracle", "--intent-b: the 'oracle' reconstructor reads the gold intents"),
+])
+def test_a_bad_intent_spec_is_refused_when_the_flags_are_read(flag, spec, message, capsys):
+    import app
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_args([flag, spec])
+    assert app.main([flag, spec]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_reconstructor_that_cannot_be_built_stops_the_start(tmp_path):
+    from ui.context import AppContext
+
+    config = AppConfig(side_b=SideSpec("identity", intent="served:ftp://host/v1"), data_dir=tmp_path / "data")
+    with pytest.raises(ConfigError, match=r"--intent-b served:ftp://host/v1: the reconstructor cannot be "
+                                          r"built: .*not an http\(s\) URL"):
+        AppContext.create(config)
+    assert not (tmp_path / "data" / "labels.duckdb").exists()     # stopped before anything opened
+    if not (REPO / "checkpoints/mini/intent/model.safetensors").is_file():
+        with pytest.raises(ConfigError, match="--intent-a mini: .*No mini intent reconstructor checkpoint"):
+            AppContext.create(AppConfig(side_a=SideSpec("identity", intent="mini"), data_dir=tmp_path / "data"))
+    # the whole app: an error line and exit status 2, before the server starts
+    out = subprocess.run([sys.executable, "app.py", "--editor-a", "identity", "--editor-b", "oracle",
+                          "--in-process-editors", "--data-dir", str(tmp_path / "app"),
+                          "--intent-a", "served:http://127.0.0.1:9/v1?colour=red"],
+                         cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "error: --intent-a served:http://127.0.0.1:9/v1?colour=red: the reconstructor cannot be built" in out.stderr
+    assert "unknown reconstructor URL option 'colour'" in out.stderr and "Running on" not in out.stdout
+
+
+def test_a_sides_reconstructor_is_part_of_its_model_name():
+    from ui.engine import _store_names, load_sides
+
+    assert _store_names(SideSpec("mini", "ck/grpo")) == ("mini", "lora:ck/grpo")
+    assert _store_names(SideSpec("mini", "ck/grpo", None, SERVED)) == ("mini", "lora:ck/grpo+intent:served(qwen)")
+    assert _store_names(SideSpec("oracle", intent="mini:ck/intent")) == ("oracle", "intent:mini:ck/intent")
+    # one editor with two reconstructors: two models, compared as they are
+    a, b, notices = load_sides(AppConfig(side_a=SideSpec("identity"), side_b=SideSpec("identity", intent="none")))
+    assert (a.model, b.model, notices) == ("identity", "identity+intent:none", [])
+    a, b, notices = load_sides(AppConfig(side_a=SideSpec("identity", intent="none"),
+                                         side_b=SideSpec("identity", intent="none")))
+    assert b.model == "oracle+intent:none" and "same-model" in notices[0]   # the fallback keeps B's reconstructor
+
+
+def test_sides_made_around_editors_are_named_for_the_configured_reconstructors(tmp_path):
+    from mteditlab.editors.reference import IdentityEditor, OracleEditor
+    from ui.context import AppContext
+    from ui.testing import app_config, make_engine
+
+    engine = make_engine(OracleEditor(), IdentityEditor(), names=(("oracle", "lora:x"), ("identity", None)))
+    config = app_config(tmp_path / "data", side_a=SideSpec("oracle", intent="off"), side_b=SideSpec(intent=SERVED))
+    ctx = AppContext.create(config, engine=engine)
+    try:
+        assert [s.model for s in engine.sides.values()] == ["oracle+lora:x+intent:none",
+                                                            "identity+intent:served(qwen)"]
+        engine.name_intents({"A": "rule", "B": "concat"})                  # renamed, never stacked
+        assert [s.model for s in engine.sides.values()] == ["oracle+lora:x", "identity+intent:concat"]
+        assert ctx.intents.specs == {"A": "none", "B": SERVED}
+    finally:
+        ctx.close()

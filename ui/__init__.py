@@ -10,7 +10,8 @@ Modules:
 - ``batcher``: batching of concurrent edit requests to one editor (``EditorWorker``)
 - ``editor_process``: a side's editor in a process of its own (``EditorProcess``)
 - ``profile``: timing counters of served requests (``Timings``, ``percentile``)
-- ``worldview``: intents, verdicts, scenes of the built-in world
+- ``intents``: each arena side's intent reconstructor (``--intent-a/-b``), failures counted
+- ``worldview``: the verifier's target and verdicts, scenes of the built-in world
 - ``arena_state``: per-person arena state and the checks on what people type (no gradio)
 - ``screen``: votes as shown on screen (left, right, tie, both bad) to session choices
 - ``text``: user text shown as typed, never as Markdown or HTML

@@ -1,8 +1,13 @@
 """Arena logic: the operations on a person's :class:`~ui.arena_state.ArenaState` (no gradio here).
 
 Multi-turn
-    Each side edits **its own** previous output; both sides get the same instruction, the same
-    reconstructed intent (when enabled) and the same seed, ``turn_seed(seed, 0, k)``.
+    Each side edits **its own** previous output; both sides get the same instruction and the same
+    seed, ``turn_seed(seed, 0, k)``.  Each side's editor gets the intent **its own** reconstructor
+    gives (:mod:`ui.intents`; ``--intent-a/-b``) from that side's own history — its earlier
+    outputs and the intents it reconstructed before — or the instruction as typed when the
+    reconstructor gives none, fails (counted, said on screen) or is turned off.  The screen shows,
+    per side and per turn, what that side's editor used.  The verifier judges both sides against
+    one target, the world's rule reading (:mod:`ui.worldview`).
 
 Anonymity (as in FastChat's arena)
     In an anonymous session the sides are shuffled and the model names stay hidden through
@@ -27,8 +32,9 @@ Votes and the server-side re-check
 
 Storage (DuckDB, through :class:`labeling.store.LabelStore`)
     An accepted vote on turn k stores the images, each side's session up to turn k (a
-    ``sessions`` row each, meta ``origin: arena`` with the arena id, branch, blindness, seeds and
-    steps), a comparison of the two (kind ``'arena'``, A = the configured side A) and the
+    ``sessions`` row each, meta ``origin: arena`` with the arena id, branch, blindness, seeds,
+    steps, what that side's editor was told per turn (``intents``, each turn's ``intent`` too),
+    its ``intent_reconstructor`` and ``intent_failures``, and the verifier's ``targets``), a comparison of the two (kind ``'arena'``, A = the configured side A) and the
     judgment (turn k, the criterion, choice naming sessions, which side was on the left, ms
     from display to vote).
     The judgment records ``blind``.  The vote is acknowledged only after the judgment
@@ -53,15 +59,17 @@ import uuid
 from PIL import Image
 
 from mteditlab.intent import turn_seed
+from mteditlab.reconstructors import IntentQuery
 from mteditlab.world import read_world_scene
 
 from .arena_state import (CRITERIA, MAX_SEED, MAX_TURNS, ArenaError, ArenaState, TurnRecord,
                           check_instruction, whole_number)
 from .engine import progress_fraction, run_pair
 from .images import ImageInputError, load_upload, prepare_source
+from .intents import SideIntent, told_markdown
 from .screen import PICKS, choice_from_screen
 from .text import md_literal
-from .worldview import format_verdict, random_test_scene, resolve_turn, test_scene, verdict
+from .worldview import format_verdict, random_test_scene, reference_intent, test_scene, verdict
 
 log = logging.getLogger("mteditlab.ui")
 _ARENAS: dict[int, "Arena"] = {}
@@ -89,6 +97,7 @@ class Arena:
         self.engine = ctx.engine
         self.store = ctx.store
         self.bank = ctx.bank
+        self.intents = ctx.intents
         self.rng = random.Random()
         if self.engine.world:
             # the world reader builds its templates on first use (~0.3 s): do it now, not
@@ -153,8 +162,12 @@ class Arena:
             raise ArenaError(f"Upload refused: {exc} The current session is unchanged.") from None
         self._begin(state, image, "uploaded image", [], state.anonymous_next)
         world = state.scene is not None
+        photos = any(self.intents.reads_photos(side) for side in "AB")
         note = ("It reads as a scene of the built-in world, so intents and verdicts are "
                 "available." if world else
+                "It is not a scene of the built-in world: the mini editor was trained only on "
+                "those, and no verdict can be computed; intents come only from reconstructors "
+                "that read photos." if self.engine.world and photos else
                 "It is not a scene of the built-in world: the mini editor was trained only on "
                 "those, and no intent or verdict can be computed." if self.engine.world else "")
         return f"New session on your upload ({image.width}×{image.height}, shown at " \
@@ -190,17 +203,19 @@ class Arena:
         seed = state.seed if seed in (None, "") else whole_number(seed, "Seed", 0, MAX_SEED)
         steps = whole_number(steps, "Steps", 1, 100) if steps not in (None, "") else None
         k = state.n
-        step = resolve_turn(text, state.scene, [t.step for t in state.turns])
-        intent = step.intent if state.use_intent and step.edit is not None else None
         inputs = {side: self.bank.get(state.latest_of(side)) for side in "AB"}
+        source = self.bank.get(state.source)
+        told = self._reconstruct(state, text, source, inputs, progress)
+        target = reference_intent(source, state.scene, [t.instruction for t in state.turns] + [text],
+                                  [t.target for t in state.turns])
 
         def report(done):
             progress(progress_fraction(done), self.progress_text(state, done))
         timings = self.ctx.timings
         seed_k = turn_seed(seed, 0, k)
         with timings.timed("edit: both sides (run_pair)"):
-            results = run_pair(self.engine, inputs, text, intent, seed_k, steps,
-                               progress=report if progress is not None else None)
+            results = run_pair(self.engine, inputs, text, {s: told[s].intent for s in "AB"}, seed_k,
+                               steps, progress=report if progress is not None else None)
         failed = {side: err for side, (_, _, err) in results.items() if err}
         if failed:
             raise ArenaError(f"The edit did not go through: {self._failure(state, failed)}. The "
@@ -214,18 +229,40 @@ class Arena:
         state.prints |= prints
         verdict_start = time.perf_counter()
         verdicts = {}
+        targets = [t.target for t in state.turns] + [target]
         for side in "AB":
             try:
-                verdicts[side] = verdict(state.scene, [t.step for t in state.turns] + [step], k,
-                                         inputs[side], results[side][0])
+                verdicts[side] = verdict(state.scene, targets, k, inputs[side], results[side][0])
             except Exception:  # noqa: BLE001 - a verdict is an extra, never a failure
                 verdicts[side] = None
         timings.add("edit: verifier verdicts", time.perf_counter() - verdict_start)
-        state.turns.append(TurnRecord(text, step, intent is not None, seed, steps, outputs,
+        state.turns.append(TurnRecord(text, told, target, seed, steps, outputs,
                                       {s: round(results[s][1], 4) for s in "AB"}, verdicts,
                                       time.time()))
         secs = max(results[s][1] for s in "AB")
         return f"Turn {k + 1} done in {secs:.1f} s. Vote on it below, or keep editing."
+
+    def _reconstruct(self, state: ArenaState, text: str, source: Image.Image, inputs: dict,
+                     progress=None) -> dict[str, SideIntent]:
+        """Side -> what its editor gets this turn: its own reconstructor's answer from that side's
+        own history (its earlier outputs, ``inputs[side]`` the latest, and the intents it
+        reconstructed before), or the instruction as typed (see :mod:`ui.intents`)."""
+        if not state.use_intent:
+            return {side: SideIntent(None, skipped="off") for side in "AB"}
+        instructions = [t.instruction for t in state.turns] + [text]
+        queries = {side: IntentQuery(instructions, [t.told[side].intent for t in state.turns],
+                                     inputs[side], source) for side in "AB"}
+
+        def slow():
+            progress(0.0, "Reconstructing the intent…")
+        told = self.intents.reconstruct(queries, world=state.scene is not None,
+                                        on_slow=slow if progress is not None else None)
+        for side, answer in told.items():
+            if answer.failed:
+                log.warning("arena %s turn %d: side %s's intent reconstructor (%s) failed, its editor "
+                            "gets the instruction as typed: %s", state.arena_id, state.n + 1, side,
+                            self.intents.name(side), answer.failure)
+        return told
 
     # ------------------------------------------------------------------------------- vote
     def vote(self, state: ArenaState, pick: str, turn_shown, criterion, voter: str) -> str:
@@ -291,7 +328,7 @@ class Arena:
         session_ids = {}
         for side in "AB":
             spec = self.engine.sides[side]
-            turns = [{"instruction": t.instruction, "intent": t.step.intent if t.intent_used else None,
+            turns = [{"instruction": t.instruction, "intent": t.told[side].intent,
                       "input_sha": state.input_of(side, i), "output_sha": t.outputs[side],
                       "seconds": t.seconds[side]} for i, t in enumerate(state.turns[:upto])]
             meta = {"origin": "arena", "arena_id": state.arena_id, "branch": state.branch,
@@ -299,7 +336,10 @@ class Arena:
                     "source": state.source_label, "world": state.scene is not None,
                     "seeds": [t.seed for t in state.turns[:upto]],
                     "steps": [t.steps for t in state.turns[:upto]],
-                    "intents": [t.step.intent for t in state.turns[:upto]],
+                    "intents": [t.told[side].intent for t in state.turns[:upto]],
+                    "intent_reconstructor": self.intents.specs.get(side),
+                    "intent_failures": [t.told[side].failure for t in state.turns[:upto]],
+                    "targets": [t.target for t in state.turns[:upto]],
                     "verdicts": [t.verdicts.get(side) for t in state.turns[:upto]], **extra_meta}
             session_ids[side] = self.store.add_session(spec.editor_name, spec.adapter,
                                                        state.turns[0].seed, state.source, turns,
@@ -409,17 +449,27 @@ class Arena:
             return None
         return self.ctx.display.path(state.latest_of(state.side_on(screen)))
 
+    def told(self, state: ArenaState, screen: str) -> str:
+        """What the editor of a screen side used in the latest turn (Markdown, small under its
+        picture): the intent its reconstructor gave, or the instruction as typed."""
+        if not state.turns:
+            return ""
+        told = state.turns[-1].told[state.side_on(screen)]
+        return f"**Intent used** in turn {state.n}: {told_markdown(told)}"
+
     def history(self, state: ArenaState) -> str:
-        """The session's turns, oldest first: instruction, intent, verdicts, vote (Markdown;
-        the person's text shown literally, see :mod:`ui.text`)."""
+        """The session's turns, oldest first: instruction, what each side's editor used,
+        verdicts, vote (Markdown; the person's text, and the intents, shown literally, see
+        :mod:`ui.text`)."""
         if not state.turns:
             return ""
         picks = {"left": "A better", "right": "B better", "tie": "tie", "both_bad": "both bad"}
         lines = ["**History**"]
         for k, t in enumerate(state.turns):
             line = f"{k + 1}. {md_literal(t.instruction)}"
-            if state.use_intent and t.step.intent and t.step.intent != t.instruction:
-                line += f" → *{md_literal(t.step.intent)}*"
+            left, right = (told_markdown(t.told[state.side_on(screen)])
+                           for screen in ("left", "right"))
+            line += f" → *{left}*" if left == right else f" → A: *{left}* · B: *{right}*"
             if state.show_verdict and state.scene is not None:
                 line += (f" · A {format_verdict(t.verdicts.get(state.side_on('left')))}"
                          f" · B {format_verdict(t.verdicts.get(state.side_on('right')))}")
@@ -429,7 +479,7 @@ class Arena:
         return "\n".join(lines)
 
     def status(self, state: ArenaState) -> str:
-        show_intent, show_verdict = state.use_intent, state.show_verdict
+        show_verdict = state.show_verdict
         lines = []
         if state.message:
             lines.append(state.message)
@@ -442,13 +492,18 @@ class Arena:
         lines.append(head)
         if state.n:
             t = state.turns[-1]
-            if show_intent:
-                lines.append(f"**Reconstructed intent** of turn {state.n}: "
-                             f"{md_literal(t.step.note)}"
-                             + ("" if t.intent_used or t.step.edit is None else
-                                " (shown only: the editors got the raw instruction)"))
+            if all(t.told[side].skipped == "off" for side in "AB"):
+                lines.append(f"**Intent** of turn {state.n}: reconstruction is off, both editors "
+                             "got the instruction as typed")
+            else:
+                left, right = (told_markdown(t.told[state.side_on(screen)], True)
+                               for screen in ("left", "right"))
+                lines.append(f"**Reconstructed intent** of turn {state.n} · " +
+                             (f"Models A and B: {left}" if left == right else
+                              f"Model A: {left} · Model B: {right}"))
             if show_verdict and state.scene is not None:
-                lines.append(f"**Verifier**, turn {state.n}: Model A "
+                target = f" (target “{md_literal(t.target)}”)" if t.target else ""
+                lines.append(f"**Verifier**, turn {state.n}{target}: Model A "
                              f"{format_verdict(t.verdicts.get(state.side_on('left')))} · Model B "
                              f"{format_verdict(t.verdicts.get(state.side_on('right')))}")
             if t.vote is None and not state.revealed:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import unicodedata
 
-from .worldview import IntentStep
-
 CRITERIA = ("overall", "instruction", "consistency", "quality")
 MAX_INSTRUCTION_CHARS = 500
 MAX_TURNS = 20
@@ -32,8 +30,8 @@ class ArenaError(ValueError):
 @dataclasses.dataclass
 class TurnRecord:
     instruction: str
-    step: IntentStep               # reconstructed intent (and world edit) of this turn
-    intent_used: bool              # whether the editors were conditioned on the intent
+    told: dict                     # side -> ui.intents.SideIntent: what that side's editor got
+    target: str | None             # the world's reading, the verifier's target (None: unknown)
     seed: int
     steps: int | None
     outputs: dict                  # side -> sha256
@@ -61,7 +59,7 @@ class ArenaState:
     votes: int = 0                 # votes cast in this arena session (all branches)
     message: str = ""
     # display and behaviour settings (changed by the UI's checkboxes)
-    use_intent: bool = True        # reconstruct the intent, show it and condition on it
+    use_intent: bool = True        # each side's reconstructor tells its editor the intent
     show_verdict: bool = False     # show the verifier's verdicts (world sources only)
     anonymous_next: bool = True    # anonymity of the next session started
     arena_key: int | None = None   # which Arena (process-wide registry) owns this state

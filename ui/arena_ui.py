@@ -71,12 +71,15 @@ def build_arena_tab(ctx, arena: Arena) -> None:
                 image = gr.Image(label=f"Model {name}: latest turn", interactive=False,
                                  height=260, format="png", elem_id=f"arena-img-{screen}",
                                  buttons=[])
+                # what this side's editor used in the latest turn (its own reconstructor's intent)
+                told = gr.Markdown("", elem_id=f"arena-intent-{screen}",
+                                   elem_classes=["arena-intent"], latex_delimiters=NO_LATEX)
                 gallery = gr.Gallery(label=f"Model {name}: every turn (source first)",
                                      columns=6, height=150, format="png",
                                      object_fit="contain", allow_preview=True, buttons=[],
                                      elem_id=f"arena-strip-{screen}",
                                      elem_classes=["arena-strip"])
-            columns[screen] = (title, image, gallery)
+            columns[screen] = (title, image, gallery, told)
     with gr.Row(elem_id="arena-vote-row"):
         vote_btns = {pick: gr.Button(VOTE_LABELS[pick], interactive=False, scale=2,
                                      elem_id=f"arena-vote-{pick}") for pick in PICKS}
@@ -115,8 +118,9 @@ def build_arena_tab(ctx, arena: Arena) -> None:
             steps = gr.Slider(1, 50, value=default_steps, step=1, label="Sampling steps",
                               elem_id="arena-steps")
         with gr.Row():
-            use_intent = gr.Checkbox(True, label="Reconstruct the intent (Edit-R2): show it and "
-                                     "condition both editors on it", elem_id="arena-intent")
+            use_intent = gr.Checkbox(True, label="Reconstruct the intent (Edit-R2): each side's "
+                                     "reconstructor tells its editor what the instruction means",
+                                     elem_id="arena-intent")
             show_verdict = gr.Checkbox(False, label="Show the verifier's verdict per turn "
                                        "(world scenes)", elem_id="arena-verdict")
             anonymous = gr.Checkbox(ctx.config.anonymous, label="Anonymous: shuffle the sides "
@@ -126,7 +130,8 @@ def build_arena_tab(ctx, arena: Arena) -> None:
 
     outputs = [state, source, columns["left"][0], columns["right"][0], columns["left"][1],
                columns["right"][1], columns["left"][2], columns["right"][2], status, turn_no,
-               votable, fork_no, suggestions, accepted, seed, history]
+               votable, fork_no, suggestions, accepted, seed, columns["left"][3],
+               columns["right"][3], history]
 
     def render(st: ArenaState, done: bool = False, new_session: bool = False) -> list:
         """All outputs from the state.  Pictures are always plain values (display file paths):
@@ -151,7 +156,7 @@ def build_arena_tab(ctx, arena: Arena) -> None:
                 cur_l, cur_r, strip_l, strip_r, arena.status(st), st.n, st.can_vote(),
                 gr.update(value=max(0, st.n - 1), maximum=max(0, st.n)),
                 suggestion_box, st.turns[-1].instruction if done else "", seed_box,
-                arena.history(st)]
+                arena.told(st, "left"), arena.told(st, "right"), arena.history(st)]
 
     def run(op, st: ArenaState, request: gr.Request | None, *args, done: bool = False,
             new_session: bool = False):

@@ -35,6 +35,7 @@ CSS = """
 #arena-vote-row button { min-height: 3em; font-size: 1.05em; }
 #arena-vote-row button:disabled { opacity: 0.45; cursor: not-allowed; }
 #label-rubric { font-size: 0.92em; }
+.arena-intent { font-size: 0.88em; min-height: 1.4em; }
 footer { display: none !important; }
 """
 
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         apply_thread_policy(config.threads)
     try:
         demo = build_app(config)
-    except StoreError as exc:
+    except (StoreError, ConfigError) as exc:   # ConfigError: a reconstructor that cannot be built
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ctx: AppContext = demo.mteditlab_ctx

@@ -12,6 +12,9 @@ flag                        environment variable             default
 ``--editor-a/-b``           ``MTEDITLAB_EDITOR_A/_B``        ``mini`` / ``mini``
 ``--adapter-a/-b``          ``MTEDITLAB_ADAPTER_A/_B``       none / ``checkpoints/mini/grpo``
 ``--model-a/-b``            ``MTEDITLAB_MODEL_A/_B``         the editor's default weights
+``--intent-a/-b``           ``MTEDITLAB_INTENT_A/_B``        ``rule`` (on world scenes; an
+                                                             uploaded photo: none, unless
+                                                             ``served:URL``, see ui/intents.py)
 ``--data-dir``              ``MTEDITLAB_DATA``               ``./data`` (``/data/mteditlab`` on
                                                              a Space with persistent storage)
 ``--host`` / ``--port``     ``GRADIO_SERVER_NAME/_PORT``     gradio's (127.0.0.1:7860)
@@ -62,6 +65,7 @@ DEFAULT_ADAPTER = "checkpoints/mini/grpo"
 DEFAULT_REWARD_MODEL = "checkpoints/mini/calibrated"
 ALL_EDITORS = registered_names("mteditlab.editors", "register_editor")   # without importing torch
 NONE_WORDS = ("", "none", "no", "off", "-")
+DEFAULT_INTENT = "rule"
 
 
 class ConfigError(ValueError):
@@ -70,11 +74,15 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SideSpec:
-    """What one arena side runs: an editor backend, optional base weights, optional LoRA."""
+    """What one arena side runs: an editor backend, optional base weights, optional LoRA, and the
+    intent reconstructor that tells its editor what each instruction means (a spec of
+    :mod:`mteditlab.reconstructors`: ``rule``, ``mini[:DIR]``, ``served:URL``, ``concat``,
+    ``none``; see :mod:`ui.intents`)."""
 
     editor: str = "mini"
     lora: str | None = None    # adapter directory (relative to the repo root or absolute)
     model: str | None = None   # base weights: a mini checkpoint dir, or a model id / dir
+    intent: str = DEFAULT_INTENT   # the side's intent reconstructor
 
     def describe(self) -> str:
         text = self.editor + (f" @ {self.model}" if self.model else "")
@@ -305,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--model-{side}", default=_env(f"MTEDITLAB_MODEL_{up}"),
                        help=f"base weights of side {up}: a mini checkpoint directory or a model "
                        f"id / local pipeline directory [MTEDITLAB_MODEL_{up}]")
+        g.add_argument(f"--intent-{side}", default=_env(f"MTEDITLAB_INTENT_{up}", DEFAULT_INTENT),
+                       metavar="SPEC", help=f"intent reconstructor of side {up}: rule, mini[:DIR], "
+                       "served:URL (an OpenAI-compatible chat endpoint, options on its query: "
+                       "?model=NAME&timeout=S&retries=N), concat or none. rule and mini read "
+                       "only scenes of the built-in world: on other images the editor gets the "
+                       f"instruction as typed [MTEDITLAB_INTENT_{up}] (default {DEFAULT_INTENT})")
     g.add_argument("--strict", action="store_true", default=_bool_env("MTEDITLAB_STRICT", False),
                    help="exit with an error when an editor or adapter cannot be loaded, instead "
                    "of falling back to a reference editor with a notice [MTEDITLAB_STRICT]")
@@ -420,12 +434,15 @@ def config_from_args(argv: list[str] | None = None) -> AppConfig:
             raise ConfigError(f"--threads must be a whole number 1..1024 or auto, got "
                               f"{args.threads!r}")
     hf = tuple(n.strip() for n in (args.hf_annotators or "").split(",") if n.strip())
+    from .intents import check_spec   # imports the reconstructors (torch): after --help
+
+    intent_a, intent_b = check_spec(args.intent_a, "--intent-a"), check_spec(args.intent_b, "--intent-b")
     adapter_b = args.adapter_b
     if adapter_b == "default":  # the shipped RL adapter belongs to the mini editor only
         adapter_b = DEFAULT_ADAPTER if args.editor_b == "mini" and not args.model_b else None
     return AppConfig(
-        side_a=SideSpec(args.editor_a, _opt(args.adapter_a), _opt(args.model_a)),
-        side_b=SideSpec(args.editor_b, _opt(adapter_b), _opt(args.model_b)),
+        side_a=SideSpec(args.editor_a, _opt(args.adapter_a), _opt(args.model_a), intent_a),
+        side_b=SideSpec(args.editor_b, _opt(adapter_b), _opt(args.model_b), intent_b),
         data_dir=Path(args.data_dir) if args.data_dir else None,
         host=args.host, port=port, share=args.share,
         annotators=Credentials.parse(args.annotators, "--annotators"),

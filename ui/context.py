@@ -1,4 +1,5 @@
-"""Per-process services shared by every user: the editors, the label store, the image bank.
+"""Per-process services shared by every user: the editors and their intent reconstructors, the
+label store, the image bank.
 
 One :class:`AppContext` per process.  It owns the single :class:`labeling.store.LabelStore`
 (DuckDB allows one read-write process; the store serialises writes on its own thread and any
@@ -80,7 +81,9 @@ def rename_raw_voter_ids(store, secret: bytes) -> int:
 
 
 class AppContext:
-    def __init__(self, config: AppConfig, engine, store, owns_store: bool = True):
+    def __init__(self, config: AppConfig, engine, store, owns_store: bool = True, intents=None):
+        from .intents import SideIntents
+
         self.config = config
         self.engine = engine
         self.store = store
@@ -99,6 +102,12 @@ class AppContext:
         # request timings (see ui.profile), shared with the engine's workers
         self.timings = getattr(engine, "timings", None) or Timings()
         self.snapshots = None     # labeling.snapshots.SnapshotSync when --hub-dataset is set
+        # each side's intent reconstructor (ui.intents; built from config.side_a/_b.intent)
+        self.intents = intents or SideIntents.from_config(config)
+        self.intents.timings = self.timings
+        if hasattr(engine, "name_intents"):
+            engine.name_intents(self.intents.specs)
+        self.closers.append(self.intents.close)
 
     @classmethod
     def create(cls, config: AppConfig, *, engine=None, store=None) -> "AppContext":
@@ -107,7 +116,10 @@ class AppContext:
         from labeling.store import LabelStore
 
         from .engine import Engine
+        from .intents import SideIntents
 
+        # the sides' intent reconstructors first: a bad spec stops the start before anything loads
+        intents = SideIntents.from_config(config)
         owns = store is None
         if store is None:
             store = LabelStore.open(default_db_path(config.resolved_data_dir()),
@@ -118,7 +130,7 @@ class AppContext:
             if owns:
                 store.close()
             raise
-        ctx = cls(config, engine, store, owns_store=owns)
+        ctx = cls(config, engine, store, owns_store=owns, intents=intents)
         if config.hub_dataset:
             ctx.start_snapshots()
         return ctx

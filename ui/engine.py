@@ -87,6 +87,7 @@ class Side:
     default_steps: int = 10
     is_world: bool = False          # it edits the world's scenes (``Editor.world``)
     process: EditorProcess | None = None   # the editor's own process, if it has one
+    intent: str | None = None       # the reconstructor spec ``adapter`` names (None: not named yet)
 
     def __post_init__(self):
         if self.editor is not None:
@@ -101,8 +102,14 @@ class Side:
 
 
 def _store_names(spec: SideSpec) -> tuple[str, str | None]:
+    """The store's (editor, adapter) of a side: the adapter column names the LoRA and, when it is
+    not the default, the side's intent reconstructor (:func:`ui.intents.intent_label`)."""
+    from .intents import intent_label
+
     editor = spec.editor + (f"@{spec.model}" if spec.model else "")
-    return editor, (f"lora:{spec.lora}" if spec.lora else None)
+    parts = [f"lora:{spec.lora}"] if spec.lora else []
+    label = intent_label(spec.intent)
+    return editor, "+".join(parts + ([label] if label else [])) or None
 
 
 def load_side(key: str, spec: SideSpec, device: str | None = None) -> Side:
@@ -117,7 +124,7 @@ def load_side(key: str, spec: SideSpec, device: str | None = None) -> Side:
         raise EditorError(f"no LoRA adapter at {lora} (expected pytorch_lora_weights.safetensors)")
     editor = get_editor(spec.editor, lora=lora, path=model, device=device)
     name, adapter = _store_names(spec)
-    return Side(key, name, adapter, editor, requested=spec)
+    return Side(key, name, adapter, editor, requested=spec, intent=spec.intent)
 
 
 SideStarter = Callable[[str, SideSpec], concurrent.futures.Future]
@@ -143,7 +150,7 @@ def start_in_process(key: str, spec: SideSpec, *, config: AppConfig, timings: Ti
 
 def _reference(start: SideStarter, key: str, name: str, reason: str,
                requested: SideSpec) -> Side:
-    side = start(key, SideSpec(name)).result()
+    side = start(key, SideSpec(name, intent=requested.intent)).result()
     side.requested, side.fallback_reason = requested, reason
     return side
 
@@ -251,6 +258,20 @@ class Engine:
     def world(self) -> bool:
         return all(s.is_world for s in self.sides.values())
 
+    def name_intents(self, specs: dict[str, str]) -> None:
+        """Make each side's store name carry its intent reconstructor ``specs[key]`` (as
+        :func:`load_side` does; sides built around editors directly, in tests, are named here)."""
+        from .intents import intent_label
+
+        for key, side in self.sides.items():
+            if key not in specs:
+                continue
+            adapter, old = side.adapter, intent_label(side.intent) if side.intent else None
+            if old and adapter and adapter.endswith(old):     # named for another one: rename
+                adapter = adapter[: -len(old)].rstrip("+") or None
+            side.adapter = "+".join(p for p in (adapter, intent_label(specs[key])) if p) or None
+            side.intent = specs[key]
+
     def default_steps(self) -> int:
         return max(s.default_steps for s in self.sides.values())
 
@@ -307,10 +328,13 @@ ProgressFn = Callable[[dict[str, tuple[int, int | None]]], Any]
 REPORT_EVERY_S = 0.25
 
 
-def run_pair(engine: Engine, inputs: dict[str, Image.Image], instruction: str, intent: str | None,
-             seed: int, steps: int | None, progress: ProgressFn | None = None
+def run_pair(engine: Engine, inputs: dict[str, Image.Image], instruction: str,
+             intent: str | None | dict[str, str | None], seed: int, steps: int | None,
+             progress: ProgressFn | None = None
              ) -> dict[str, tuple[Image.Image | None, float, str | None]]:
-    """Edit both sides' own inputs with the same instruction, intent and seed.
+    """Edit both sides' own inputs with the same instruction and seed; ``intent``: what every
+    side's editor is told, or side -> what that side's is (each side's own reconstructor's answer,
+    :mod:`ui.intents`; None: the instruction as typed).
 
     Returns side -> (output or None, seconds, error message or None); one side failing does not
     lose the other's result (the caller decides what to keep).  ``progress(steps)`` is called
@@ -321,6 +345,7 @@ def run_pair(engine: Engine, inputs: dict[str, Image.Image], instruction: str, i
     another process: the engine is looked up by key in a module registry the worker process
     inherits, and progress is not reported from there."""
     _ENGINES.setdefault(id(engine), engine)
+    intent = dict(intent) if isinstance(intent, dict) else {k: intent for k in inputs}
     if engine.batching:
         return _run_pair_batched(engine, inputs, instruction, intent, seed, steps, progress)
     return _run_pair_gpu(id(engine), inputs, instruction, intent, seed, steps)
@@ -333,7 +358,7 @@ def _run_pair_batched(engine: Engine, inputs, instruction, intent, seed, steps,
     finished: dict[str, float] = {}
     futures = {}
     for k in inputs:
-        fut = engine.workers[k].submit(inputs[k], instruction, intent, seed, steps,
+        fut = engine.workers[k].submit(inputs[k], instruction, intent.get(k), seed, steps,
                                        on_step=functools.partial(tracker.step, k))
 
         def done(_, key=k):
@@ -374,13 +399,13 @@ def _run_pair_batched(engine: Engine, inputs, instruction, intent, seed, steps,
 
 @gpu(duration=120)
 def _run_pair_gpu(engine_key: int, inputs: dict[str, Image.Image], instruction: str,
-                  intent: str | None, seed: int, steps: int | None) -> dict:
+                  intent: dict[str, str | None], seed: int, steps: int | None) -> dict:
     engine = _ENGINES[engine_key]
     results: dict[str, tuple[Image.Image | None, float, str | None]] = {}
     for k in inputs:
         t0 = time.perf_counter()
         try:
-            out = engine.workers[k].edit_direct(inputs[k], instruction, intent, seed, steps)
+            out = engine.workers[k].edit_direct(inputs[k], instruction, intent.get(k), seed, steps)
             results[k] = (_check_output(out), time.perf_counter() - t0, None)
         except Exception as exc:  # noqa: BLE001
             results[k] = (None, time.perf_counter() - t0, describe(exc))

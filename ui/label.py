@@ -243,7 +243,8 @@ def _whole(value) -> int | None:
 def populate_queue(ctx, n_sessions: int, n_turns: int = 3, gold_every: int = 5, seed: int = 0,
                    start: int = 0, chunk: int = 16, progress=None) -> dict:
     """Fill the labeling queue with world test sessions ``start …`` edited by both arena sides
-    (each side on its own outputs, conditioned on the reconstructed intent, seeds shared), plus
+    (each side on its own outputs, conditioned on the intents its own reconstructor gives, as in
+    the arena, :mod:`ui.intents`; seeds shared), plus
     a gold item (oracle vs a no-op editor; answer: the oracle) every ``gold_every`` sessions.
     Works ``chunk`` sessions at a time and calls ``progress(k)`` after each ``k`` are stored."""
     if not ctx.engine.world:
@@ -273,13 +274,16 @@ def _populate_chunk(ctx, start: int, n_sessions: int, n_turns: int, gold_idx: li
     sources = [render(s.source) for s in sessions]
     source_shas = [store.put_image(img) for img in sources]
 
-    def roll(edit_batch) -> list[list]:
-        return rollout(sessions, EditStep(edit_batch, seed=seed), turns=n_turns, sources=sources)
+    def roll(edit_batch, intent="oracle"):
+        """Each turn's outputs, and what the editor was told (a TurnIntents)."""
+        step = EditStep(edit_batch, seed=seed, intent=intent)
+        return rollout(sessions, step, turns=n_turns, sources=sources), step.intents
 
-    def store_side(editor_name, adapter, per_turn, tag) -> list[int]:
+    def store_side(editor_name, adapter, rolled, tag) -> list[int]:
+        per_turn, told = rolled
         ids = []
         for i, s in enumerate(sessions):
-            turns = [{"instruction": s.turns[k].instruction, "intent": s.turns[k].intent,
+            turns = [{"instruction": s.turns[k].instruction, "intent": told.told(i)[k],
                       "output_sha": store.put_image(per_turn[k][i])} for k in range(n_turns)]
             ids.append(store.add_session(editor_name, adapter, seed, source_shas[i], turns,
                                          {"origin": SEED_ORIGIN, "split": "test",
@@ -290,9 +294,9 @@ def _populate_chunk(ctx, start: int, n_sessions: int, n_turns: int, gold_idx: li
     sides = {}
     for key, side in engine.sides.items():
         worker = engine.workers[key]
-        per_turn = roll(lambda images, texts, *, intents, seeds, steps: worker.edit_many(
-            images, texts, intents, seeds, steps))
-        sides[key] = store_side(side.editor_name, side.adapter, per_turn, key)
+        rolled = roll(lambda images, texts, *, intents, seeds, steps: worker.edit_many(
+            images, texts, intents, seeds, steps), ctx.intents.reconstructors[key])
+        sides[key] = store_side(side.editor_name, side.adapter, rolled, key)
     for a, b in zip(sides["A"], sides["B"]):
         store.add_comparison(a, b)
         created["comparisons"] += 1

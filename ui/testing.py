@@ -57,6 +57,20 @@ def paced_editor(reference, delay_s: float = 0.1, steps: int = 10):
     return PacedEditor()
 
 
+class NotingEditor:
+    """An editor that edits as ``editor`` does and notes what it was told: ``calls`` lists
+    ``(instruction, intent)`` per item, in order (what an arena side's editor got)."""
+
+    def __init__(self, editor):
+        self.editor, self.calls = editor, []
+        self.name, self.world = editor.name, editor.world
+        self.resolution = getattr(editor, "resolution", None)
+
+    def edit_batch(self, images, instructions, *, intents=None, **kwargs):
+        self.calls += list(zip(instructions, intents or [None] * len(images)))
+        return self.editor.edit_batch(images, instructions, intents=intents, **kwargs)
+
+
 def paced_side(key: str, reference: str, delay_s: float = 0.1, steps: int = 10):
     """A :class:`~ui.engine.Side` named ``reference`` running :func:`paced_editor` around that
     reference editor ("oracle", "identity"); a module-level function, so that an editor process
@@ -217,6 +231,30 @@ def arena_session(page, url: str, instructions: list[str], picks,
         wait_images(page)
         page.screenshot(path=str(shots / "arena.png"), full_page=True)
     return seen
+
+
+def upload_source(page, path) -> str:
+    """Start a session on an uploaded picture as a person does (the upload button, then the file
+    chooser); returns the status once the session started."""
+    with page.expect_file_chooser() as chooser:
+        page.locator("#arena-upload").click()
+    chooser.value.set_files(str(path))
+    wait_text(page, "#arena-status", "New session on your upload")
+    return page.locator("#arena-status").inner_text()
+
+
+def edit_turn(page, instruction: str, turn: int, timeout: float = 120_000) -> dict:
+    """Type ``instruction``, press **Edit both** and wait until turn ``turn`` is done; returns what
+    the screen shows then: the status, each side's "intent used" line and the history."""
+    page.locator("#arena-instruction textarea").fill(instruction)
+    page.locator("#arena-edit").click()
+    wait_text(page, "#arena-status", f"Turn {turn} done", timeout=timeout)
+    wait_text(page, "#arena-intent-left", f"turn {turn}")
+    wait_text(page, "#arena-intent-right", f"turn {turn}")
+    return {"status": page.locator("#arena-status").inner_text(),
+            "intent_left": page.locator("#arena-intent-left").inner_text(),
+            "intent_right": page.locator("#arena-intent-right").inner_text(),
+            "history": page.locator("#arena-history").inner_text()}
 
 
 def type_during_edit(page, instruction: str, typed: str, turn: int) -> str:

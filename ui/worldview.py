@@ -1,72 +1,72 @@
-"""What the app knows about the built-in world: reconstructing intents, verifier verdicts, test-split
+"""What the app knows about the built-in world: the verifier's target and verdicts, test-split
 scenes and the grammar notice (a source is read with ``mteditlab.world.read_world_scene``).
 
-Intent reconstruction follows the *intended* session: the source scene read by the verifier,
-then each instruction resolved (``mteditlab.world.resolve``) against the intended scene with
-the history of earlier ``(edit, scene before)`` pairs, and applied to get the next intended
-scene.  Both sides get the same intent (the user's intent does not depend on what an editor
-drew).  Once a turn cannot be resolved, the intended scene is unknown, so later turns are not
-resolved either, and the UI says so.
+The verifier judges both sides against one target, what the world's rule reads the person to
+mean (:func:`reference_intent`): the registered ``rule`` reconstructor
+(:mod:`mteditlab.reconstructors.rule`, the one implementation every caller shares) along the
+*intended* session — the source scene, then each earlier turn's reading applied.  What a side's
+own reconstructor told its editor (:mod:`ui.intents`) does not move the target: a side whose
+reconstructor misreads "make it bigger" fails instruction following like an editor that
+misdraws it.  Once a turn cannot be read, the intended scene is unknown, so later turns have no
+target and no verdict, and the UI says so.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import random
+from typing import Sequence
 
 from PIL import Image
 
-from mteditlab.world import (BACKGROUNDS, CELLS, COLOURS, SHAPES, Edit, Scene, Session, Turn, generate_session,
-                             parse_instruction, render, resolve, score_turn)
+from mteditlab.world import (BACKGROUNDS, CELLS, COLOURS, SHAPES, Scene, Session, Turn, generate_session,
+                             parse_instruction, render, score_turn)
 
 TEST_SESSIONS = 10_000
 EXAMPLES = (0, 3, 7, 12)  # indices of test sessions offered as examples
 
 
-@dataclasses.dataclass(frozen=True)
-class IntentStep:
-    """One turn of the intended session: the resolved intent and the world edit, or why not."""
+def reference_intent(source: Image.Image, scene: Scene | None, instructions: Sequence[str],
+                     earlier: Sequence[str | None]) -> str | None:
+    """The world's rule reading of the last of ``instructions`` after the earlier turns' readings
+    ``earlier`` (the verifier's target, see the module docstring), or None: the source is no world
+    scene, an earlier turn has no reading, or the rule cannot resolve this one."""
+    from mteditlab.intent import shared_reconstructor
+    from mteditlab.reconstructors import IntentQuery
 
-    intent: str | None
-    edit: Edit | None
-    before: Scene | None
-    after: Scene | None
-    note: str   # what the UI shows
-
-
-def resolve_turn(instruction: str, source: Scene | None, steps: list[IntentStep]) -> IntentStep:
-    """Reconstruct the operative intent of ``instruction`` after the intended ``steps``."""
-    if source is None:
-        return IntentStep(None, None, None, None,
-                          "not reconstructed: the source is not a scene of the built-in world")
-    if any(s.edit is None for s in steps):
-        return IntentStep(None, None, None, None,
-                          "not reconstructed: an earlier turn was not understood, so the "
-                          "intended scene is unknown")
-    scene = steps[-1].after if steps else source
-    history = [(s.edit, s.before) for s in steps]
-    try:
-        intent = resolve(instruction, scene, history)
-    except Exception:  # noqa: BLE001 - the resolver is rule-based; odd text must not crash
-        intent = None
-    if intent is None:
-        return IntentStep(None, None, scene, None,
-                          "could not resolve: outside the world's grammar, or it does not apply "
-                          "to the current scene")
-    edit = parse_instruction(intent, scene)
-    if edit is None or not edit.applicable(scene):
-        return IntentStep(intent, None, scene, None, f"resolved to “{intent}” but not applicable")
-    return IntentStep(intent, edit, scene, edit.apply(scene), f"“{intent}”")
-
-
-def verdict(source: Scene, steps: list[IntentStep], k: int, before: Image.Image,
-            after: Image.Image) -> dict | None:
-    """The verifier's IF / CC / GA / success for turn ``k`` of one side, or None when the
-    intended session up to ``k`` is not known."""
-    if source is None or len(steps) <= k or any(s.edit is None for s in steps[: k + 1]):
+    if scene is None or any(intent is None for intent in earlier):
         return None
-    session = Session("arena", 0, source, [
-        Turn(f"turn {i}", s.intent, s.edit, s.before, s.after, False) for i, s in enumerate(steps[: k + 1])])
+    query = IntentQuery(list(instructions), list(earlier), source, source)
+    try:
+        [result] = shared_reconstructor("rule").reconstruct([query])
+    except Exception:  # noqa: BLE001 - the resolver is rule-based; odd text must not crash
+        return None
+    return result.intent if result.details.get("scene") == "intended" else None
+
+
+def intended_session(source: Scene, intents: Sequence[str | None]) -> Session | None:
+    """The world session the ``intents`` describe from ``source`` (each parsed and applied to the
+    scene before it), or None when one of them is missing, unparseable or not applicable."""
+    scene, turns = source, []
+    for i, intent in enumerate(intents):
+        edit = parse_instruction(intent, scene) if intent else None
+        if edit is None or not edit.applicable(scene):
+            return None
+        after = edit.apply(scene)
+        turns.append(Turn(f"turn {i}", intent, edit, scene, after, False))
+        scene = after
+    return Session("arena", 0, source, turns)
+
+
+def verdict(source: Scene | None, targets: Sequence[str | None], k: int, before: Image.Image,
+            after: Image.Image) -> dict | None:
+    """The verifier's IF / CC / GA / success for turn ``k`` of one side (``before`` → ``after``)
+    against the targets of turns ``0..k`` (:func:`reference_intent`), or None when the intended
+    session up to ``k`` is not known."""
+    if source is None or len(targets) <= k:
+        return None
+    session = intended_session(source, targets[: k + 1])
+    if session is None:
+        return None
     score = score_turn(session, k, before, after)
     return {key: bool(value) for key, value in score.as_dict().items()}
 
