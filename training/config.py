@@ -127,8 +127,8 @@ class GRPOConfig:
     replay_size: int = setting(2048, "examples the replay buffer holds (the newest)")
     rft_batch_size: int = setting(32, "examples per optimizer step drawn from the replay buffer")
     rft_updates: int = setting(8, "optimizer steps on the replay buffer per iteration")
-    polyak: float = setting(0.95, "the exported adapter is the Polyak average of the trained one with this decay "
-                                  "per iteration (after a warm-up)")
+    polyak: float = setting(0.95, "RFT, SFT, DAgger, DRaFT: the exported adapter is the Polyak average of the trained "
+                                  "one with this decay per iteration (after a warm-up)")
     # multi-turn credit
     reward_weights: dict[str, float] = setting(
         {"verifier": 1.0, "verifier.quality": 0.5}, "the trained reward: weighted terms, each a reward model's "

@@ -147,26 +147,38 @@ class PolicyGradient(Objective):
         return stats, loss_stats
 
 
-class Replay(Objective):
-    """RFT and SFT: new (input image, text, target latents) examples join a replay buffer of
-    ``replay_size``; ``rft_updates`` optimizer steps of :func:`flow_matching_loss` on batches of
-    ``rft_batch_size`` drawn from it; the exported adapter is the Polyak average with
-    d = min(polyak, (1 + iteration) / (10 + iteration)) (the usual warm-up, so it does not lag at the start)."""
+class PolyakExport(Objective):
+    """The exported adapter is the Polyak average of the trained one, old ← d·old + (1 − d)·θ after
+    every iteration with d = min(polyak, (1 + iteration) / (10 + iteration)) (the usual warm-up, so it
+    does not lag at the start): it averages out the random walk that noisy updates leave in the weights."""
 
     exports = OLD
-    settings = ("replay_size", "rft_batch_size", "rft_updates", "polyak")
+    settings = ("polyak",)
+
+    @classmethod
+    def check(cls, cfg):
+        super().check(cfg)
+        require(cfg, polyak=(0 <= cfg.polyak <= 1, "in [0, 1]"))
+
+    def decay(self, iteration: int) -> float:
+        return min(self.cfg.polyak, (1 + iteration) / (10 + iteration))
+
+
+class Replay(PolyakExport):
+    """RFT and SFT: new (input image, text, target latents) examples join a replay buffer of
+    ``replay_size``; ``rft_updates`` optimizer steps of :func:`flow_matching_loss` on batches of
+    ``rft_batch_size`` drawn from it; the Polyak average is exported (:class:`PolyakExport`)."""
+
+    settings = (*PolyakExport.settings, "replay_size", "rft_batch_size", "rft_updates")
 
     @classmethod
     def check(cls, cfg):
         super().check(cfg)
         require(cfg, replay_size=(cfg.replay_size >= 1, ">= 1"), rft_batch_size=(cfg.rft_batch_size >= 1, ">= 1"),
-                rft_updates=(cfg.rft_updates >= 0, ">= 0"), polyak=(0 <= cfg.polyak <= 1, "in [0, 1]"))
+                rft_updates=(cfg.rft_updates >= 0, ">= 0"))
 
     def examples(self, editor, sessions, turns, scores) -> list[tuple]:
         raise NotImplementedError
-
-    def decay(self, iteration: int) -> float:
-        return min(self.cfg.polyak, (1 + iteration) / (10 + iteration))
 
     def update(self, editor, sessions, turns, scores, updater, iteration, generator):
         cfg = self.cfg

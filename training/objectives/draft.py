@@ -11,8 +11,8 @@ the anchor over the K steps, the reference being the model with its adapter disa
 ``judge`` (its sub-scores weighed equally) or ``judge.SUB`` give the mini judge's head probabilities
 p_h (:meth:`~mteditlab.rewards.mini_judge.MiniJudge.differentiable_probs`; global awareness has no
 weight on a first turn), ``verifier.quality`` the world's pixel quality against the clean render of the
-scene the output shows (:func:`~mteditlab.rewards.features.differentiable_quality`). No old adapter is
-kept; the trained adapter is exported. The reward must be differentiable, so only those terms are
+scene the output shows (:func:`~mteditlab.rewards.features.differentiable_quality`). The exported
+adapter is the Polyak average of the trained one (``--polyak``, as RFT's). The reward must be differentiable, so only those terms are
 accepted (the calibrated reward reads hand-made features; a served judge returns text), on an editor
 with a differentiable decode to pixels (the mini editor's is a pixel shuffle).
 """
@@ -30,15 +30,15 @@ from mteditlab.flow import ode_step
 from mteditlab.rewards.base import GA
 from mteditlab.rewards.features import differentiable_quality
 from mteditlab.rewards.mini_judge import HEADS, MiniJudge, image_array, text_segments
-from training.objectives.base import Objective, needs_the_world, register_objective, require
+from training.objectives.base import PolyakExport, needs_the_world, register_objective, require
 
 
 @register_objective("draft")
-class DRaFT(Objective):
-    """Back-propagate the mini judge's score through the last ``draft_k`` sampling steps."""
+class DRaFT(PolyakExport):
+    """Back-propagate a differentiable reward through the last ``draft_k`` sampling steps; the Polyak
+    average is exported (``--polyak 0``: the trained adapter)."""
 
-    keeps_old = False
-    settings = ("draft_k", "draft_batch_size", "draft_updates", "beta")
+    settings = (*PolyakExport.settings, "draft_k", "draft_batch_size", "draft_updates", "beta")
 
     @classmethod
     def check(cls, cfg):
