@@ -8,7 +8,7 @@
 ``docs/rl_notebook.md`` (the text outside the table is kept). A row holds: the commit, the command
 (the flags that differ from the defaults, from the run's ``config.json``), training minutes and images
 sampled (``metrics.jsonl``), Δ overall at turns 5 and 10 ± paired s.e. (the benchmark's ``paired``),
-the exposure gap at turn 10 when measured, the fraction of rollouts whose advantage was zero (GRPO,
+the exposure gap and the background tint (0–255) at turn 10, the fraction of rollouts whose advantage was zero (GRPO,
 NFT) and the drift E‖v_θ − v_base‖² of the exported adapter on 256 teacher-forced `val` pairs at fixed
 (t, ε) (:func:`velocity_drift`), and why the run stopped.
 """
@@ -71,6 +71,8 @@ def run_row(run: Path, val: dict, stopped: str, commit: str = "HEAD") -> dict:
         **{f"delta_overall_t{k}": paired[k]["delta_overall"] for k in (5, 10) if k in paired},
         **{f"delta_overall_t{k}_se": paired[k]["delta_overall_se"] for k in (5, 10) if k in paired},
         "exposure_gap_t10": gap,
+        "tint_t10": val["per_turn"][-1]["tint_255"],
+        "base_tint_t10": val["against"]["per_turn"][-1]["tint_255"],
         "zero_advantage": float(np.mean(zero)) if zero else None,
         "drift": velocity_drift(run / "adapter", config["editor_path"]),
         "stopped": stopped,
@@ -96,11 +98,12 @@ def table(rows: list[dict]) -> str:
     def maybe(value, form):
         return "—" if value is None else format(value, form)
 
-    lines = ["| run | commit | command | min | images | Δ overall t5 | Δ overall t10 | gap t10 | zero-adv. | drift | stopped |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | commit | command | min | images | Δ overall t5 | Δ overall t10 | gap t10 | tint t10 (base) | zero-adv. "
+             "| drift | stopped |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['commit']} | `{r['command']}` | {r['train_minutes']:.0f} | {r['images_sampled']:,} "
                      f"| {delta(r, 5)} | {delta(r, 10)} | {maybe(r['exposure_gap_t10'], '.3f')} "
+                     f"| {r['tint_t10']:.2f} ({r['base_tint_t10']:.2f}) "
                      f"| {maybe(r['zero_advantage'], '.2f')} | {r['drift']:.2e} | {r['stopped']} |")
     return "\n".join(lines)
 
