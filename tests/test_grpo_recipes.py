@@ -181,10 +181,14 @@ def test_rft_keeps_the_turns_that_passed_so_far_with_clean_targets(two_adapters)
     gold = gold_examples(editor, [session], cfg)
     assert len(gold) == 2 and torch.equal(gold[1][2], editor.encode_images([render(session.turns[1].after)])[0])
 
-    # DAgger: every rollout's own input at every turn, labelled with the true scene after the turn
+    # DAgger: every rollout's own input that still shows the true scene, labelled with the true scene after
+    records[1].before[1] = render(session.turns[1].after)             # an off-track state: left out
+    on_track = [(k, x) for k in range(2) for x in records[k].before
+                if parse_cached(x, 32) == session.turns[k].before]
+    assert (1, records[1].before[1]) not in on_track and len(on_track) >= 2
     labelled = dagger_examples(editor, [session], records)
-    assert [e[0] for e in labelled] == [*records[0].before, *records[1].before]
-    assert all(torch.equal(e[2], gold[k][2]) for k in range(2) for e in labelled[2 * k:2 * k + 2])
+    assert [e[0] for e in labelled] == [x for _, x in on_track]
+    assert all(torch.equal(e[2], gold[k][2]) for (k, _), e in zip(on_track, labelled))
 
 
 def test_degraded_inputs_look_like_own_outputs_and_are_seeded():
