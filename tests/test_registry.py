@@ -18,7 +18,7 @@ def test_names_read_from_the_sources_are_the_registered_ones():
     assert sorted(registered_names("mteditlab.editors", "register_editor")) == sorted(EDITORS)
     assert sorted(registered_names("mteditlab.rewards", "register_reward")) == sorted(REWARDS)
     assert sorted(registered_names("training.objectives", "register_objective")) == sorted(OBJECTIVES)
-    assert sorted(OBJECTIVES) == ["grpo", "nft", "rft", "sft"]
+    assert sorted(OBJECTIVES) == ["dagger", "draft", "grpo", "nft", "rft", "sft"]
 
 
 def test_an_unknown_name_is_not_in_a_registry():
