@@ -284,3 +284,23 @@ def test_served_tiny_qwen_vl_drives_tiny_kontext_through_a_three_turn_session(ti
     sizes = {decode_data_url(p["image_url"]["url"]).size for chat in chats for p in chat["messages"][1]["content"]
              if p["type"] == "image_url"}
     assert sizes == {(32, 32)}   # the editor's own outputs at its resolution, and the source
+
+
+def test_served_tiny_qwen_vl_reconstructs_every_turn_of_a_training_iteration_on_tiny_kontext(tiny_vlm, tmp_path):
+    import json
+
+    from training.grpo import train
+
+    tiny_kontext().save_pretrained(tmp_path / "kontext")
+    before = len(tiny_vlm.chats())
+    out = tmp_path / "run"
+    train(parse_args(["--lora", "--editor", "kontext", "--editor-path", str(tmp_path / "kontext"), "--sessions-from",
+                      str(EXAMPLES), "--resolution", "32", "--turns", "3", "--steps", "2", "--sde-window", "1",
+                      "--sessions-per-step", "1", "--num-generations", "2", "--lora-rank", "2", "--lora-alpha", "4",
+                      "--algo", "nft", "--reward", "judge=1.0", "--iterations", "1", "--out", str(out),
+                      "--intent", f"served:{tiny_vlm.url}?model=tiny-qwen-vl&max_tokens=8&retries=0"]))
+    chats = tiny_vlm.chats()[before:]
+    assert len(chats) == 1 * 2 * 3          # one reconstruction per rollout and turn
+    [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert row["iteration"] == 1 and row["loss_terms"] > 0
+    assert (out / "adapter" / "pytorch_lora_weights.safetensors").is_file()
