@@ -73,6 +73,12 @@ def _known(cells: tuple) -> tuple:
     return tuple(c if isinstance(c, Obj) else None for c in cells)
 
 
+def clean_render(scene: Scene, resolution: int = DEFAULT_RESOLUTION) -> tuple[Scene, np.ndarray]:
+    """The scene without its unreadable cells, and its render: what a clean image of ``scene`` is."""
+    clean_scene = Scene(scene.background, _known(scene.cells))
+    return clean_scene, render_array(clean_scene, resolution)
+
+
 def _gradient_energy(array: np.ndarray) -> float:
     return float((np.diff(array, axis=0) ** 2).mean() + (np.diff(array, axis=1) ** 2).mean())
 
@@ -82,8 +88,7 @@ def image_features(image: Image.Image | np.ndarray, resolution: int = DEFAULT_RE
     """``{"quality", "tint", "sharpness"}`` in [0, 1] (see the module docstring)."""
     array = image if isinstance(image, np.ndarray) else to_array(image, resolution)
     scene = scene if scene is not None else parse_cached(array, resolution)
-    clean_scene = Scene(scene.background, _known(scene.cells))
-    clean = render_array(clean_scene, resolution)
+    clean_scene, clean = clean_render(scene, resolution)
     residual = array - clean
     rms = float(np.sqrt((residual ** 2).mean()))
     transmission = background_transmission(clean_scene, resolution)
@@ -104,8 +109,7 @@ def differentiable_quality(pixels):
 
     x = (pixels.clamp(-1, 1) + 1) / 2
     arrays = (x.detach().permute(0, 2, 3, 1).cpu().numpy() * 255).round() / 255
-    clean = [render_array(Scene(s.background, _known(s.cells)), x.shape[-1])
-             for s in (parse_cached(a.astype(np.float32), x.shape[-1]) for a in arrays)]
+    clean = [clean_render(parse_cached(a.astype(np.float32), x.shape[-1]), x.shape[-1])[1] for a in arrays]
     clean = torch.from_numpy(np.stack(clean)).float().permute(0, 3, 1, 2).to(x.device)
     rms = ((x - clean) ** 2).flatten(1).mean(1).sqrt()
     return 1 - (rms / QUALITY_RMS_SCALE).clamp(max=1)

@@ -290,9 +290,7 @@ class MiniJudge(RewardModel):
         if edited.shape[-1] != self.resolution or edited.shape[-2] != self.resolution:
             edited = F.interpolate(edited, size=(self.resolution, self.resolution), mode="area")
         pixels = ((edited.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1)      # the uint8 scale pair_tensor reads
-        images = pair_tensor(sources, pixels).to(self.device)
-        states, segments, mask = (t.to(self.device) for t in text_batch(self.text_encoder, segment_lists))
-        return torch.sigmoid(self.net(images, states, segments, mask).float())
+        return torch.sigmoid(self.logits(sources, pixels, segment_lists).float())
 
     @torch.no_grad()
     def predict(self, sources: np.ndarray, editeds: np.ndarray,
